@@ -1,0 +1,56 @@
+"""vsteer: steer and test language models through the attention value path.
+
+Core names are imported eagerly; the heavier parts (training, steering vectors, experiments)
+load on first use so that ``import vsteer`` stays fast.
+"""
+
+from vsteer.arch import ArchSpec, ModelArch, get_arch
+from vsteer.errors import DataError, ModelError, RecipeError, SiteError, VectorError, VsteerError
+from vsteer.hooks import Activations, Step, add, apply, capture, captured_forward, intervene, replace, scale
+from vsteer.sites import SITE_NAMES, Site
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "vsteer.models",
+    "config_fingerprint": "vsteer.models",
+    "add_adapter": "vsteer.lora",
+    "lora_config": "vsteer.lora",
+    "SteeringVector": "vsteer.vectors",
+    "extract": "vsteer.vectors",
+    "steer": "vsteer.steer",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vsteer' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "ArchSpec",
+    "ModelArch",
+    "get_arch",
+    "DataError",
+    "ModelError",
+    "RecipeError",
+    "SiteError",
+    "VectorError",
+    "VsteerError",
+    "Activations",
+    "Step",
+    "add",
+    "apply",
+    "capture",
+    "captured_forward",
+    "intervene",
+    "replace",
+    "scale",
+    "SITE_NAMES",
+    "Site",
+    *_LAZY,
+]
