@@ -401,7 +401,10 @@ def _make_hook(arch: ModelArch, kind: str, entries: list[tuple[Site, Callable]],
             shape = shapes[site]
             r = rows.get(site)
             if r is not None:
-                r = row_cache.get((site, t.device)) or row_cache.setdefault((site, t.device), r.to(t.device))
+                key = (site, t.device)
+                if key not in row_cache:
+                    row_cache[key] = r.to(t.device)
+                r = row_cache[key]
                 x = t.index_select(-1, r).unflatten(-1, shape)
             elif len(shape) == 2:
                 x = t.unflatten(-1, shape)
