@@ -1,0 +1,442 @@
+"""Extraction of steering vectors from contrastive pairs.
+
+``pairs`` is a list of ``(positive, negative)``; each side is a plain string, a list of chat
+messages (a final ``assistant`` message is the *completion*: the prompt goes through the chat
+template, the completion is appended as the start of the assistant turn), or an
+:class:`Example` ``(prompt, completion)``.
+
+Position rules (where a side's activation is read):
+
+``"answer"``      the last token of the completion: for CAA items the completion is ``"(A"``,
+                  so this is the answer letter (Rimsky et al. 2024)
+``"last"``        the last token of the text (repeng's rule)
+``"completion"``  mean over the completion tokens
+``"mean"``        mean over all tokens
+
+Methods (``P``, ``N``: ``[n_pairs, features]`` activations of positives and negatives at one
+layer, ``D = P - N``):
+
+``"mean_diff"``   ``mean(D)`` (CAA)
+``"pca_diff"``    first principal component of ``D`` (centred, as repeng's default), signed so
+                  that positives project above their negatives in most pairs, with norm
+                  ``mean(|D @ u|)`` so that scale 1 is one typical pair difference
+``"logistic"``    unit normal of a logistic-regression probe separating ``P`` from ``N``, with
+                  norm ``mean(D @ u)``
+
+One forward pass per batch captures every requested layer and stops after the deepest one;
+sequences are sorted by length so that batches carry little padding (right padding: with
+causal attention it cannot change the real tokens' activations).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vsteer.errors import DataError, VectorError
+from vsteer.vectors import SteeringVector
+
+METHODS = ("mean_diff", "pca_diff", "logistic")
+POSITIONS = ("answer", "last", "completion", "mean")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One side of a pair: a prompt (text or chat messages) and an optional completion."""
+
+    prompt: str | list[dict]
+    completion: str = ""
+
+
+class Pairs(list):
+    """A list of ``(positive, negative)`` with the files they came from (``sources``) and a name."""
+
+    def __init__(
+        self, items=(), sources: list[dict] | None = None, name: str = "", position: str | None = None
+    ):
+        super().__init__(items)
+        self.sources = list(sources or [])
+        self.name = name
+        self.position = position
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenisation
+# ----------------------------------------------------------------------------------------------
+def _as_example(side) -> Example:
+    if isinstance(side, Example):
+        return side
+    if isinstance(side, str):
+        return Example(side)
+    if isinstance(side, list | tuple) and side and all(isinstance(m, dict) for m in side):
+        messages = list(side)
+        if messages[-1].get("role") == "assistant":
+            return Example(messages[:-1], messages[-1].get("content", ""))
+        return Example(messages)
+    raise DataError(
+        f"a pair side must be a string, a list of chat messages or an Example, got {type(side).__name__}: {side!r:.80}"
+    )
+
+
+def encode(tokenizer, side) -> tuple[list[int], int]:
+    """Token ids of one side and the number of prompt tokens (the rest is the completion)."""
+    ex = _as_example(side)
+    if isinstance(ex.prompt, str):
+        prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+    else:
+        text = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] if ex.completion else []
+    ids = list(prompt_ids) + list(completion_ids)
+    if not ids:
+        raise DataError(f"pair side {side!r:.80} has no tokens")
+    return ids, len(prompt_ids)
+
+
+def _weights(position: str, length: int, n_prompt: int) -> torch.Tensor:
+    """``[length]`` weights over tokens that average to the activation a position rule reads."""
+    w = torch.zeros(length)
+    n_completion = length - n_prompt
+    if position in ("answer", "completion") and n_completion == 0:
+        raise DataError(
+            f"position {position!r} needs a completion (a final assistant message or Example.completion); "
+            f"use position='last' for plain texts"
+        )
+    if position in ("answer", "last"):
+        w[length - 1] = 1.0
+    elif position == "completion":
+        w[n_prompt:] = 1.0 / n_completion
+    elif position == "mean":
+        w[:] = 1.0 / length
+    else:
+        raise VectorError(f"unknown position rule {position!r}; expected one of {', '.join(POSITIONS)}")
+    return w
+
+
+# ----------------------------------------------------------------------------------------------
+# activations
+# ----------------------------------------------------------------------------------------------
+def collect(
+    model,
+    tokenizer,
+    texts: Sequence,
+    site: str,
+    layers: list[int],
+    position: str,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """``{layer: [len(texts), *site_shape]}`` float32 activations read by ``position``.
+
+    Runs the model on batches sorted by length and stops each forward after the deepest layer.
+    """
+    from vsteer.hooks import captured_forward
+
+    encoded = [encode(tokenizer, t) for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    sites = [(site, layer) for layer in layers]
+    out: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"extracting {site} at {len(layers)} layer(s)", unit="batch")
+    for batch in batches:
+        width = max(len(encoded[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        weights = torch.zeros((len(batch), width))
+        for row, i in enumerate(batch):
+            seq, n_prompt = encoded[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            weights[row, : len(seq)] = _weights(position, len(seq), n_prompt)
+        acts = captured_forward(
+            model, sites, stop=True, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        )
+        index = torch.tensor(batch)
+        for layer in layers:
+            x = acts[(site, layer)].float()
+            w = weights.to(x.device).reshape(weights.shape + (1,) * (x.dim() - 2))
+            feats = (x * w).sum(dim=1).cpu()
+            if out[layer] is None:
+                out[layer] = torch.empty((len(texts),) + tuple(feats.shape[1:]))
+            out[layer][index] = feats
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------
+def direction(pos: torch.Tensor, neg: torch.Tensor, method: str) -> torch.Tensor:
+    """One direction from ``pos``/``neg`` ``[n, *shape]`` activations; returns ``[*shape]``."""
+    shape = pos.shape[1:]
+    p = pos.reshape(len(pos), -1).double()
+    n = neg.reshape(len(neg), -1).double()
+    d = p - n
+    if method == "mean_diff":
+        out = d.mean(0)
+    elif method == "pca_diff":
+        if len(d) < 2:
+            raise DataError("pca_diff needs at least 2 pairs")
+        centred = d - d.mean(0)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        u = vh[0]
+        # repeng's sign rule: positives should project above their own negatives in most pairs
+        if ((p @ u) > (n @ u)).double().mean() < ((p @ u) < (n @ u)).double().mean():
+            u = -u
+        out = u * (d @ u).abs().mean()
+    elif method == "logistic":
+        from sklearn.linear_model import LogisticRegression
+
+        x = torch.cat([p, n]).numpy()
+        y = np.r_[np.ones(len(p)), np.zeros(len(n))]
+        scale = float(x.std()) or 1.0
+        probe = LogisticRegression(C=1.0, max_iter=2000).fit(x / scale, y)
+        u = torch.from_numpy(probe.coef_[0]).double()
+        u = u / u.norm().clamp_min(1e-12)
+        out = u * (d @ u).mean()
+    else:
+        raise VectorError(f"unknown extraction method {method!r}; expected one of {', '.join(METHODS)}")
+    return out.float().reshape(shape)
+
+
+def extract(
+    model,
+    tokenizer,
+    pairs: Sequence,
+    site: str = "v",
+    layers=None,
+    method: str = "mean_diff",
+    position: str | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> SteeringVector:
+    """Extract a :class:`~vsteer.vectors.SteeringVector` at ``site`` on ``layers`` from ``pairs``.
+
+    ``layers``: ``None``/``"all"``, ``"8-16"``, an int or a list. ``position``: a rule from
+    :data:`POSITIONS`; by default ``pairs.position`` for the dataset readers, else ``"answer"``
+    when every side has a completion and ``"last"`` otherwise. The forward pass stops after the
+    deepest requested layer.
+    """
+    from vsteer.arch import get_arch
+    from vsteer.sites import check_site_name, parse_layers
+
+    check_site_name(site)
+    if method not in METHODS:
+        raise VectorError(f"unknown extraction method {method!r}; expected one of {', '.join(METHODS)}")
+    arch = get_arch(model)
+    layer_list = parse_layers(layers, arch.n_layers)
+    pairs = list(pairs) if not isinstance(pairs, Pairs) else pairs
+    if not pairs:
+        raise DataError("extract needs at least one (positive, negative) pair")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise DataError(f"pair {i} must be (positive, negative), got {pair!r:.80}")
+    position = position or getattr(pairs, "position", None) or _default_position(pairs)
+    if position not in POSITIONS:
+        raise VectorError(f"unknown position rule {position!r}; expected one of {', '.join(POSITIONS)}")
+    texts = [side for pair in pairs for side in pair]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            acts = collect(model, tokenizer, texts, site, layer_list, position, batch_size, progress)
+    finally:
+        model.train(was_training)
+    directions = {layer: direction(a[0::2], a[1::2], method) for layer, a in acts.items()}
+    return SteeringVector.for_model(
+        model,
+        directions,
+        site,
+        method=method,
+        position=position,
+        data=list(getattr(pairs, "sources", [])),
+        extra={"n_pairs": len(pairs), "dataset": getattr(pairs, "name", "")},
+    )
+
+
+def _default_position(pairs) -> str:
+    has_completion = all(_as_example(side).completion for pair in pairs[:50] for side in pair)
+    return "answer" if has_completion else "last"
+
+
+# ----------------------------------------------------------------------------------------------
+# pairs from the packaged datasets (readers live in vsteer.data)
+# ----------------------------------------------------------------------------------------------
+_LETTER = re.compile(r"^\(?([A-Z])\)?$")
+
+
+def answer_completion(answer: str) -> str:
+    """The assistant completion that states an answer: ``"(A)"`` -> ``"(A"`` (read at ``A``), ``" Yes"`` -> ``"Yes"``."""
+    a = answer.strip()
+    m = _LETTER.match(a)
+    return f"({m.group(1)}" if m else a
+
+
+def ab_pair(question: str, matching: str, not_matching: str) -> tuple[list[dict], list[dict]]:
+    """Chat messages answering an A/B (or Yes/No) item with the matching and the other answer."""
+    user = {"role": "user", "content": question}
+    return (
+        [user, {"role": "assistant", "content": answer_completion(matching)}],
+        [user, {"role": "assistant", "content": answer_completion(not_matching)}],
+    )
+
+
+def _sources(*names: str) -> list[dict]:
+    from vsteer import data
+
+    return [{"path": name, "sha256": data.file_sha256(name)} for name in names]
+
+
+def _reader_sources(reader_name: str, *args) -> list[dict]:
+    """Source files of a reader call, through ``vsteer.data``'s ``<reader>_files`` helper if present."""
+    from vsteer import data
+
+    files = getattr(data, "source_files", None)
+    if callable(files):
+        try:
+            return _sources(*files(reader_name, *args))
+        except Exception:  # provenance is best effort; the data itself was read already
+            return []
+    return []
+
+
+def caa_pairs(behaviour: str, split: str = "generate", limit: int | None = None) -> Pairs:
+    """CAA A/B items of ``behaviour`` as pairs answering with the matching vs the other letter."""
+    from vsteer import data
+
+    items = data.caa_ab(behaviour, split=split)[:limit]
+    return Pairs(
+        [ab_pair(it.question, it.matching, it.not_matching) for it in items],
+        sources=_reader_sources("caa_ab", behaviour, split),
+        name=f"caa:{behaviour}:{split}",
+        position="answer",
+    )
+
+
+def persona_pairs(trait: str, limit: int | None = None, offset: int = 0) -> Pairs:
+    """Anthropic persona statements (Yes/No) of ``trait`` as pairs answering matching vs not."""
+    from vsteer import data
+
+    items = data.persona_ab(trait)[offset:]
+    items = items[:limit] if limit is not None else items
+    return Pairs(
+        [ab_pair(it.question, it.matching, it.not_matching) for it in items],
+        sources=_reader_sources("persona_ab", trait),
+        name=f"persona:{trait}",
+        position="answer",
+    )
+
+
+def template_pairs(positive: str = "happy", negative: str = "sad", limit: int | None = None) -> Pairs:
+    """repeng-style persona templates (``"Pretend you are an extremely happy person..."``) with
+    the response prefixes, positive vs negative persona."""
+    from vsteer import data
+
+    raw = data.persona_template_pairs(positive, negative)[:limit]
+    return Pairs(
+        [_pair_of(p) for p in raw],
+        sources=_reader_sources("persona_template_pairs", positive, negative),
+        name=f"template:{positive},{negative}",
+        position="last",
+    )
+
+
+def sst2_pairs(split: str = "train", limit: int | None = None) -> Pairs:
+    """SST-2 positive vs negative sentences, zipped into pairs (mean over the sentence tokens)."""
+    from vsteer import data
+
+    rows = data.sst2(split)
+    pos = [_text_of(r) for r in rows if _label_of(r) == 1]
+    neg = [_text_of(r) for r in rows if _label_of(r) == 0]
+    n = min(len(pos), len(neg)) if limit is None else min(len(pos), len(neg), limit)
+    return Pairs(
+        list(zip(pos[:n], neg[:n])),
+        sources=_reader_sources("sst2", split),
+        name=f"sst2:{split}",
+        position="mean",
+    )
+
+
+def _pair_of(p):
+    if isinstance(p, tuple | list) and len(p) == 2:
+        return tuple(p)
+    pos = getattr(p, "positive", None)
+    neg = getattr(p, "negative", None)
+    if pos is None or neg is None:
+        raise DataError(f"cannot read a (positive, negative) pair from {p!r:.80}")
+    return (pos, neg)
+
+
+def _text_of(row) -> str:
+    if isinstance(row, dict):
+        return row.get("text") or row.get("sentence")
+    if isinstance(row, tuple | list):
+        return row[1] if isinstance(row[0], int) else row[0]
+    return getattr(row, "text", None) or row.sentence
+
+
+def _label_of(row) -> int:
+    if isinstance(row, dict):
+        return int(row["label"])
+    if isinstance(row, tuple | list):
+        return int(row[0] if isinstance(row[0], int) else row[1])
+    return int(row.label)
+
+
+def pairs_from_spec(spec: str, limit: int | None = None) -> Pairs:
+    """Pairs named on the command line: ``caa:BEHAVIOUR``, ``persona:TRAIT``, ``template:POS,NEG``,
+    ``sst2`` or a JSONL file with ``positive``/``negative`` fields."""
+    import json
+    from pathlib import Path
+
+    kind, _, arg = spec.partition(":")
+    if kind == "caa" and arg:
+        return caa_pairs(arg, limit=limit)
+    if kind == "persona" and arg:
+        return persona_pairs(arg, limit=limit)
+    if kind == "template":
+        pos, _, neg = (arg or "happy,sad").partition(",")
+        return template_pairs(pos, neg or "sad", limit=limit)
+    if kind == "sst2":
+        return sst2_pairs(arg or "train", limit=limit)
+    path = Path(spec)
+    if path.is_file():
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append((row["positive"], row["negative"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(
+                    f"{spec}: line {i + 1} is not a JSON object with 'positive' and 'negative'"
+                ) from None
+        from vsteer.data import file_sha256
+
+        return Pairs(rows[:limit], sources=[{"path": str(path), "sha256": file_sha256(path)}], name=path.name)
+    raise DataError(
+        f"unknown data {spec!r}; expected caa:BEHAVIOUR, persona:TRAIT, template:POS,NEG, sst2[:SPLIT] "
+        f"or a JSONL file of {{'positive', 'negative'}}"
+    )
+
+
+class _CallableModule(types.ModuleType):
+    """``vsteer.extract`` names both this module and the function: importing the module sets
+    the package attribute to the module, so the module itself forwards calls to :func:`extract`."""
+
+    def __call__(self, *args, **kwargs):
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

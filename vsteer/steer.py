@@ -1,0 +1,189 @@
+"""Injection of steering vectors at inference, as a context manager around any forward or ``generate``.
+
+::
+
+    with vsteer.steer(model, happy, scale=4.0, positions="generated"):
+        model.generate(**batch)
+
+``vectors``: one :class:`~vsteer.vectors.SteeringVector`, a list of them (all added), or
+``(vector, scale)`` pairs. A scale is a number or one number per batch row, so each row can
+get its own vector and strength (:func:`per_row` builds that from one vector per row).
+``positions``: ``"all"``, ``"prompt"``, ``"generated"``, absolute indices, a slice, or a bool
+tensor ``[batch, total_len]``; these are tracked by the hook layer, so they stay on the right
+tokens under KV-cached generation with left padding. Padding tokens are never steered.
+
+Scale 0 registers nothing, so logits are bit-identical to an unsteered run.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from vsteer.errors import VectorError
+from vsteer.vectors import SteeringVector, check_scale
+
+Scale = float | Sequence[float] | torch.Tensor
+
+
+def _row_scales(scale, what: str = "scale") -> float | torch.Tensor:
+    """A number, or a ``[batch]`` float tensor of per-row scales."""
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        if scale.dim() != 1 or scale.dtype == torch.bool or torch.is_complex(scale):
+            raise VectorError(
+                f"per-row {what} must be a 1-D tensor of numbers, got shape {tuple(scale.shape)}"
+            )
+        if not torch.isfinite(scale.float()).all():
+            raise VectorError(f"per-row {what} contains NaN or inf: {scale.tolist()}")
+        return scale.detach().float().cpu()
+    if isinstance(scale, list | tuple):
+        if not scale:
+            raise VectorError(f"per-row {what} is empty")
+        return torch.tensor([check_scale(s, what) for s in scale], dtype=torch.float32)
+    return check_scale(scale, what)
+
+
+def _entries(vectors) -> list[tuple[SteeringVector, object]]:
+    if isinstance(vectors, SteeringVector):
+        return [(vectors, 1.0)]
+    if isinstance(vectors, tuple) and len(vectors) == 2 and isinstance(vectors[0], SteeringVector):
+        return [vectors]
+    if isinstance(vectors, list | tuple):
+        out = []
+        for item in vectors:
+            if isinstance(item, SteeringVector):
+                out.append((item, 1.0))
+            elif isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], SteeringVector):
+                out.append((item[0], item[1]))
+            else:
+                raise VectorError(
+                    f"expected a SteeringVector or (SteeringVector, scale), got {type(item).__name__}: {item!r:.80}"
+                )
+        if not out:
+            raise VectorError("steer needs at least one vector")
+        return out
+    raise VectorError(f"expected a SteeringVector or a list of them, got {type(vectors).__name__}")
+
+
+def per_row(
+    vectors: Sequence[SteeringVector | None], scale: Scale = 1.0
+) -> list[tuple[SteeringVector, torch.Tensor]]:
+    """One vector per batch row (``None``: no steering for that row) -> ``(vector, per-row scales)``.
+
+    ``scale``: one number or one per row. Rows sharing a vector share one entry.
+    """
+    n = len(vectors)
+    scales = _row_scales(scale)
+    if isinstance(scales, torch.Tensor) and len(scales) != n:
+        raise VectorError(f"per-row scale has {len(scales)} values for {n} rows")
+    scales = scales if isinstance(scales, torch.Tensor) else torch.full((n,), scales)
+    out: list[tuple[SteeringVector, torch.Tensor]] = []
+    for row, vec in enumerate(vectors):
+        if vec is None:
+            continue
+        if not isinstance(vec, SteeringVector):
+            raise VectorError(f"row {row}: expected a SteeringVector or None, got {type(vec).__name__}")
+        entry = next((e for e in out if e[0] is vec), None)
+        if entry is None:
+            entry = (vec, torch.zeros(n))
+            out.append(entry)
+        entry[1][row] = scales[row]
+    return out
+
+
+def steering_ops(model, vectors, scale: Scale = 1.0, positions="all", include_padding: bool = False) -> dict:
+    """The hook-layer operations that :func:`steer` installs: ``{(site, layer): add(...)}``.
+
+    Vectors at the same site and layer are summed into one addition.
+    """
+    from vsteer.hooks import _check_positions, add
+
+    _check_positions(positions)
+    base = _row_scales(scale)
+    totals: dict[tuple[str, int], torch.Tensor] = {}
+    for vec, own in _entries(vectors):
+        vec.check(model)
+        s = _row_scales(own)
+        if isinstance(s, torch.Tensor) and isinstance(base, torch.Tensor) and s.shape != base.shape:
+            raise VectorError(f"per-row scales disagree in length: {len(s)} and {len(base)}")
+        s = s * base
+        if (isinstance(s, float) and s == 0.0) or (isinstance(s, torch.Tensor) and not s.any()):
+            continue
+        for layer, t in vec.directions.items():
+            t = t.float()
+            contrib = s.reshape((-1,) + (1,) * t.dim()) * t if isinstance(s, torch.Tensor) else s * t
+            key = (vec.site, layer)
+            prev = totals.get(key)
+            if prev is None:
+                totals[key] = contrib
+            else:
+                if prev.dim() != contrib.dim():
+                    prev, contrib = torch.broadcast_tensors(prev, contrib)
+                totals[key] = prev + contrib
+    return {key: add(t, positions=positions, include_padding=include_padding) for key, t in totals.items()}
+
+
+@contextmanager
+def steer(model, vectors, scale: Scale = 1.0, positions="all", include_padding: bool = False):
+    """Add steering vectors for the duration of the context.
+
+    ``vectors``: a :class:`SteeringVector`, a list of them, or ``(vector, scale)`` pairs (each
+    vector is checked against ``model``). ``scale``: multiplies every vector; a number or one
+    number per batch row. ``positions``: see the module docstring.
+    """
+    from vsteer.hooks import intervene
+
+    ops = steering_ops(model, vectors, scale, positions, include_padding)
+    if not ops:  # every scale is zero: nothing to add, logits stay bit-identical
+        yield
+        return
+    with intervene(model, ops):
+        yield
+
+
+def residual_change(model, vector: SteeringVector) -> SteeringVector:
+    """What ``vector`` adds to the residual stream when it is added at every position.
+
+    For a ``v`` vector ``c`` at layer L this is ``W_O @ concat_h c[kv(h)]`` (each key/value
+    head's vector feeds its group of query heads under GQA): every head's attention output is
+    ``sum_j a_hj (v_j + c) = sum_j a_hj v_j + c`` because the attention weights ``a_hj`` sum to
+    one over the keys ``j``. For ``z`` it is ``W_O @ concat_h c_h``; for ``attn``, ``mlp`` and
+    ``resid`` the vector itself. Returns a vector at site ``attn`` (``[d_model]`` per layer).
+    """
+    from vsteer.arch import get_arch
+
+    arch = get_arch(model)
+    vector.check(model)
+    if vector.site in ("attn", "mlp", "resid"):
+        out = {layer: t.float().clone() for layer, t in vector.directions.items()}
+    elif vector.site in ("v", "z"):
+        out = {}
+        for layer, t in vector.directions.items():
+            t = t.float()
+            if vector.site == "v":
+                t = t.repeat_interleave(arch.n_heads // arch.n_kv_heads, dim=0)
+            w_o = arch.weight(layer, "o").detach().float().cpu()
+            out[layer] = w_o @ t.reshape(-1).cpu()
+    else:
+        raise VectorError(
+            f"residual_change is defined for sites v, z, attn, mlp, resid; {vector.site!r} enters "
+            f"attention non-linearly"
+        )
+    from dataclasses import replace
+
+    return replace(vector, directions=out, site="attn", method=f"residual_change({vector.method})")
+
+
+class _CallableModule(types.ModuleType):
+    """``vsteer.steer`` names both this module and the function: importing the module sets the
+    package attribute to the module, so the module itself forwards calls to :func:`steer`."""
+
+    def __call__(self, *args, **kwargs):
+        return steer(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
