@@ -232,6 +232,20 @@ class Add(Operation):
                 mask = _combine(mask, step.token_mask)
             return put(_masked(part, part + v, mask))
 
+        if heads is None and positions is None and not per_row:
+            flat_vec = vec.reshape(-1)
+
+            def flat(t, step):
+                # the common steering case, on the module's own [batch, seq, features] output:
+                # no reshapes, one add (the generation hot path)
+                if step.token_mask is not None and not include_padding:
+                    return None
+                v = cache.get(("flat", t.dtype, t.device))
+                if v is None:
+                    v = cache[("flat", t.dtype, t.device)] = flat_vec.to(device=t.device, dtype=t.dtype)
+                return t + v
+
+            fn.flat = flat
         return fn
 
 
@@ -394,10 +408,17 @@ def _make_hook(arch: ModelArch, kind: str, entries: list[tuple[Site, Callable]],
     rows = {site: arch.rows(site.name) for site, _ in entries if site.name in ("q", "k", "v")}
     rows = {s: r for s, r in rows.items() if r is not None}
     row_cache: dict = {}
+    flats = {site: getattr(fn, "flat", None) for site, fn in entries if site not in rows}
 
     def transform(t: torch.Tensor) -> torch.Tensor:
         step = tracker.step
         for site, fn in entries:
+            flat = flats.get(site)
+            if flat is not None:
+                new = flat(t, step)
+                if new is not None:
+                    t = new
+                    continue
             shape = shapes[site]
             r = rows.get(site)
             if r is not None:
