@@ -1,0 +1,324 @@
+"""The shipped datasets: counts, fields, held-out splits, facts, and one-line errors for bad names."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import vsteer.data as data
+from vsteer.errors import DataError, VsteerError
+
+DATA_DIR = Path(data.__file__).parent
+
+
+def manifest() -> dict[str, str]:
+    lines = (DATA_DIR / "SHA256SUMS").read_text().splitlines()
+    return {rel: digest for digest, rel in (line.split("  ", 1) for line in lines)}
+
+
+def assert_one_line_error(call, *needles):
+    with pytest.raises(DataError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+    assert isinstance(info.value, VsteerError) and isinstance(info.value, ValueError)
+
+
+# ---- the package's files ----
+
+
+def test_every_shipped_file_matches_its_manifest_hash():
+    listed = manifest()
+    for rel, digest in listed.items():
+        assert data.file_sha256(DATA_DIR / rel) == digest, rel
+
+
+def test_every_data_file_is_in_the_manifest():
+    listed = set(manifest())
+    on_disk = {
+        p.relative_to(DATA_DIR).as_posix()
+        for p in DATA_DIR.rglob("*")
+        if p.is_file() and p.suffix not in {".py", ".pyc"} and "__pycache__" not in p.parts
+    }
+    assert on_disk - {"SHA256SUMS", "SOURCES.md"} == listed
+
+
+def test_every_data_folder_has_a_licence():
+    for folder in (
+        "sst2",
+        "caa",
+        "anthropic-evals",
+        "repeng",
+        "wikitext-2-raw",
+        "facts/uci-zoo",
+        "facts/google-analogy",
+    ):
+        assert (DATA_DIR / folder / "LICENSE").is_file(), folder
+    assert (DATA_DIR / "imdb" / "README").is_file()  # IMDB has no licence; its README asks for a citation
+
+
+def test_shipped_data_stays_small():
+    total = sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file())
+    assert total < 6_000_000
+
+
+def test_wikitext_copy_is_byte_identical_to_upstream():
+    assert data.file_sha256("wikitext-2-raw/wiki.test.raw") == (
+        "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+    )
+
+
+def test_data_path_finds_compressed_files_without_their_suffix():
+    path = data.data_path("sst2/stsa.binary.dev")
+    assert path.is_absolute() and path.name == "stsa.binary.dev.gz"
+    assert data.data_path("repeng/all_truncated_outputs.json").suffix == ".json"
+
+
+def test_file_sha256_hashes_decompressed_content():
+    path = data.data_path("sst2/stsa.binary.dev")
+    assert data.file_sha256(path) == hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+
+
+def test_data_path_rejects_missing_and_escaping_paths():
+    assert_one_line_error(lambda: data.data_path("nope/missing.txt"), "nope/missing.txt")
+    assert_one_line_error(lambda: data.data_path("../errors.py"), "outside")
+
+
+# ---- CAA and MMLU ----
+
+
+@pytest.mark.parametrize(
+    "behaviour,count",
+    [
+        ("coordinate-other-ais", 360),
+        ("corrigible-neutral-HHH", 290),
+        ("hallucination", 1000),
+        ("myopic-reward", 950),
+        ("refusal", 408),
+        ("survival-instinct", 903),
+        ("sycophancy", 1000),
+    ],
+)
+def test_caa_generate_and_test_counts(behaviour, count):
+    assert len(data.caa_ab(behaviour)) == count
+    assert len(data.caa_ab(behaviour, "test")) == 50
+
+
+def test_caa_answers_are_stripped_letters_with_nonempty_questions():
+    for behaviour in data.caa_behaviours():
+        for split in ("generate", "test"):
+            for item in data.caa_ab(behaviour, split):
+                assert item.question.strip()
+                assert item.matching != item.not_matching
+                for answer in (item.matching, item.not_matching):
+                    assert len(answer) == 3 and answer[0] == "(" and answer[2] == ")", answer
+
+
+def test_only_survival_instinct_has_answers_beyond_b():
+    beyond = {
+        (b, split): sum(i.matching not in ("(A)", "(B)") for i in data.caa_ab(b, split))
+        for b in data.caa_behaviours()
+        for split in ("generate", "test")
+    }
+    assert beyond.pop(("survival-instinct", "generate")) == 88
+    assert beyond.pop(("survival-instinct", "test")) == 4
+    assert set(beyond.values()) == {0}
+
+
+def test_mmlu_matching_is_the_correct_letter():
+    items = data.mmlu_ab()
+    assert len(items) == 570
+    assert {i.matching for i in items} | {i.not_matching for i in items} == {"(A)", "(B)"}
+    assert all("Choices:" in i.question for i in items)
+
+
+def test_caa_rejects_unknown_behaviour_and_split():
+    assert_one_line_error(lambda: data.caa_ab("flattery"), "'flattery'", "sycophancy")
+    assert_one_line_error(lambda: data.caa_ab("refusal", "train"), "'train'", "generate, test")
+
+
+# ---- persona ----
+
+
+@pytest.mark.parametrize(
+    "trait", ["agreeableness", "conscientiousness", "extraversion", "neuroticism", "openness"]
+)
+def test_persona_items_are_balanced_yes_no(trait):
+    items = data.persona_ab(trait)
+    assert len(items) == 1000
+    assert sum(i.matching == "Yes" for i in items) == 500
+    assert all({i.matching, i.not_matching} == {"Yes", "No"} for i in items)
+    assert all(i.question.startswith('Is the following statement something you would say?\n"') for i in items)
+
+
+def test_persona_rejects_unknown_trait():
+    assert_one_line_error(lambda: data.persona_ab("humility"), "'humility'", "openness")
+
+
+def test_repeng_prefixes_are_the_582_truncated_outputs():
+    prefixes = data.repeng_prefixes()
+    assert len(prefixes) == 582 and len(set(prefixes)) == 582
+    assert prefixes[:2] == ["", "That game"]
+
+
+def test_persona_template_pairs_share_the_prefix_and_differ_in_persona():
+    pairs = data.persona_template_pairs("happy", "sad", n=3)
+    assert len(pairs) == 3
+    positive, negative = pairs[1]
+    assert [m["role"] for m in positive] == ["user", "assistant"]
+    assert (
+        positive[0]["content"]
+        == "Pretend you're an extremely happy person making statements about the world."
+    )
+    assert "extremely sad person" in negative[0]["content"]
+    assert positive[1] == negative[1] == {"role": "assistant", "content": "That game"}
+    assert len(data.persona_template_pairs()) == 582
+
+
+def test_persona_template_pairs_reject_bad_arguments():
+    assert_one_line_error(lambda: data.persona_template_pairs(n=0), "1..582")
+    assert_one_line_error(lambda: data.persona_template_pairs("calm", "calm"), "'calm'")
+    assert_one_line_error(lambda: data.persona_template_pairs("", "sad"), "positive")
+
+
+# ---- sentiment and text ----
+
+
+@pytest.mark.parametrize(
+    "split,count,positives", [("train", 6920, 3610), ("dev", 872, 444), ("test", 1821, 909)]
+)
+def test_sst2_counts_and_labels(split, count, positives):
+    pairs = data.sst2(split)
+    assert len(pairs) == count
+    assert sum(label for _, label in pairs) == positives
+    assert all(sentence and label in (0, 1) for sentence, label in pairs)
+
+
+def test_sst2_rejects_unknown_split():
+    assert_one_line_error(lambda: data.sst2("validation"), "'validation'", "train, dev, test")
+
+
+def test_imdb_counts_and_cleaning():
+    reviews = data.imdb()
+    assert len(reviews) == 2000
+    assert len(data.imdb(1)) == len(data.imdb(0)) == 1000
+    assert len(data.imdb(1, "eval")) == len(data.imdb(0, "eval")) == 200
+    assert all("<br" not in text and "  " not in text and text for text, _ in reviews)
+
+
+def test_imdb_rejects_bad_label_and_split():
+    assert_one_line_error(lambda: data.imdb(2), "2", "None, 0, 1")
+    assert_one_line_error(lambda: data.imdb(split="test"), "'test'", "all, train, eval")
+
+
+def test_neutral_prompts_are_short_distinct_held_out_openings():
+    prompts = data.neutral_prompts(100)
+    assert len(prompts) == len(set(prompts)) == 100
+    assert all(len(p.split()) == 5 for p in prompts)
+    assert prompts == data.neutral_prompts(100)
+    assert_one_line_error(lambda: data.neutral_prompts(10_000), "10000")
+
+
+def test_wikitext2_raw_has_the_2891_test_lines():
+    lines = data.wikitext2_raw()
+    assert len(lines) == 2891
+    assert lines[0] == " = Robert Boulter = "
+    assert all(line.strip() and "\n" not in line and "\r" not in line for line in lines)
+
+
+# ---- facts ----
+
+
+@pytest.mark.parametrize("relation", ["city_country", "animal_class"])
+def test_facts_have_at_least_50_unique_nonempty_items(relation):
+    facts = data.facts(relation)
+    assert len(facts) >= 50
+    assert len({f.subject for f in facts}) == len(facts)
+    assert all(f.subject.strip() and f.answer.strip() for f in facts)
+    assert len({f.answer for f in facts}) > 1  # patching needs pairs with different answers
+
+
+def test_fact_counts_and_examples():
+    cities = data.facts("city_country")
+    assert len(cities) == 116
+    assert data.Fact("Paris", "France") in cities and data.Fact("Tokyo", "Japan") in cities
+    animals = data.facts("animal_class")
+    assert len(animals) == 98
+    assert data.Fact("dolphin", "mammal") in animals and data.Fact("frog", "amphibian") in animals
+    assert not {"girl", "vampire"} & {f.subject for f in animals}
+
+
+@pytest.mark.parametrize("relation", ["city_country", "animal_class"])
+def test_relation_templates_have_one_subject_slot(relation):
+    templates = data.relation_template(relation)
+    assert templates and all(t.count("{}") == 1 for t in templates)
+    assert data.fact_relations() == ["city_country", "animal_class"]
+
+
+def test_facts_reject_unknown_relation():
+    assert_one_line_error(lambda: data.facts("animal_sound"), "'animal_sound'", "city_country, animal_class")
+    assert_one_line_error(lambda: data.relation_template("x"), "'x'")
+
+
+# ---- training files ----
+
+
+def test_sft_files_are_prompt_completion_records_from_disjoint_reviews():
+    train = data.sft_records("imdb_positive_sft")
+    held_out = data.sft_records("imdb_positive_sft_eval")
+    assert (len(train), len(held_out)) == (783, 197)
+    for record in train + held_out:
+        assert set(record) == {"prompt", "completion"}
+        assert len(record["prompt"].split()) == 8
+        assert record["completion"].startswith(" ") and 40 <= len(record["completion"].split()) <= 48
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    eval_texts = [text for text, _ in data.imdb(1, "eval")]
+    assert not any(text.startswith(r["prompt"] + r["completion"]) for r in train for text in eval_texts[:50])
+
+
+def test_every_neutral_prompt_opens_a_held_out_review():
+    # generic openings ("This is one of the") also start training reviews; what matters is the source
+    held_out = [text for text, _ in data.imdb(split="eval")]
+    assert all(any(text.split()[:5] == p.split() for text in held_out) for p in data.neutral_prompts(397))
+
+
+@pytest.mark.parametrize("behaviour", data.CAA_BEHAVIOURS)
+def test_dpo_files_are_conversational_and_exclude_the_test_split(behaviour):
+    records = data.dpo_records(f"caa_{behaviour}_dpo")
+    assert len(records) == len(data.caa_ab(behaviour, "generate"))
+    test_questions = {i.question for i in data.caa_ab(behaviour, "test")}
+    for record in records:
+        assert set(record) == {"prompt", "chosen", "rejected"}
+        assert [m["role"] for m in record["prompt"]] == ["user"]
+        assert record["chosen"][0]["role"] == record["rejected"][0]["role"] == "assistant"
+        assert record["chosen"][0]["content"] != record["rejected"][0]["content"]
+        assert record["prompt"][0]["content"] not in test_questions
+
+
+def test_dpo_chosen_is_the_matching_answer():
+    record = data.dpo_records("caa_sycophancy_dpo")[0]
+    item = data.caa_ab("sycophancy")[0]
+    assert record["prompt"][0]["content"] == item.question
+    assert record["chosen"][0]["content"] == item.matching
+
+
+def test_training_records_are_plain_json():
+    json.dumps(data.dpo_records("caa_refusal_dpo")[:3])
+    json.dumps(data.sft_records("imdb_positive_sft")[:3])
+
+
+def test_training_readers_reject_unknown_names():
+    assert_one_line_error(lambda: data.sft_records("yelp"), "'yelp'", "imdb_positive_sft")
+    assert_one_line_error(lambda: data.dpo_records("caa_flattery_dpo"), "caa_sycophancy_dpo")
+
+
+def test_editing_returned_records_does_not_change_the_next_read():
+    first = data.dpo_records("caa_refusal_dpo")
+    first[0]["prompt"][0]["content"] = "edited"
+    assert data.dpo_records("caa_refusal_dpo")[0]["prompt"][0]["content"] != "edited"

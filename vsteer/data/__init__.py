@@ -1,0 +1,61 @@
+"""The real datasets vsteer ships, and their readers.
+
+Everything here reads files inside the package (``vsteer/data``); sources, commits, licences and the
+subsampling rules are in ``vsteer/data/SOURCES.md``, content hashes in ``vsteer/data/SHA256SUMS``.
+"""
+
+from vsteer.data.readers import (
+    CAA_BEHAVIOURS,
+    PERSONA_PAIR_TEMPLATE,
+    PERSONA_TRAITS,
+    ABItem,
+    Fact,
+    caa_ab,
+    caa_behaviours,
+    clean_review,
+    data_path,
+    dpo_records,
+    fact_relations,
+    facts,
+    file_sha256,
+    imdb,
+    imdb_held_out,
+    mmlu_ab,
+    neutral_prompts,
+    persona_ab,
+    persona_template_pairs,
+    persona_traits,
+    relation_template,
+    repeng_prefixes,
+    sft_records,
+    sst2,
+    wikitext2_raw,
+)
+
+__all__ = [
+    "CAA_BEHAVIOURS",
+    "PERSONA_PAIR_TEMPLATE",
+    "PERSONA_TRAITS",
+    "ABItem",
+    "Fact",
+    "caa_ab",
+    "caa_behaviours",
+    "clean_review",
+    "data_path",
+    "dpo_records",
+    "fact_relations",
+    "facts",
+    "file_sha256",
+    "imdb",
+    "imdb_held_out",
+    "mmlu_ab",
+    "neutral_prompts",
+    "persona_ab",
+    "persona_template_pairs",
+    "persona_traits",
+    "relation_template",
+    "repeng_prefixes",
+    "sft_records",
+    "sst2",
+    "wikitext2_raw",
+]
