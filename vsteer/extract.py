@@ -126,13 +126,14 @@ def collect(
     model,
     tokenizer,
     texts: Sequence,
-    site: str,
+    site: str | Sequence[str],
     layers: list[int],
     position: str,
     batch_size: int = 16,
     progress: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """``{layer: [len(texts), *site_shape]}`` float32 activations read by ``position``.
+    """``{layer: [len(texts), *site_shape]}`` float32 activations read by ``position``
+    (``{(site, layer): ...}`` when ``site`` is a list of sites, all captured in the same passes).
 
     Runs the model on batches sorted by length and stops each forward after the deepest layer.
     """
@@ -142,13 +143,14 @@ def collect(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    sites = [(site, layer) for layer in layers]
-    out: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
+    names = [site] if isinstance(site, str) else list(site)
+    sites = [(name, layer) for name in names for layer in layers]
+    out: dict = {key: None for key in sites}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"extracting {site} at {len(layers)} layer(s)", unit="batch")
+        batches = tqdm(batches, desc=f"extracting {'+'.join(names)} at {len(layers)} layer(s)", unit="batch")
     for batch in batches:
         width = max(len(encoded[i][0]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -163,14 +165,14 @@ def collect(
             model, sites, stop=True, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
         )
         index = torch.tensor(batch)
-        for layer in layers:
-            x = acts[(site, layer)].float()
+        for key in sites:
+            x = acts[key].float()
             w = weights.to(x.device).reshape(weights.shape + (1,) * (x.dim() - 2))
             feats = (x * w).sum(dim=1).cpu()
-            if out[layer] is None:
-                out[layer] = torch.empty((len(texts),) + tuple(feats.shape[1:]))
-            out[layer][index] = feats
-    return out  # type: ignore[return-value]
+            if out[key] is None:
+                out[key] = torch.empty((len(texts),) + tuple(feats.shape[1:]))
+            out[key][index] = feats
+    return {key[1]: t for key, t in out.items()} if isinstance(site, str) else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,15 +229,33 @@ def extract(
     when every side has a completion and ``"last"`` otherwise. The forward pass stops after the
     deepest requested layer.
     """
+    return extract_sites(model, tokenizer, pairs, (site,), layers, method, position, batch_size, progress)[
+        site
+    ]
+
+
+def extract_sites(
+    model,
+    tokenizer,
+    pairs: Sequence,
+    sites: Sequence[str] = ("v",),
+    layers=None,
+    method: str = "mean_diff",
+    position: str | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, SteeringVector]:
+    """Like :func:`extract` for several sites at once (one set of forward passes): ``{site: vector}``."""
     from vsteer.arch import get_arch
     from vsteer.sites import check_site_name, parse_layers
 
-    check_site_name(site)
+    sites = [check_site_name(s) for s in sites]
     if method not in METHODS:
         raise VectorError(f"unknown extraction method {method!r}; expected one of {', '.join(METHODS)}")
     arch = get_arch(model)
     layer_list = parse_layers(layers, arch.n_layers)
-    pairs = list(pairs) if not isinstance(pairs, Pairs) else pairs
+    if not isinstance(pairs, Pairs):
+        pairs = list(pairs)
     if not pairs:
         raise DataError("extract needs at least one (positive, negative) pair")
     for i, pair in enumerate(pairs):
@@ -249,19 +269,24 @@ def extract(
     model.eval()
     try:
         with torch.no_grad():
-            acts = collect(model, tokenizer, texts, site, layer_list, position, batch_size, progress)
+            acts = collect(model, tokenizer, texts, sites, layer_list, position, batch_size, progress)
     finally:
         model.train(was_training)
-    directions = {layer: direction(a[0::2], a[1::2], method) for layer, a in acts.items()}
-    return SteeringVector.for_model(
-        model,
-        directions,
-        site,
-        method=method,
-        position=position,
-        data=list(getattr(pairs, "sources", [])),
-        extra={"n_pairs": len(pairs), "dataset": getattr(pairs, "name", "")},
-    )
+    return {
+        site: SteeringVector.for_model(
+            model,
+            {
+                layer: direction(acts[(site, layer)][0::2], acts[(site, layer)][1::2], method)
+                for layer in layer_list
+            },
+            site,
+            method=method,
+            position=position,
+            data=list(getattr(pairs, "sources", [])),
+            extra={"n_pairs": len(pairs), "dataset": getattr(pairs, "name", "")},
+        )
+        for site in sites
+    }
 
 
 def _default_position(pairs) -> str:
@@ -297,19 +322,6 @@ def _sources(*names: str) -> list[dict]:
     return [{"path": name, "sha256": data.file_sha256(name)} for name in names]
 
 
-def _reader_sources(reader_name: str, *args) -> list[dict]:
-    """Source files of a reader call, through ``vsteer.data``'s ``<reader>_files`` helper if present."""
-    from vsteer import data
-
-    files = getattr(data, "source_files", None)
-    if callable(files):
-        try:
-            return _sources(*files(reader_name, *args))
-        except Exception:  # provenance is best effort; the data itself was read already
-            return []
-    return []
-
-
 def caa_pairs(behaviour: str, split: str = "generate", limit: int | None = None) -> Pairs:
     """CAA A/B items of ``behaviour`` as pairs answering with the matching vs the other letter."""
     from vsteer import data
@@ -317,7 +329,9 @@ def caa_pairs(behaviour: str, split: str = "generate", limit: int | None = None)
     items = data.caa_ab(behaviour, split=split)[:limit]
     return Pairs(
         [ab_pair(it.question, it.matching, it.not_matching) for it in items],
-        sources=_reader_sources("caa_ab", behaviour, split),
+        sources=_sources(
+            f"caa/{split}/{behaviour}/{'generate_dataset' if split == 'generate' else 'test_dataset_ab'}.json"
+        ),
         name=f"caa:{behaviour}:{split}",
         position="answer",
     )
@@ -331,7 +345,7 @@ def persona_pairs(trait: str, limit: int | None = None, offset: int = 0) -> Pair
     items = items[:limit] if limit is not None else items
     return Pairs(
         [ab_pair(it.question, it.matching, it.not_matching) for it in items],
-        sources=_reader_sources("persona_ab", trait),
+        sources=_sources(f"anthropic-evals/persona/{trait}.jsonl"),
         name=f"persona:{trait}",
         position="answer",
     )
@@ -345,7 +359,7 @@ def template_pairs(positive: str = "happy", negative: str = "sad", limit: int | 
     raw = data.persona_template_pairs(positive, negative)[:limit]
     return Pairs(
         [_pair_of(p) for p in raw],
-        sources=_reader_sources("persona_template_pairs", positive, negative),
+        sources=_sources("repeng/all_truncated_outputs.json"),
         name=f"template:{positive},{negative}",
         position="last",
     )
@@ -361,7 +375,7 @@ def sst2_pairs(split: str = "train", limit: int | None = None) -> Pairs:
     n = min(len(pos), len(neg)) if limit is None else min(len(pos), len(neg), limit)
     return Pairs(
         list(zip(pos[:n], neg[:n])),
-        sources=_reader_sources("sst2", split),
+        sources=_sources(f"sst2/stsa.binary.{split}"),
         name=f"sst2:{split}",
         position="mean",
     )

@@ -294,9 +294,12 @@ class SteeringVector:
         """A vector for ``model``, with its name, fingerprint and layer count filled in, checked."""
         from vsteer.arch import get_arch
 
+        extra = dict(meta.pop("extra", None) or {})
+        extra.setdefault("model_type", getattr(getattr(model, "config", None), "model_type", None))
         vec = cls(
             directions=directions,
             site=site,
+            extra=extra,
             model_name=_model_name(model),
             fingerprint=_fingerprint(model),
             n_layers=get_arch(model).n_layers,
