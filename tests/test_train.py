@@ -1,0 +1,209 @@
+"""Recipes and TRL training: validation before loading, adapter outputs, overwrite, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, make_tiny_model
+
+from vsteer.errors import DataError, RecipeError, VsteerError
+from vsteer.recipes import load_recipe
+from vsteer.train import ADAPTER_META, preference_accuracy, train_from_recipe
+
+CHARS = [chr(c) for c in range(32, 32 + VOCAB - 3)]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer over the tiny models' 97-token vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<s>"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<s>"
+    )
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    rows = [{"prompt": f"review {i}:", "completion": " great fun, loved it!"} for i in range(40)]
+    return _write_jsonl(tmp_path / "sft.jsonl", rows)
+
+
+@pytest.fixture
+def dpo_file(tmp_path):
+    rows = [{"prompt": f"q{i}? ", "chosen": "(A)", "rejected": "(B)"} for i in range(40)]
+    return _write_jsonl(tmp_path / "dpo.jsonl", rows)
+
+
+def _recipe(data_file, **training):
+    return {
+        "name": "tiny",
+        "method": "sft",
+        "data": {"train": str(data_file), "eval_size": 8},
+        "adapter": {"targets": "v", "r": 4},
+        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "max_length": 32, **training},
+    }
+
+
+def _run(recipe, tmp_path, family="llama", **kwargs):
+    return train_from_recipe(
+        recipe,
+        output_dir=tmp_path / "adapters",
+        model=make_tiny_model(family),
+        tokenizer=char_tokenizer(),
+        **kwargs,
+    )
+
+
+# recipes ------------------------------------------------------------------------------------
+def test_recipe_fills_defaults_and_applies_dotted_and_short_overrides(sft_file):
+    r = load_recipe(_recipe(sft_file), ["training.max_steps=7", "r=2", "adapter.layers=[0, 1]"])
+    assert (r["training.max_steps"], r["adapter.r"], r["adapter.layers"]) == (7, 2, [0, 1])
+    assert r["training.max_length"] == 32 and r["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"training": {"max_step": 3}}, "training.max_step"),
+        ({"adapter": {"r": "8"}}, "adapter.r"),
+        ({"adapter": {"r": True}}, "adapter.r"),
+        ({"training": {"learning_rate": -1.0}}, "training.learning_rate"),
+        ({"method": "ppo"}, "method"),
+        ({"adapter": {"targets": "vx"}}, "vx"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_recipe_key_or_value_is_a_recipe_error_naming_it(sft_file, change, key):
+    recipe = _recipe(sft_file)
+    for k, v in change.items():
+        recipe[k] = {**recipe[k], **v} if isinstance(v, dict) else v
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        load_recipe(recipe)
+
+
+def test_yaml_recipe_resolves_data_next_to_it(tmp_path, sft_file):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: tiny\ndata:\n  train: sft.jsonl\n")
+    assert load_recipe(path).data_path("data.train") == sft_file.resolve()
+
+
+def test_missing_data_file_fails_before_any_model_loads(tmp_path):
+    recipe = {"name": "x", "model": "no-such-model", "data": {"train": "nope.jsonl"}}
+    with pytest.raises(DataError, match="nope.jsonl"):
+        train_from_recipe(recipe, output_dir=tmp_path)
+
+
+def test_rows_without_the_method_fields_are_a_data_error(tmp_path):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}] * 10)
+    with pytest.raises(DataError, match="prompt\\+completion"):
+        _run(_recipe(bad), tmp_path)
+
+
+# training -----------------------------------------------------------------------------------
+def test_sft_writes_a_plain_peft_adapter_with_vsteer_metadata(tmp_path, sft_file):
+    from peft import PeftModel
+
+    result = _run(_recipe(sft_file), tmp_path)
+    meta = json.loads((result.adapter_dir / ADAPTER_META).read_text())
+    assert result.adapter_dir == tmp_path / "adapters" / "tiny"
+    assert meta["adapter"]["targets"] == "v"
+    assert meta["adapter"]["effective_params"] == meta["adapter"]["effective_params_measured"] == 3 * 4 * 48
+    assert len(meta["data"]["train"]["sha256"]) == 64 and meta["data"]["train"]["rows_used"] == 32
+    assert meta["seed"] == 0 and meta["metrics"]["steps"] == 4
+    assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
+    PeftModel.from_pretrained(make_tiny_model("llama"), result.adapter_dir)
+    assert not list((tmp_path / "adapters").glob(".tiny*"))  # no partial or temp dirs left
+
+
+def test_existing_adapter_is_refused_without_overwrite(tmp_path, sft_file):
+    _run(_recipe(sft_file, max_steps=1), tmp_path)
+    with pytest.raises(VsteerError, match="overwrite"):
+        _run(_recipe(sft_file, max_steps=1), tmp_path)
+    result = _run(_recipe(sft_file, max_steps=2), tmp_path, overwrite=True)
+    assert json.loads((result.adapter_dir / ADAPTER_META).read_text())["metrics"]["steps"] == 2
+
+
+def test_failed_overwrite_keeps_the_old_adapter(tmp_path, sft_file):
+    first = _run(_recipe(sft_file, max_steps=1), tmp_path)
+    before = (first.adapter_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="stop"):
+        _run(_recipe(sft_file, max_steps=4), tmp_path, overwrite=True, callbacks=[_stop_at(2)])
+    assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() == before
+
+
+def _stop_at(step):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise RuntimeError("stop")
+
+    return Stop()
+
+
+def test_resume_continues_from_the_last_checkpoint_to_the_same_adapter(tmp_path, sft_file):
+    from safetensors.torch import load_file
+
+    recipe = _recipe(sft_file, max_steps=4, save_steps=2)
+    straight = _run({**recipe, "name": "straight"}, tmp_path)
+    with pytest.raises(RuntimeError, match="stop"):
+        _run(recipe, tmp_path, callbacks=[_stop_at(3)])
+    assert (tmp_path / "adapters" / ".tiny.partial" / "checkpoint-2").is_dir()
+    resumed = _run(recipe, tmp_path, resume=True)
+    assert resumed.metrics["steps"] == 4
+    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, sft_file):
+    with pytest.raises(VsteerError, match="nothing to resume"):
+        _run(_recipe(sft_file), tmp_path, resume=True)
+
+
+def test_trainer_keeps_masked_fused_rows_at_zero_with_weight_decay(tmp_path, sft_file):
+    from safetensors.torch import load_file
+
+    import vsteer
+
+    result = _run(_recipe(sft_file, weight_decay=0.5), tmp_path, family="gpt2")
+    rows = vsteer.get_arch(make_tiny_model("gpt2")).rows("v")
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    for name, w in weights.items():
+        if "lora_B" in name:
+            mask = torch.ones(w.shape[0], dtype=torch.bool)
+            mask[rows] = False
+            assert torch.count_nonzero(w[mask]) == 0 and torch.count_nonzero(w[~mask]) > 0
+
+
+def test_match_v_budget_arm_trains_with_equal_effective_params(tmp_path, sft_file):
+    recipe = _recipe(sft_file, max_steps=1)
+    recipe["adapter"] = {"targets": "o", "r": 4, "match": "v"}
+    result = _run(recipe, tmp_path)
+    assert abs(result.adapter["effective_params"] - 3 * 4 * 48) <= 0.02 * 3 * 4 * 48
+
+
+def test_dpo_raises_held_out_preference_accuracy(tmp_path, dpo_file):
+    recipe = _recipe(dpo_file, max_steps=6, learning_rate=5e-2)
+    recipe["method"] = "dpo"
+    result = _run(recipe, tmp_path)
+    assert result.metrics["preference_accuracy_after"] == 1.0
+    assert result.metrics["preference_margin_after"] > result.metrics["preference_margin_before"]
+
+
+def test_preference_accuracy_scores_only_completion_tokens():
+    model, tok = make_tiny_model("llama"), char_tokenizer()
+    same = [{"prompt": "abc", "chosen": "xy", "rejected": "xy"}]
+    assert preference_accuracy(model, tok, same)["preference_margin"] == 0.0

@@ -1,0 +1,306 @@
+"""Training recipes: YAML in, a validated :class:`Recipe` out, before any model loads.
+
+A recipe has four parts (every key optional except ``name`` and ``data.train``)::
+
+    name: smollm2-v-imdb-sft         # adapters/<name>/
+    model: smollm2-135m-instruct      # embedded name, HF id, directory or .gguf
+    method: sft                       # sft | dpo
+    seed: 0
+    data:    {train: ..., eval: ..., n_train: 256, n_eval: 64, eval_size: 64}
+    adapter: {targets: v, r: 8, alpha_per_rank: 2.0, dropout: 0.0, layers: null, budget: null, match: null}
+    training: {max_steps: 40, batch_size: 8, learning_rate: 1.0e-3, max_length: 128, ...}
+
+Overrides are ``section.key=value`` strings (``training.max_steps=10``), or just ``key=value``
+when the key name is unique; values are parsed as YAML (``adapter.layers=[0,1]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from vsteer.errors import DataError, RecipeError
+
+REQUIRED = object()
+METHODS = ("sft", "dpo")
+
+
+# key -> (allowed types, default). ``None`` in the types means the key may be null.
+SCHEMA: dict[str, tuple[tuple, object]] = {
+    "name": ((str,), REQUIRED),
+    "description": ((str,), ""),
+    "model": ((str,), "smollm2-135m-instruct"),
+    "method": ((str,), "sft"),
+    "seed": ((int,), 0),
+    "output_dir": ((str,), "adapters"),
+    "data.train": ((str,), REQUIRED),
+    "data.eval": ((str, None), None),
+    "data.n_train": ((int, None), None),
+    "data.n_eval": ((int, None), None),
+    "data.eval_size": ((int,), 64),
+    "adapter.targets": ((str, list), "v"),
+    "adapter.r": ((int,), 8),
+    "adapter.alpha_per_rank": ((float,), 2.0),
+    "adapter.dropout": ((float,), 0.0),
+    "adapter.layers": ((list, None), None),
+    "adapter.budget": ((int, None), None),
+    "adapter.match": ((str, list, None), None),
+    "training.max_steps": ((int,), 40),
+    "training.batch_size": ((int,), 8),
+    "training.grad_accum": ((int,), 1),
+    "training.learning_rate": ((float,), 1e-3),
+    "training.weight_decay": ((float,), 0.0),
+    "training.lr_scheduler": ((str,), "linear"),
+    "training.warmup_steps": ((int,), 0),
+    "training.max_grad_norm": ((float,), 1.0),
+    "training.max_length": ((int,), 128),
+    "training.eval_batch_size": ((int,), 16),
+    "training.logging_steps": ((int,), 5),
+    "training.save_steps": ((int,), 20),
+    "training.eval_before": ((bool,), True),
+    "training.beta": ((float,), 0.1),
+    "training.num_threads": ((int, None), None),
+}
+SECTIONS = ("data", "adapter", "training")
+_POSITIVE = {
+    "data.n_train",
+    "data.n_eval",
+    "adapter.r",
+    "adapter.budget",
+    "adapter.alpha_per_rank",
+    "training.max_steps",
+    "training.batch_size",
+    "training.grad_accum",
+    "training.learning_rate",
+    "training.max_length",
+    "training.eval_batch_size",
+    "training.logging_steps",
+    "training.save_steps",
+    "training.beta",
+    "training.num_threads",
+}
+_NON_NEGATIVE = {
+    "seed",
+    "data.eval_size",
+    "adapter.dropout",
+    "training.weight_decay",
+    "training.warmup_steps",
+    "training.max_grad_norm",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: ``values`` maps dotted keys (``"training.max_steps"``) to values.
+
+    ``source``: the YAML file it came from (``None`` for a dict); relative data paths are
+    looked up next to it first.
+    """
+
+    values: Mapping[str, object]
+    source: Path | None = None
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+    @property
+    def name(self) -> str:
+        return self.values["name"]
+
+    @property
+    def method(self) -> str:
+        return self.values["method"]
+
+    def section(self, name: str) -> dict:
+        prefix = f"{name}."
+        return {k[len(prefix) :]: v for k, v in self.values.items() if k.startswith(prefix)}
+
+    def to_dict(self) -> dict:
+        """Nested plain dict (the YAML shape), with every default filled in."""
+        out: dict = {}
+        for key, value in self.values.items():
+            head, _, tail = key.partition(".")
+            if tail:
+                out.setdefault(head, {})[tail] = copy.deepcopy(value)
+            else:
+                out[key] = copy.deepcopy(value)
+        return out
+
+    def data_path(self, key: str) -> Path | None:
+        """Resolve ``data.train``/``data.eval``: absolute, next to the recipe, the working
+        directory, then the files shipped in :mod:`vsteer.data`."""
+        value = self.values[key]
+        return None if value is None else resolve_data_file(value, self.source, key)
+
+
+def resolve_data_file(value: str, source: Path | None, key: str = "data.train") -> Path:
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else []
+    if not path.is_absolute():
+        if source is not None:
+            candidates.append(source.parent / path)
+        candidates.append(Path.cwd() / path)
+        try:
+            from vsteer.data import data_path
+
+            candidates.append(Path(data_path(value)))
+        except Exception:  # noqa: BLE001 - a missing or failing shipped-data lookup means: not there
+            pass
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise DataError(
+        f"{key}: data file {value!r} not found (looked in: {', '.join(str(c) for c in candidates)}); "
+        f"expected a JSONL file"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# loading and validation
+# --------------------------------------------------------------------------------------------
+def load_recipe(
+    recipe: str | os.PathLike | Mapping | Recipe, overrides: Iterable[str] | Mapping = ()
+) -> Recipe:
+    """Read and validate a recipe (a YAML path, a nested dict, or a :class:`Recipe`)."""
+    source = None
+    if isinstance(recipe, Recipe):
+        raw, source = recipe.to_dict(), recipe.source
+    elif isinstance(recipe, Mapping):
+        raw = copy.deepcopy(dict(recipe))
+    else:
+        source = Path(recipe)
+        if not source.is_file():
+            raise RecipeError(f"recipe file {str(source)!r} not found")
+        try:
+            raw = yaml.safe_load(source.read_text())
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    flat = _flatten(raw)
+    for key, value in _parse_overrides(overrides).items():
+        flat[key] = value
+    return Recipe(_validate(flat), source)
+
+
+def _flatten(raw: Mapping) -> dict:
+    flat = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise RecipeError(f"recipe section {key!r} must be a mapping, got {value!r}")
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def _parse_overrides(overrides: Iterable[str] | Mapping) -> dict:
+    items = overrides.items() if isinstance(overrides, Mapping) else (_split(o) for o in overrides)
+    out = {}
+    for key, value in items:
+        out[_full_key(key)] = value
+    return out
+
+
+def _split(text: str) -> tuple[str, object]:
+    if not isinstance(text, str) or "=" not in text:
+        raise RecipeError(f"override {text!r} must look like key=value (e.g. training.max_steps=10)")
+    key, _, value = text.partition("=")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _full_key(key: str) -> str:
+    if key in SCHEMA:
+        return key
+    matches = [k for k in SCHEMA if k.rpartition(".")[2] == key]
+    if len(matches) == 1:
+        return matches[0]
+    return key  # unknown: reported by _validate with a suggestion
+
+
+def _validate(flat: dict) -> dict:
+    for key in flat:
+        if key not in SCHEMA:
+            close = difflib.get_close_matches(key, list(SCHEMA), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"unknown recipe key {key!r}{hint}")
+    values = {}
+    for key, (types, default) in SCHEMA.items():
+        if key not in flat:
+            if default is REQUIRED:
+                raise RecipeError(f"recipe key {key!r} is required")
+            values[key] = copy.deepcopy(default)
+            continue
+        values[key] = _check_type(key, flat[key], types)
+    _check_values(values)
+    return values
+
+
+def _check_type(key: str, value, types: tuple):
+    if value is None:
+        if None in types:
+            return None
+        raise RecipeError(f"recipe key {key!r} must not be null")
+    for t in types:
+        if t is None:
+            continue
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is bool and isinstance(value, bool):
+            return value
+        if t in (str, list) and isinstance(value, t):
+            return value
+    names = " or ".join("null" if t is None else t.__name__ for t in types)
+    raise RecipeError(f"recipe key {key!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _check_values(values: dict) -> None:
+    from vsteer.lora import parse_targets
+
+    for key in _POSITIVE:
+        v = values[key]
+        if v is not None and v <= 0:
+            raise RecipeError(f"recipe key {key!r} must be > 0, got {v!r}")
+    for key in _NON_NEGATIVE:
+        if values[key] < 0:
+            raise RecipeError(f"recipe key {key!r} must be >= 0, got {values[key]!r}")
+    if values["method"] not in METHODS:
+        raise RecipeError(f"recipe key 'method' must be one of {METHODS}, got {values['method']!r}")
+    name = values["name"]
+    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise RecipeError(f"recipe key 'name' must be a plain directory name, got {name!r}")
+    if values["adapter.dropout"] >= 1:
+        raise RecipeError(f"recipe key 'adapter.dropout' must be < 1, got {values['adapter.dropout']!r}")
+    parse_targets(values["adapter.targets"])
+    if values["adapter.match"] is not None:
+        parse_targets(values["adapter.match"])
+        if values["adapter.budget"] is not None:
+            raise RecipeError("recipe keys 'adapter.budget' and 'adapter.match' are exclusive; give one")
+    layers = values["adapter.layers"]
+    if layers is not None and (
+        not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        raise RecipeError(
+            f"recipe key 'adapter.layers' must be a non-empty list of ints or null, got {layers!r}"
+        )
+    if values["training.lr_scheduler"] not in ("linear", "cosine", "constant", "constant_with_warmup"):
+        raise RecipeError(
+            f"recipe key 'training.lr_scheduler' must be linear, cosine, constant or constant_with_warmup, "
+            f"got {values['training.lr_scheduler']!r}"
+        )
