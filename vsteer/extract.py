@@ -17,7 +17,7 @@ Methods (``P``, ``N``: ``[n_pairs, features]`` activations of positives and nega
 layer, ``D = P - N``):
 
 ``"mean_diff"``   ``mean(D)`` (CAA)
-``"pca_diff"``    first principal component of ``D`` (centred, as repeng's default), signed so
+``"pca_diff"``    first principal axis of ``D`` (repeng's default method, but uncentred), signed so
                   that positives project above their negatives in most pairs, with norm
                   ``mean(|D @ u|)`` so that scale 1 is one typical pair difference
 ``"logistic"``    unit normal of a logistic-regression probe separating ``P`` from ``N``, with
@@ -189,8 +189,9 @@ def direction(pos: torch.Tensor, neg: torch.Tensor, method: str) -> torch.Tensor
     elif method == "pca_diff":
         if len(d) < 2:
             raise DataError("pca_diff needs at least 2 pairs")
-        centred = d - d.mean(0)
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        # not centred (repeng's sklearn PCA centres D): centring removes the mean difference, the
+        # component every pair shares, and leaves only how the pairs vary around it
+        _, _, vh = torch.linalg.svd(d, full_matrices=False)
         u = vh[0]
         # repeng's sign rule: positives should project above their own negatives in most pairs
         if ((p @ u) > (n @ u)).double().mean() < ((p @ u) < (n @ u)).double().mean():
