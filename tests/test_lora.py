@@ -20,6 +20,15 @@ from vsteer.lora import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is ~10x faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _train(peft_model, steps: int = 4, weight_decay: float = 0.1, lr: float = 1e-2):
     """A plain PyTorch loop (no Trainer): AdamW with decoupled weight decay."""
     params = [p for p in peft_model.parameters() if p.requires_grad]

@@ -197,6 +197,7 @@ def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False):
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,
         ddp_find_unused_parameters=False,
     )
     if recipe.method == "sft":
