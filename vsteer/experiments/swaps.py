@@ -21,7 +21,7 @@ from torch import nn
 
 from vsteer.arch import ROLES, _base_layer, get_arch
 from vsteer.errors import DataError, ModelError, SiteError
-from vsteer.evaluate import bootstrap, decide, paired_difference, rule_text, Verdict
+from vsteer.evaluate import Verdict, bootstrap, decide, paired_difference, rule_text
 from vsteer.experiments.common import encode, progress, require_items, rng
 from vsteer.experiments.result import ExperimentResult
 from vsteer.hooks import capture, intervene, replace
@@ -145,10 +145,10 @@ def _kl_sum(base_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -
 class SwapConfig:
     """Sizes of the swap experiment. ``n_pairs=None``: all layer pairs."""
 
-    n_pairs: int | None = 12
-    n_windows: int = 8
-    window: int = 128
-    n_prompts: int = 32
+    n_pairs: int | None = 10
+    n_windows: int = 4
+    window: int = 96
+    n_prompts: int = 16
     matrices: tuple[str, ...] = MATRICES
     activations: bool = True
     batch_size: int = 8
@@ -180,7 +180,7 @@ def run_swaps(
     if text is None:
         from vsteer.data import wikitext2_raw
 
-        text = wikitext2_raw()
+        text = "\n\n".join(wikitext2_raw())
     if prompts is None:
         from vsteer.data import neutral_prompts
 

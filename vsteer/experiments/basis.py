@@ -1,0 +1,380 @@
+"""Claim (d): W_V's column space is a "response semantic basis".
+
+Two readouts and one test:
+
+* OV circuits (Dar et al. 2022 style): per query head ``h`` (kv head ``g``) the map
+  ``M_h = diag(g_out) W_O^h W_V^g diag(g_in)`` ``[d_model, d_model]`` (norm gains folded in; the
+  norms' rescaling is left out). Its top singular output directions, both signs, are read through
+  the final norm's gain and the unembedding as top vocabulary tokens.
+* Steering vectors: a ``v``-site vector ``[n_kv_heads, head_dim]`` is written through W_O of the
+  query heads that read that kv head; a ``resid`` vector ``[d_model]`` is read directly.
+* Alignment: the sentiment direction (mean resid difference of positive and negative SST-2
+  sentences at the last token) per layer; which share of its squared norm lies in each head's OV
+  output space (column space; write side), against (1) an isotropic random direction, whose
+  expected share is ``rank / d_model``, and (2) directions from shuffled labels (same data, same
+  anisotropy). Read side: the share of the previous layer's direction in the OV row space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from vsteer.arch import get_arch
+from vsteer.errors import DataError, VectorError
+from vsteer.evaluate import Verdict, decide, rule_text
+from vsteer.experiments.common import final_norm, norm_gain, rng, token_strings, unembedding
+from vsteer.experiments.result import ExperimentResult
+
+
+def _layer_norms(arch, layer: int) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input norm of attention, norm applied to the attention output before the residual add).
+
+    The second exists in Gemma 2/3 (``post_attention_layernorm`` beside ``pre_feedforward_layernorm``);
+    elsewhere ``post_attention_layernorm`` is the MLP's input norm and is not on the OV path.
+    """
+    block = arch.layer(layer)
+    children = dict(block.named_children())
+    norms = [m for n, m in children.items() if "norm" in type(m).__name__.lower() or n.startswith("ln")]
+    inp = children.get("input_layernorm") or children.get("ln_1") or (norms[0] if norms else None)
+    out = children.get("post_attention_layernorm") if "pre_feedforward_layernorm" in children else None
+    return inp, out
+
+
+@torch.no_grad()
+def ov_factors(model: nn.Module, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per query head ``(A [d_model, head_dim], B [head_dim, d_model])`` with ``M_h = A @ B``."""
+    arch = get_arch(model)
+    d, hd = arch.d_model, arch.head_dim
+    wv = arch.weight(layer, "v").detach().float()
+    wo = arch.weight(layer, "o").detach().float()
+    inp, out = _layer_norms(arch, layer)
+    g_in = norm_gain(inp, d) if inp is not None else torch.ones(d)
+    g_out = norm_gain(out, d) if out is not None else torch.ones(d)
+    group = arch.n_heads // arch.n_kv_heads
+    factors = []
+    for h in range(arch.n_heads):
+        g = h // group
+        a = g_out[:, None] * wo[:, h * hd : (h + 1) * hd]
+        b = wv[g * hd : (g + 1) * hd] * g_in[None, :]
+        factors.append((a, b))
+    return factors
+
+
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(x.double())
+    return q.float()
+
+
+def ov_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of ``a @ b`` through the small factors: ``(U [d, r], S [r], V [d, r])``."""
+    qa, ra = torch.linalg.qr(a.double())
+    qb, rb = torch.linalg.qr(b.t().double())
+    u, s, vh = torch.linalg.svd(ra @ rb.t())
+    return (qa @ u).float(), s.float(), (qb @ vh.t()).float()
+
+
+@torch.no_grad()
+def unembed_top(model: nn.Module, tokenizer, directions: torch.Tensor, k: int = 8) -> list[list[str]]:
+    """Top ``k`` tokens of each direction ``[n, d_model]`` through the final norm gain and unembedding."""
+    arch = get_arch(model)
+    w_u = unembedding(model).detach().float()
+    gain = norm_gain(final_norm(model), arch.d_model)
+    logits = (directions.float() * gain) @ w_u.t()
+    top = logits.topk(k, dim=-1).indices
+    return [token_strings(tokenizer, row) for row in top]
+
+
+def ov_readout(model: nn.Module, tokenizer, layers=None, n_directions: int = 1, k: int = 8) -> list[dict]:
+    """Per layer and query head: singular values and top tokens of the top OV output directions."""
+    arch = get_arch(model)
+    layers = range(arch.n_layers) if layers is None else layers
+    rows, dirs = [], []
+    for layer in layers:
+        for h, (a, b) in enumerate(ov_factors(model, layer)):
+            u, s, _ = ov_svd(a, b)
+            for i in range(min(n_directions, s.numel())):
+                rows.append({"layer": layer, "head": h, "direction": i, "singular_value": float(s[i])})
+                dirs += [u[:, i], -u[:, i]]
+    tops = unembed_top(model, tokenizer, torch.stack(dirs), k)
+    for j, row in enumerate(rows):
+        row["top_tokens_plus"] = " | ".join(t.strip() or repr(t) for t in tops[2 * j])
+        row["top_tokens_minus"] = " | ".join(t.strip() or repr(t) for t in tops[2 * j + 1])
+    return rows
+
+
+def _vector_layers(vectors) -> dict[int, torch.Tensor]:
+    for attr in ("directions", "tensors"):
+        d = getattr(vectors, attr, None)
+        if isinstance(d, dict):
+            return {int(k): v for k, v in d.items()}
+    if isinstance(vectors, dict):
+        return {int(k): v for k, v in vectors.items()}
+    if hasattr(vectors, "layers"):
+        return {int(layer): vectors[layer] for layer in vectors.layers}
+    raise VectorError(
+        f"cannot read layers from {type(vectors).__name__}: expected a dict {{layer: tensor}} or an object "
+        "with .directions/.tensors or .layers"
+    )
+
+
+@torch.no_grad()
+def readout_steering_vector(
+    model: nn.Module, tokenizer, vectors, site: str | None = None, k: int = 10
+) -> list[dict]:
+    """Top tokens of a steering vector per layer. ``v`` vectors ``[n_kv_heads, head_dim]`` go through
+    W_O of the heads that read each kv head (the norm gain after attention folded in where there
+    is one); ``resid``/``attn``/``mlp`` vectors ``[d_model]`` are read directly."""
+    arch = get_arch(model)
+    site = site or getattr(vectors, "site", "v")
+    layers = _vector_layers(vectors)
+    if not layers:
+        raise VectorError("steering vector has no layers")
+    rows, dirs = [], []
+    for layer, vec in sorted(layers.items()):
+        layer = arch.check_layer(layer)
+        vec = torch.as_tensor(vec).detach().float()
+        if site == "v":
+            if vec.numel() != arch.n_kv_heads * arch.head_dim:
+                raise VectorError(
+                    f"v vector of layer {layer} has shape {tuple(vec.shape)}; expected "
+                    f"[{arch.n_kv_heads}, {arch.head_dim}]"
+                )
+            vec = vec.reshape(arch.n_kv_heads, arch.head_dim)
+            group = arch.n_heads // arch.n_kv_heads
+            z = vec.repeat_interleave(group, dim=0).flatten()  # what each query head adds to z
+            out = arch.weight(layer, "o").detach().float() @ z
+            _, post = _layer_norms(arch, layer)
+            if post is not None:
+                out = out * norm_gain(post, arch.d_model)
+        elif site in ("resid", "attn", "mlp"):
+            if vec.numel() != arch.d_model:
+                raise VectorError(
+                    f"{site} vector of layer {layer} has {vec.numel()} values; expected {arch.d_model}"
+                )
+            out = vec.flatten()
+        else:
+            raise VectorError(f"readout of {site!r} vectors is not defined; use v or resid vectors")
+        rows.append({"layer": layer, "site": site, "norm": float(vec.norm())})
+        dirs += [out, -out]
+    tops = unembed_top(model, tokenizer, torch.stack(dirs), k)
+    for j, row in enumerate(rows):
+        row["top_tokens_plus"] = " | ".join(t.strip() or repr(t) for t in tops[2 * j])
+        row["top_tokens_minus"] = " | ".join(t.strip() or repr(t) for t in tops[2 * j + 1])
+    return rows
+
+
+@dataclass
+class BasisConfig:
+    """``n_items``: SST-2 sentences for the sentiment direction; ``n_shuffles``: shuffled-label
+    directions for the data baseline; ``n_boot``: bootstrap resamples of the items."""
+
+    n_items: int = 400
+    n_shuffles: int = 100
+    n_boot: int = 500
+    n_directions: int = 1
+    top_k: int = 8
+    max_length: int = 64
+    batch_size: int = 32
+
+
+def _shares(bases: list[torch.Tensor], dirs: torch.Tensor) -> torch.Tensor:
+    """Mean over heads of the share of ``dirs`` ``[n, d]``'s squared norm in each orthonormal basis."""
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.stack([((dirs @ q) ** 2).sum(-1) for q in bases]).mean(0)
+
+
+def _mean_diffs(x: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean difference pos - neg ``[B, d]`` for item weights ``[B, n]`` (bootstrap counts)."""
+    wp, wn = weights * labels, weights * (1 - labels)
+    return (wp @ x) / wp.sum(1, keepdim=True) - (wn @ x) / wn.sum(1, keepdim=True)
+
+
+def run_basis(
+    model: nn.Module,
+    tokenizer,
+    config: BasisConfig | None = None,
+    items: list[tuple[str, int]] | None = None,
+    vectors=None,
+    seed: int = 0,
+    progress_bar: bool | None = None,
+) -> ExperimentResult:
+    """OV readouts, an optional steering-vector readout, and the sentiment-alignment test."""
+    from vsteer.experiments.common import subsample
+    from vsteer.experiments.probing import collect_features
+
+    config = config or BasisConfig()
+    arch = get_arch(model)
+    if items is None:
+        from vsteer.data import sst2
+
+        items = subsample(sst2("train"), config.n_items, seed)
+    labels = np.array([y for _, y in items])
+    if len(items) < 4 or len(np.unique(labels)) < 2:
+        raise DataError(f"the sentiment direction needs items of both labels; got {len(items)} items")
+    feats = collect_features(
+        model,
+        tokenizer,
+        [t for t, _ in items],
+        ("resid",),
+        None,
+        "last",
+        config.batch_size,
+        config.max_length,
+        progress_bar,
+    )
+    y = torch.tensor(labels, dtype=torch.float32)
+    n = len(items)
+    g = rng(seed)
+    boot_w = torch.tensor(
+        np.stack([np.bincount(g.integers(0, n, n), minlength=n) for _ in range(config.n_boot)]),
+        dtype=torch.float32,
+    )
+    perm_y = torch.tensor(
+        np.stack([g.permutation(labels) for _ in range(config.n_shuffles)]), dtype=torch.float32
+    )
+
+    records = []
+    per_layer = {"write": [], "write_data": [], "read": []}
+    boot = {"write": [], "write_data": [], "read": []}
+    prev = None
+    for layer in range(arch.n_layers):
+        x = torch.tensor(feats[("resid", layer)])
+        factors = ov_factors(model, layer)
+        col = [_orth(a) for a, _ in factors]
+        row = [_orth(b.t()) for _, b in factors[:: arch.n_heads // arch.n_kv_heads]]
+        iso_col = float(np.mean([q.shape[1] for q in col])) / arch.d_model
+        iso_row = float(np.mean([q.shape[1] for q in row])) / arch.d_model
+        ones = torch.ones(1, n)
+        d = _mean_diffs(x, ones, y[None])
+        share = float(_shares(col, d)[0])
+        shuffled = _shares(col, _mean_diffs(x, ones.expand(config.n_shuffles, n), perm_y))
+        data_base = float(shuffled.mean())
+        bd = _mean_diffs(x, boot_w, y[None])
+        b_share = _shares(col, bd)
+        boot["write"].append((b_share / iso_col).numpy())
+        boot["write_data"].append((b_share / data_base).numpy())
+        rec = {
+            "layer": layer,
+            "write_share": share,
+            "write_random": iso_col,
+            "write_shuffled": data_base,
+            "write_ratio": share / iso_col,
+            "write_ratio_shuffled": share / data_base,
+        }
+        per_layer["write"].append(share / iso_col)
+        per_layer["write_data"].append(share / data_base)
+        if prev is not None:
+            read = float(_shares(row, _mean_diffs(prev, ones, y[None]))[0])
+            rec.update({"read_share": read, "read_random": iso_row, "read_ratio": read / iso_row})
+            per_layer["read"].append(read / iso_row)
+            boot["read"].append((_shares(row, _mean_diffs(prev, boot_w, y[None])) / iso_row).numpy())
+        else:
+            rec.update({"read_share": float("nan"), "read_random": iso_row, "read_ratio": float("nan")})
+        records.append(rec)
+        prev = x
+
+    def estimate(key):
+        # bootstrap over items: each resample recomputes every layer's direction
+        stats = np.stack(boot[key]).mean(0)
+        value = float(np.mean(per_layer[key]))
+        lo, hi = np.quantile(stats, [0.025, 0.975])
+        from vsteer.evaluate import Estimate
+
+        return Estimate(value, float(lo), float(hi), n)
+
+    cmd = "vsteer basis"
+    rule = rule_text(1.0, what="mean ratio over layers")
+    verdicts = []
+    for key, claim, measured in (
+        (
+            "write",
+            "the sentiment direction lies in the span of the heads' OV (W_O W_V) output spaces more than a random direction",
+            "share of its squared norm in each head's OV column space / the random-direction share, mean over heads and layers",
+        ),
+        (
+            "write_data",
+            "same, against directions from shuffled labels (controls for the residual stream's anisotropy)",
+            "share / shuffled-label-direction share, mean over layers",
+        ),
+        (
+            "read",
+            "the sentiment direction entering a layer lies in what W_V reads (OV row space) more than a random direction",
+            "share in each kv head's OV row space / random share, mean over layers 1..L-1",
+        ),
+    ):
+        e = estimate(key)
+        verdicts.append(Verdict(claim, measured, e, decide(e, 1.0), rule, cmd))
+
+    readout = ov_readout(model, tokenizer, n_directions=config.n_directions, k=config.top_k)
+    vector_rows = (
+        readout_steering_vector(model, tokenizer, vectors, k=config.top_k) if vectors is not None else []
+    )
+    notes = [
+        f"Sentiment direction: mean difference of positive and negative resid at the last token of {n} SST-2 "
+        f"train sentences; CIs by {config.n_boot} bootstrap resamples of the sentences. Random share = rank/d_model "
+        f"({arch.head_dim}/{arch.d_model} per head); shuffled baseline from {config.n_shuffles} label permutations. "
+        "Formality and other named dimensions are not tested (no labelled data shipped).",
+        "",
+        "OV readout, last layer (top tokens of each head's top singular output direction, + and − sign):",
+        "",
+        _readout_table([r for r in readout if r["layer"] == arch.n_layers - 1]),
+    ]
+    if vector_rows:
+        notes += ["", "Steering-vector readout:", "", _readout_table(vector_rows)]
+    meta = {
+        "config": asdict(config),
+        "seed": seed,
+        "n_items": n,
+        "ov_readout": readout,
+        "vector_readout": vector_rows,
+    }
+    return ExperimentResult(
+        name="basis",
+        title="Claim (d): W_V's column space as a response semantic basis",
+        records=records,
+        verdicts=verdicts,
+        meta=meta,
+        columns=[
+            "layer",
+            "write_share",
+            "write_random",
+            "write_shuffled",
+            "write_ratio",
+            "write_ratio_shuffled",
+            "read_share",
+            "read_ratio",
+        ],
+        notes=notes,
+        plotter=_plot,
+    )
+
+
+def _readout_table(rows: list[dict]) -> str:
+    keys = [k for k in ("layer", "head", "site", "singular_value", "norm") if k in rows[0]] if rows else []
+    lines = ["| " + " | ".join(keys) + " | top tokens (+) | top tokens (−) |", "|" + "---|" * (len(keys) + 2)]
+    for r in rows:
+        vals = [f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        lines.append("| " + " | ".join(vals) + f" | {r['top_tokens_plus']} | {r['top_tokens_minus']} |")
+    return "\n".join(lines)
+
+
+def _plot(records, path) -> None:
+    import matplotlib.pyplot as plt
+
+    x = [r["layer"] for r in records]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(x, [r["write_ratio"] for r in records], marker=".", label="write side / random")
+    ax.plot(x, [r["write_ratio_shuffled"] for r in records], marker=".", label="write side / shuffled labels")
+    ax.plot(x, [r["read_ratio"] for r in records], marker=".", label="read side / random")
+    ax.axhline(1.0, color="k", lw=0.6, ls="--")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of sentiment direction in OV span (ratio to baseline)")
+    ax.set_title("Sentiment direction vs per-head OV subspaces")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
