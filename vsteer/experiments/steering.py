@@ -39,7 +39,7 @@ BANDS = ("4-10", "11-17", "18-24")
 class SteeringOptions:
     """Sizes of the evaluation. ``scales`` multiply the extracted vectors (mean differences)."""
 
-    scales: tuple[float, ...] = (-8.0, -4.0, 0.0, 4.0, 8.0)
+    scales: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
     bands: tuple[str, ...] = BANDS
     n_extract: int = 100
     n_select: int = 16
@@ -203,7 +203,7 @@ def ab_steering(
 
     # layer search on the selection items (held out of extraction and of the test)
     search = []
-    for band in opts.bands:
+    for band in opts.bands if len(opts.bands) > 1 and opts.n_select > 0 else ():
         layers = _band_layers(band, arch.n_layers)
         v = v_all.select_layers(layers)
         r = matched_residual(model, v, r_all.select_layers(layers))
@@ -213,6 +213,8 @@ def ab_steering(
             search.append({"band": band, "site": site, "effect": float(np.mean(hi - lo))})
     best = {
         site: max((s for s in search if s["site"] == site), key=lambda s: s["effect"])["band"]
+        if search
+        else opts.bands[0]
         for site in ("v", "resid")
     }
     # one band for both arms, chosen by the value arm; the residual arm's own best is reported too
@@ -265,11 +267,16 @@ def ab_steering(
         per_item[("resid", k)] - per_item[("resid", -k)],
         seed=opts.seed,
     )
-    notes = [
+    searched = (
         f"Layer search on {len(select)} extraction-split items held out of extraction "
         f"(effect = mean p(+{k:g}) - p(-{k:g})): "
         + "; ".join(f"{s['site']}@{s['band']}: {s['effect']:+.3f}" for s in search)
-        + f". Chosen band (by the value arm): {band}; the residual arm's own best band: {best['resid']}.",
+        + f". Chosen band (by the value arm): {band}; the residual arm's own best band: {best['resid']}."
+        if search
+        else f"Layers fixed in advance: {band} (no search in this run)."
+    )
+    notes = [
+        searched,
         f"Value minus residual effect at matched norm: {diff}. Residual change norm per unit scale "
         f"(sum over layers): {change_norm:.3g}. Unsteered p(matching): {base.mean():.3f}.",
         f"{len(pairs)} extraction pairs, {len(test)} test items; {time.time() - t0:.0f} s.",
