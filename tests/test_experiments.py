@@ -1,0 +1,318 @@
+"""Mechanics of the claim experiments, on tiny models built in the test."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, make_tiny_model, random_ids
+
+from vsteer.errors import DataError, SiteError
+from vsteer.experiments import basis, patching, probing, swaps
+from vsteer.hooks import capture, hook_count, intervene, replace
+
+
+class WordTokenizer:
+    """A tiny fast-tokenizer stand-in: words (split into 4-character pieces) and punctuation."""
+
+    pad_token_id = 0
+    padding_side = "left"
+
+    def _pieces(self, text):
+        out = []
+        for m in re.finditer(r"\w+|[^\w\s]", text):
+            for s in range(m.start(), m.end(), 4):
+                e = min(s + 4, m.end())
+                out.append((3 + sum(map(ord, text[s:e])) % (VOCAB - 3), (s, e)))
+        return out
+
+    def __call__(self, text, return_tensors=None, padding=False, truncation=False, max_length=None,
+                 add_special_tokens=True, return_offsets_mapping=False):  # fmt: skip
+        if isinstance(text, str):
+            pieces = self._pieces(text)
+            enc = {"input_ids": [i for i, _ in pieces], "attention_mask": [1] * len(pieces)}
+            if return_offsets_mapping:
+                enc["offset_mapping"] = [o for _, o in pieces]
+            if return_tensors == "pt":
+                enc = {k: torch.tensor([v]) for k, v in enc.items()}
+            return enc
+        seqs = [[i for i, _ in self._pieces(t)][: max_length if truncation else None] for t in text]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def decode(self, ids):
+        return "".join(f"<{int(i)}>" for i in ids)
+
+
+TOK = WordTokenizer()
+TEXT = " ".join(f"word{i % 13} and thing{i % 7}." for i in range(200))
+PROMPTS = ["the cat sat", "a dog ran far away", "hello there", "one two three four"]
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def pair(src="Rome", don="Oslo", a_src="Italy", a_don="Norway"):
+    template = "I live in {}. The country I live in is"
+    return patching.CounterfactualPair(template.format(src), template.format(don), src, don, a_src, a_don)
+
+
+# ---- patching -------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_patching_k_with_its_own_activations_changes_nothing(family):
+    model = make_tiny_model(family)
+    ids = random_ids()
+    clean = logits(model, ids)
+    with capture(model, [("k", 1)]) as acts:
+        logits(model, ids)
+    with intervene(model, {("k", 1): replace(acts[("k", 1)], positions=[2, 3])}):
+        patched = logits(model, ids)
+    assert torch.equal(clean, patched)
+
+
+def test_patch_with_donor_equal_to_source_recovers_nothing_and_changes_no_logit():
+    model = make_tiny_model("llama")
+    same = patching.align_pair(TOK, pair(don="Rome", a_don="Norway"))
+    res = patching.patch_pairs(model, TOK, [same], layers=[0, 2], progress_bar=False)
+    for patched in res["patched"].values():
+        assert np.array_equal(patched, res["clean"])
+
+
+def test_align_pair_finds_every_mention_of_the_entity():
+    p = patching.CounterfactualPair("Rome is Rome.", "Oslo is Oslo.", "Rome", "Oslo", "Italy", "Norway")
+    assert patching.align_pair(TOK, p).positions == [0, 2]
+
+
+def test_misaligned_entity_spans_are_one_error_line():
+    with pytest.raises(DataError, match="does not align") as err:
+        patching.align_pair(TOK, pair(don="Washington"))
+    assert "\n" not in str(err.value)
+
+
+def test_pairs_from_facts_pair_only_entities_of_equal_token_length():
+    facts = [
+        ("Rome", "Italy"),
+        ("Oslo", "Norway"),
+        ("Washington", "USA"),
+        ("Paris", "France"),
+        ("Lima", "Peru"),
+    ]
+    pairs = patching.pairs_from_facts(TOK, "city_country", "I live in {}. It is in", facts=facts)
+    assert pairs and all(len(p.positions) == 1 for p in pairs)  # Washington/Paris have no partner
+    assert {p.pair.source_entity for p in pairs} == {"Rome", "Oslo", "Lima"}
+
+
+def test_run_patching_reports_sites_and_a_verdict():
+    model = make_tiny_model("qwen2")
+    pairs = [pair(), pair("Lima", "Kiev", "Peru", "Ukraine"), pair("Oslo", "Rome", "Norway", "Italy")]
+    config = patching.PatchConfig(layers=[1], sweep_sites=("v",))
+    result = patching.run_patching(model, TOK, config, pairs=pairs, progress_bar=False)
+    assert {r["site"] for r in result.records} == set(patching.PATCH_SITES)
+    assert result.verdict().verdict in ("supported", "not supported", "inconclusive")
+    assert {r["layer"] for r in result.records if r["site"] == "v"} == {1, "all"}
+    assert {r["layer"] for r in result.records if r["site"] == "k"} == {"all"}
+
+
+def test_empty_pair_list_is_one_error_line():
+    with pytest.raises(DataError, match="empty"):
+        patching.run_patching(make_tiny_model("llama"), TOK, pairs=[], progress_bar=False)
+
+
+# ---- swaps ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3", "gemma3"])
+@pytest.mark.parametrize("role", ["v", "k", "q", "o"])
+def test_swapping_a_layer_with_itself_changes_nothing(family, role):
+    model = make_tiny_model(family)
+    ids = random_ids()
+    clean = logits(model, ids)
+    with swaps.swap_weights(model, role, 1, 1):
+        assert torch.equal(logits(model, ids), clean)
+
+
+def test_swapping_an_activation_with_itself_changes_nothing():
+    model = make_tiny_model("llama")
+    ids = random_ids()
+    clean = logits(model, ids)
+    with capture(model, [("v", 1)]) as acts:
+        logits(model, ids)
+    with intervene(model, swaps.activation_swap_ops("v", 1, 1, acts)):
+        assert torch.equal(logits(model, ids), clean)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3"])
+def test_weights_are_restored_bit_identically_after_a_swap(family):
+    model = make_tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with swaps.swap_weights(model, "v", 0, 2):
+        assert not torch.equal(logits(model, random_ids()), logits(make_tiny_model(family), random_ids()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_are_restored_after_an_exception():
+    model = make_tiny_model("phi3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError), swaps.swap_weights(model, "k", 0, 1):
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3"])
+def test_fused_swap_moves_only_the_roles_rows(family):
+    from vsteer.arch import get_arch
+
+    model = make_tiny_model(family)
+    arch = get_arch(model)
+    w = {(layer, r): arch.weight(layer, r).clone() for layer in (0, 2) for r in ("q", "k", "v")}
+    with swaps.swap_weights(model, "v", 0, 2):
+        assert torch.equal(arch.weight(0, "v"), w[(2, "v")])
+        assert torch.equal(arch.weight(2, "v"), w[(0, "v")])
+        for r in ("q", "k"):
+            assert torch.equal(arch.weight(0, r), w[(0, r)])
+
+
+def test_layer_pair_out_of_range_is_one_error_line():
+    model = make_tiny_model("llama")
+    with pytest.raises(SiteError, match="out of range") as err:
+        with swaps.swap_weights(model, "v", 0, 3):
+            pass
+    assert "\n" not in str(err.value)
+    with pytest.raises(SiteError, match="out of range"):
+        swaps.run_swaps(model, TOK, pairs=[(0, 7)], text=TEXT, prompts=PROMPTS, progress_bar=False)
+
+
+def test_run_swaps_reports_every_pair_matrix_and_kind_and_leaves_no_hooks():
+    model = make_tiny_model("llama")
+    hooks = hook_count(model)
+    config = swaps.SwapConfig(n_pairs=2, n_windows=2, window=16)
+    result = swaps.run_swaps(model, TOK, config, text=TEXT, prompts=PROMPTS, progress_bar=False)
+    assert len(result.records) == 2 * 4 * 2
+    assert [v.verdict in ("supported", "not supported", "inconclusive") for v in result.verdicts]
+    assert hook_count(model) == hooks
+
+
+def test_swaps_with_the_same_seed_give_identical_numbers():
+    config = swaps.SwapConfig(n_pairs=2, n_windows=2, window=16, matrices=("v", "k"))
+
+    def run():
+        r = swaps.run_swaps(make_tiny_model("llama"), TOK, config, text=TEXT, prompts=PROMPTS, seed=3)
+        return r.records, [v.to_dict() for v in r.verdicts]
+
+    assert run() == run()
+
+
+def test_empty_perplexity_text_is_one_error_line():
+    with pytest.raises(DataError, match="empty"):
+        swaps.run_swaps(make_tiny_model("llama"), TOK, text="", prompts=PROMPTS, progress_bar=False)
+
+
+# ---- probing --------------------------------------------------------------------------------
+def planted(n, dim=40, seed=0):
+    g = np.random.default_rng(seed)
+    y = g.integers(0, 2, n)
+    x = g.normal(size=(n, dim))
+    x[:, 3] += 4.0 * (2 * y - 1)
+    return x, y
+
+
+def test_probe_on_a_planted_linear_feature_reaches_100_and_its_control_50():
+    x, y = planted(600)
+    fit = probing.fit_probe(x[:400], y[:400], x[400:], y[400:])
+    assert fit.accuracy >= 0.97
+    assert 0.35 <= fit.control_accuracy <= 0.65
+
+
+def test_collect_features_takes_all_sites_and_layers_from_one_pass():
+    model = make_tiny_model("llama")
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        feats = probing.collect_features(model, TOK, PROMPTS, batch_size=len(PROMPTS), progress_bar=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert feats[("q", 2)].shape == (4, 32) and feats[("v", 0)].shape == (4, 16)
+    assert feats[("resid", 1)].shape == (4, 32)
+
+
+def test_last_token_features_do_not_depend_on_batch_padding():
+    model = make_tiny_model("llama")
+    together = probing.collect_features(model, TOK, PROMPTS, batch_size=4, progress_bar=False)
+    alone = probing.collect_features(model, TOK, PROMPTS[:1], batch_size=1, progress_bar=False)
+    np.testing.assert_allclose(together[("resid", 2)][0], alone[("resid", 2)][0], atol=1e-5)
+
+
+def test_run_probes_same_seed_same_numbers_and_empty_data_errors():
+    words = ["good", "bad"]
+    data = [(f"this is {words[i % 2]} stuff {i}", i % 2) for i in range(60)]
+    config = probing.ProbeConfig(layers=[1], cv=2)
+
+    def run():
+        r = probing.run_probes(
+            make_tiny_model("llama"), TOK, config, data[:40], data[40:], progress_bar=False
+        )
+        return r.records, [v.to_dict() for v in r.verdicts]
+
+    assert run() == run()
+    with pytest.raises(DataError, match="empty"):
+        probing.run_probes(make_tiny_model("llama"), TOK, config, [], data, progress_bar=False)
+
+
+# ---- value basis ----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
+def test_ov_factors_reproduce_the_heads_ov_map(family):
+    from vsteer.arch import get_arch
+
+    model = make_tiny_model(family)
+    arch = get_arch(model)
+    (a, b), hd = basis.ov_factors(model, 1)[0], arch.head_dim
+    u, s, v = basis.ov_svd(a, b)
+    torch.testing.assert_close((u * s) @ v.t(), a @ b, atol=1e-4, rtol=1e-4)
+    assert a.shape == (arch.d_model, hd) and b.shape == (hd, arch.d_model)
+
+
+def test_steering_vector_readout_accepts_plain_tensors_and_objects():
+    model = make_tiny_model("llama")
+    vec = torch.randn(2, 8)
+    rows = basis.readout_steering_vector(model, TOK, {1: vec}, site="v", k=3)
+    assert rows[0]["layer"] == 1 and rows[0]["top_tokens_plus"].count("|") == 2
+
+    class Obj:
+        site = "v"
+        directions = {1: vec}
+
+    assert basis.readout_steering_vector(model, TOK, Obj(), k=3) == rows
+
+
+def test_run_basis_result_renders_and_serialises(tmp_path):
+    model = make_tiny_model("llama")
+    items = [(f"x {'good' if i % 2 else 'bad'} {i}", i % 2) for i in range(20)]
+    result = basis.run_basis(model, TOK, basis.BasisConfig(n_shuffles=5, n_boot=20), items=items)
+    assert len(result.records) == 3 and len(result.verdicts) == 3
+    assert "OV readout" in result.to_markdown()
+    json.dumps(result.to_dict())
+    assert result.plot(tmp_path / "p.png").exists()
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def test_cli_registers_the_four_commands():
+    from vsteer.cli import build_parser
+
+    parser = build_parser()
+    for cmd in ("patch", "swap", "probe", "basis"):
+        args = parser.parse_args([cmd, "--out", "x", "--seed", "2"])
+        assert args.model == "smollm2-135m-instruct" and args.seed == 2
+
+
+def test_cli_bad_layer_pair_is_one_error_line(capsys):
+    from vsteer.cli import main
+
+    assert main(["swap", "--pair", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vsteer: error:") and "\n" not in err
