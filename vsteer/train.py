@@ -199,6 +199,9 @@ def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False):
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         ddp_find_unused_parameters=False,
+        # without it, processes started by torchrun on a machine with no GPU never join one DDP
+        # group (accelerate only builds its MULTI_CPU/gloo state when told it is on the CPU)
+        use_cpu=not torch.cuda.is_available(),
     )
     if recipe.method == "sft":
         from trl import SFTConfig
@@ -498,9 +501,10 @@ def _completion_logps(model, tokenizer, items, max_length: int, batch_size: int)
         for prompt, completion in items[i : i + batch_size]:
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
             c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            ids = (p + c)[:max_length]
+            p = p[-max(max_length - len(c), 1) :]  # cut long prompts from the left: keep the completion
+            ids = (p + c)[-max_length:]
             seqs.append(ids)
-            starts.append(min(len(p), len(ids)))
+            starts.append(max(len(ids) - len(c), 0))
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
