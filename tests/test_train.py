@@ -217,3 +217,66 @@ def test_preference_accuracy_scores_only_completion_tokens():
     model, tok = make_tiny_model("llama"), char_tokenizer()
     same = [{"prompt": "abc", "chosen": "xy", "rejected": "xy"}]
     assert preference_accuracy(model, tok, same)["preference_margin"] == 0.0
+
+
+# two processes -------------------------------------------------------------------------------
+_TWO_PROC_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+from conftest import make_tiny_model
+from test_train import char_tokenizer
+from vsteer.train import train_from_recipe
+
+recipe = json.loads({recipe!r})
+result = train_from_recipe(recipe, output_dir={out!r}, model=make_tiny_model("phi3"), tokenizer=char_tokenizer())
+if int(os.environ.get("RANK", "0")) == 0:
+    info = dict(world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                backend=dist.get_backend() if dist.is_initialized() else None, metrics=result.metrics)
+    with open(os.path.join({out!r}, "info.json"), "w") as f:
+        json.dump(info, f)
+"""
+
+
+@pytest.mark.slow
+def test_cpu_2proc_config_starts_two_processes_and_matches_one_process(tmp_path, sft_file):
+    """Same recipe, same global batch (4): 2 gloo processes x 2 vs 1 process x 4.
+
+    Step 1 sees the same examples and gives the same loss; afterwards the runs differ only by float
+    summation order, which Adam amplifies on the zero-initialised lora_B (its first update is
+    lr * sign(grad)). Tolerance: held-out loss after training within 10% of the improvement.
+    """
+    import pathlib
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    import vsteer
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    recipe = _recipe(sft_file, max_steps=4, num_threads=1)
+    recipe["name"] = "two"
+    script = tmp_path / "two.py"
+    out = tmp_path / "adapters"
+    script.write_text(
+        _TWO_PROC_SCRIPT.format(tests=str(repo / "tests"), recipe=json.dumps(recipe), out=str(out))
+    )
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", str(repo / "accelerate_configs" / "cpu_2proc.yaml"), str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "info.json").read_text())
+    assert (info["world_size"], info["backend"], info["metrics"]["processes"]) == (2, "gloo", 2)
+
+    one = _run({**recipe, "name": "one"}, tmp_path, family="phi3")
+    two = info["metrics"]
+    gain = one.metrics["eval_loss_before"] - one.metrics["eval_loss_after"]
+    assert gain > 0 and two["eval_loss_before"] == pytest.approx(one.metrics["eval_loss_before"], abs=1e-6)
+    assert abs(two["eval_loss_after"] - one.metrics["eval_loss_after"]) < 0.1 * gain
+    rows = vsteer.get_arch(make_tiny_model("phi3")).rows("v")
+    for name, w in load_file(out / "two" / "adapter_model.safetensors").items():
+        if "lora_B" in name:
+            keep = torch.zeros(w.shape[0], dtype=torch.bool)
+            keep[rows] = True
+            assert torch.count_nonzero(w[~keep]) == 0
