@@ -280,3 +280,53 @@ def test_cpu_2proc_config_starts_two_processes_and_matches_one_process(tmp_path,
             keep = torch.zeros(w.shape[0], dtype=torch.bool)
             keep[rows] = True
             assert torch.count_nonzero(w[~keep]) == 0
+
+
+def test_evaluate_sft_loss_of_the_base_model_is_the_loss_before_training(tmp_path, sft_file):
+    from vsteer.train import evaluate_sft_loss
+
+    result = _run(_recipe(sft_file, max_steps=1), tmp_path)
+    loss = evaluate_sft_loss(make_tiny_model("llama"), char_tokenizer(), _recipe(sft_file))
+    assert loss == pytest.approx(result.metrics["eval_loss_before"], abs=1e-6)
+
+
+# the real embedded model and the shipped data ---------------------------------------------------
+REPO_RECIPES = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes"
+QUICK = ["training.batch_size=4", "training.max_length=48", "data.n_eval=16", "training.logging_steps=1"]
+
+
+@pytest.mark.slow
+def test_real_model_equal_budget_arms_match_v_within_two_percent():
+    from vsteer.lora import plan_adapter
+    from vsteer.models import load_model
+
+    model, _ = load_model("smollm2-135m-instruct")
+    v = plan_adapter(model, "v", r=8)
+    assert v.effective == v.trainable == 30 * 8 * (576 + 192)
+    for arm in ("qk", "o", "qkvo"):
+        plan = plan_adapter(model, arm, r=8, match="v")
+        assert abs(plan.effective - v.effective) <= 0.02 * v.effective, plan.summary()
+
+
+@pytest.mark.slow
+def test_real_sft_v_adapter_lowers_held_out_loss(tmp_path):
+    result = train_from_recipe(
+        REPO_RECIPES / "sft_imdb_v.yaml", [*QUICK, "training.max_steps=6"], output_dir=tmp_path
+    )
+    m = result.metrics
+    assert m["eval_loss_after"] < m["eval_loss_before"] - 0.01, m
+    meta = json.loads((result.adapter_dir / ADAPTER_META).read_text())
+    assert meta["base_model"]["name"] == "smollm2-135m-instruct" and meta["base_model"]["config_fingerprint"]
+    assert meta["data"]["eval"]["path"].endswith("imdb_positive_sft_eval.jsonl.gz")
+
+
+@pytest.mark.slow
+def test_real_dpo_v_adapter_raises_held_out_preference_margin(tmp_path):
+    result = train_from_recipe(
+        REPO_RECIPES / "dpo_myopic_v.yaml",
+        [*QUICK, "training.max_steps=6", "training.max_length=128"],
+        output_dir=tmp_path,
+    )
+    m = result.metrics
+    assert m["preference_margin_after"] > m["preference_margin_before"], m
+    assert m["preference_accuracy_after"] >= m["preference_accuracy_before"], m
