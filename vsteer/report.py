@@ -40,6 +40,7 @@ def write_report(
     results: list[ExperimentResult],
     meta: dict,
     intro: str = "",
+    plots: dict[str, Path] | None = None,
 ) -> Path:
     """Write ``report.md``, ``results.json`` and one PNG per experiment into ``out_dir``."""
     out = Path(out_dir)
@@ -47,7 +48,7 @@ def write_report(
     rows = [(r.name, v) for r in results for v in r.verdicts]
     sections = []
     for r in results:
-        plot = r.plot(out / f"{r.name}.png")
+        plot = plots.get(r.name) if plots is not None else r.plot(out / f"{r.name}.png")
         body = r.to_markdown()
         if plot is not None:
             body += f"\n\n![{r.title}]({plot.name})"
@@ -68,6 +69,13 @@ def write_report(
     ]
     if intro:
         header += [intro, ""]
+    timings = meta.get("timings")
+    if timings:
+        header += [
+            "Time per section (s, when computed; later runs reuse finished pieces): "
+            + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in timings.items()),
+            "",
+        ]
     text = "\n".join(
         header
         + [

@@ -1,0 +1,109 @@
+"""Model metrics used by the comparisons: sentiment of sampled continuations, their KL to the
+base model, perplexity, and next-token KL on neutral prompts.
+
+Sentiment is scored by VADER (a lexicon, independent of every model under test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def vader_scores(texts: Sequence[str]) -> np.ndarray:
+    """VADER compound score in [-1, 1] for each text."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    return np.array([vader.polarity_scores(t)["compound"] for t in texts])
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class Samples:
+    """Sampled continuations: ``sequences`` ``[n, prompt+new]`` (left-padded prompts),
+    ``attention_mask`` of the same shape, ``prompt_len`` (padded), ``texts`` (new tokens only)."""
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    texts: list[str]
+
+
+@torch.no_grad()
+def sample_continuations(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, seed: int = 0, do_sample: bool = True
+) -> Samples:
+    """Continue plain-text prompts (no chat template); sampling at temperature 1 with a fixed seed."""
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    enc = {k: v.to(_device(model)) for k, v in enc.items()}
+    torch.manual_seed(seed)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=1.0 if do_sample else None,
+        top_k=0 if do_sample else None,
+        top_p=1.0 if do_sample else None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    plen = enc["input_ids"].shape[1]
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(out[:, plen:])], dim=1)
+    texts = tokenizer.batch_decode(out[:, plen:], skip_special_tokens=True)
+    return Samples(out, mask, plen, texts)
+
+
+def _token_logps(model, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[n, seq-1]`` log p of each next token."""
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids).logits.float()
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, sequences[:, 1:, None])[..., 0]
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, samples: Samples) -> np.ndarray:
+    """Per-sample estimate of KL(policy || reference) over the continuation:
+    ``sum_t log p_policy(y_t) - log p_ref(y_t)`` for ``y`` sampled from the policy (the DPO paper's
+    sequence-level KL)."""
+    seq, mask = samples.sequences, samples.attention_mask
+    lp = _token_logps(policy, seq, mask)
+    lr = _token_logps(reference, seq, mask)
+    keep = torch.zeros_like(lp, dtype=torch.bool)
+    keep[:, samples.prompt_len - 1 :] = True
+    return ((lp - lr) * keep).sum(-1).cpu().numpy()
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Perplexity over ``[n, window]`` token windows (all tokens but the first of each)."""
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size].to(_device(model))
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += ids[:, 1:].numel()
+    return float(np.exp(total / count))
+
+
+@torch.no_grad()
+def next_token_logprobs(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """``[n, vocab]`` log-probabilities of the token after each prompt."""
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    enc = {k: v.to(_device(model)) for k, v in enc.items()}
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    logits = model(**enc, position_ids=position_ids).logits[:, -1].float()
+    return torch.log_softmax(logits, -1).cpu()
+
+
+def kl_rows(base_logp: torch.Tensor, logp: torch.Tensor) -> np.ndarray:
+    """KL(base || other) per row of two ``[n, vocab]`` log-probability tables."""
+    return (base_logp.exp() * (base_logp - logp)).sum(-1).numpy()
