@@ -212,20 +212,19 @@ def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False):
     return DPOConfig(beta=t["beta"], **common)
 
 
-class MaskedRowsCallback:
-    """Checks after every optimizer step that masked fused rows of ``lora_B`` are still zero."""
+def masked_rows_callback():
+    """A ``TrainerCallback`` that checks, after every optimizer step, that the masked fused rows of
+    ``lora_B`` are still exactly zero (:func:`vsteer.lora.check_masked_rows`)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    from vsteer.lora import check_masked_rows
 
-        from vsteer.lora import check_masked_rows
+    class MaskedRowsCallback(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                check_masked_rows(model)
 
-        class _Callback(TrainerCallback):
-            def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-                if model is not None:
-                    check_masked_rows(model)
-
-        return _Callback()
+    return MaskedRowsCallback()
 
 
 def _set_threads(recipe: Recipe) -> None:
@@ -244,7 +243,7 @@ def _make_trainer(
     args = _trainer_config(recipe, output_dir, eval_only)
     train_ds = Dataset.from_list(data.train)
     eval_ds = Dataset.from_list(data.eval) if data.eval else None
-    callbacks = [] if eval_only else [MaskedRowsCallback(), *callbacks]
+    callbacks = [] if eval_only else [masked_rows_callback(), *callbacks]
     if recipe.method == "sft":
         from trl import SFTTrainer
 
