@@ -51,7 +51,9 @@ def register(sub) -> None:
     p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--sites", default="q,k,v,z,resid")
-    p.add_argument("--layers", default="all", help="'all', '0-29', '3,7' (last and middle always included)")
+    p.add_argument(
+        "--layers", help="'all', '0-29', '3,7' (default: 10 evenly spaced; last and middle always included)"
+    )
     p.add_argument("--position", default="last", choices=("last", "mean"))
     p.set_defaults(func=_probe)
 

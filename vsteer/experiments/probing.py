@@ -94,7 +94,7 @@ def fit_probe(
     y_train: np.ndarray,
     x_test: np.ndarray,
     y_test: np.ndarray,
-    Cs=(0.001, 0.01, 0.1, 1.0),
+    Cs=(0.001, 0.01, 0.1),
     cv: int = 3,
     seed: int = 0,
 ) -> ProbeFit:
@@ -126,17 +126,19 @@ def fit_probe(
 class ProbeConfig:
     """Sizes of the probe experiment. ``dataset``: ``"sst2"`` or ``"persona:<trait>"``.
     ``layers``: ``"all"``, ``"0-29"``, ``"3,7"`` or a list (see :func:`vsteer.sites.parse_layers`);
-    the last layer and the middle layer are always included."""
+    None: ``n_layers`` evenly spaced layers (the CPU default). The last layer and the middle
+    layer are always included."""
 
     dataset: str = "sst2"
     n_train: int = 600
     n_test: int = 400
     sites: tuple[str, ...] = PROBE_SITES
-    layers: str | list[int] | None = "all"
+    layers: str | list[int] | None = None
+    n_layers: int = 10
     position: str = "last"
     max_length: int = 64
     batch_size: int = 32
-    Cs: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    Cs: tuple[float, ...] = (0.001, 0.01, 0.1)
     cv: int = 3
 
 
@@ -186,7 +188,12 @@ def run_probes(
     require_items(train, "probe training set")
     require_items(test, "probe test set")
     last, middle = arch.n_layers - 1, arch.n_layers // 2
-    layers = sorted(set(parse_layers(config.layers, arch.n_layers)) | {last, middle})
+    if config.layers is None:
+        chosen = np.linspace(0, arch.n_layers - 1, min(config.n_layers, arch.n_layers)).round().astype(int)
+        chosen = [int(x) for x in chosen]
+    else:
+        chosen = parse_layers(config.layers, arch.n_layers)
+    layers = sorted(set(chosen) | {last, middle})
     texts = [t for t, _ in train] + [t for t, _ in test]
     feats = collect_features(
         model,
