@@ -316,3 +316,9 @@ def test_cli_bad_layer_pair_is_one_error_line(capsys):
     assert main(["swap", "--pair", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vsteer: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "gemma3"])
+def test_collect_features_runs_several_batches_on_other_families(family):
+    feats = probing.collect_features(make_tiny_model(family), TOK, PROMPTS, batch_size=2, progress_bar=False)
+    assert all(f.shape[0] == 4 and np.isfinite(f).all() for f in feats.values())
