@@ -322,3 +322,9 @@ def test_cli_bad_layer_pair_is_one_error_line(capsys):
 def test_collect_features_runs_several_batches_on_other_families(family):
     feats = probing.collect_features(make_tiny_model(family), TOK, PROMPTS, batch_size=2, progress_bar=False)
     assert all(f.shape[0] == 4 and np.isfinite(f).all() for f in feats.values())
+
+
+def test_control_labels_are_balanced_within_each_true_class():
+    y = np.array([0] * 50 + [1] * 70)
+    c = probing.control_labels(y, seed=0)
+    assert c[y == 0].sum() == 25 and c[y == 1].sum() == 35
