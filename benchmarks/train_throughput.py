@@ -137,7 +137,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from vsteer.models import load_model
 
