@@ -330,3 +330,14 @@ def test_real_dpo_v_adapter_raises_held_out_preference_margin(tmp_path):
     m = result.metrics
     assert m["preference_margin_after"] > m["preference_margin_before"], m
     assert m["preference_accuracy_after"] >= m["preference_accuracy_before"], m
+
+
+def test_cli_check_validates_recipe_and_data_without_loading_a_model(tmp_path, sft_file, capsys):
+    from vsteer.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: tiny\nmodel: not-a-model\ndata:\n  train: {sft_file}\n")
+    assert main(["train", str(path), "--check", "--set", "data.eval_size=4"]) == 0
+    assert "36 train rows, 4 eval rows" in capsys.readouterr().out
+    assert main(["train", str(path), "--check", "--set", "training.max_step=3"]) == 2
+    assert "training.max_steps" in capsys.readouterr().err
