@@ -341,3 +341,7 @@ def test_cli_check_validates_recipe_and_data_without_loading_a_model(tmp_path, s
     assert "36 train rows, 4 eval rows" in capsys.readouterr().out
     assert main(["train", str(path), "--check", "--set", "training.max_step=3"]) == 2
     assert "training.max_steps" in capsys.readouterr().err
+
+
+def test_float_keys_accept_exponents_without_a_dot(sft_file):
+    assert load_recipe(_recipe(sft_file), ["training.learning_rate=5e-3"])["training.learning_rate"] == 0.005

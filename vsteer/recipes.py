@@ -16,6 +16,7 @@ when the key name is unique; values are parsed as YAML (``adapter.layers=[0,1]``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import os
@@ -262,6 +263,9 @@ def _check_type(key: str, value, types: tuple):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str):  # PyYAML reads 5e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
         if t is bool and isinstance(value, bool):
             return value
         if t in (str, list) and isinstance(value, t):
