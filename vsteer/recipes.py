@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import gzip
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -308,3 +310,104 @@ def _check_values(values: dict) -> None:
             f"recipe key 'training.lr_scheduler' must be linear, cosine, constant or constant_with_warmup, "
             f"got {values['training.lr_scheduler']!r}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+_FIELDS = {"sft": (("prompt", "completion"), ("messages",), ("text",)), "dpo": (("chosen", "rejected"),)}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file (``.jsonl`` or ``.jsonl.gz``)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _check_rows(rows: list[dict], method: str, path: Path) -> list[dict]:
+    options = _FIELDS[method]
+    for fields in options:
+        if all(f in rows[0] for f in fields):
+            break
+    else:
+        raise DataError(
+            f"{path}: rows for {method} need the fields "
+            + " or ".join("+".join(f) for f in options)
+            + f"; the first row has {sorted(rows[0])}"
+        )
+    keep = set(fields) | ({"prompt"} if method == "dpo" else set())
+    out = []
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise DataError(f"{path}: row {i} lacks {missing}")
+        out.append({k: v for k, v in row.items() if k in keep})
+    return out
+
+
+@dataclass
+class RecipeData:
+    train: list[dict]
+    eval: list[dict]
+    files: dict[str, dict]
+
+
+def load_recipe_data(recipe: Recipe) -> RecipeData:
+    """Train/eval rows for a recipe; eval is ``data.eval`` or the last ``data.eval_size`` rows of
+    ``data.train`` (held out from training). ``n_train``/``n_eval`` take the first rows."""
+    d = recipe.section("data")
+    train_path = recipe.data_path("data.train")
+    rows = _check_rows(read_jsonl(train_path), recipe.method, train_path)
+    files = {"train": _file_record(train_path, rows)}
+    eval_path = recipe.data_path("data.eval")
+    if eval_path is not None:
+        eval_rows = _check_rows(read_jsonl(eval_path), recipe.method, eval_path)
+        files["eval"] = _file_record(eval_path, eval_rows)
+    else:
+        n = d["eval_size"]
+        if n >= len(rows):
+            raise DataError(f"data.eval_size={n} leaves no training rows in {train_path} ({len(rows)} rows)")
+        rows, eval_rows = (rows[:-n], rows[-n:]) if n else (rows, [])
+    train = rows[: d["n_train"]] if d["n_train"] else rows
+    eval_rows = eval_rows[: d["n_eval"]] if d["n_eval"] else eval_rows
+    files["train"]["rows_used"] = len(train)
+    if "eval" in files:
+        files["eval"]["rows_used"] = len(eval_rows)
+    else:
+        files["train"]["eval_rows_held_out"] = len(eval_rows)
+    return RecipeData(train, eval_rows, files)
+
+
+def _file_record(path: Path, rows: list[dict]) -> dict:
+    return {"path": _display_path(path), "sha256": _sha256(path), "rows": len(rows)}
+
+
+def _display_path(path: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path(__file__).parent))
+    return str(path)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        from vsteer.data import file_sha256
+
+        return file_sha256(path)
+    except ImportError:
+        import hashlib
+
+        return hashlib.sha256(path.read_bytes()).hexdigest()
