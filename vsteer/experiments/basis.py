@@ -25,8 +25,8 @@ from torch import nn
 
 from vsteer.arch import get_arch
 from vsteer.errors import DataError, VectorError
-from vsteer.evaluate import Verdict, decide, rule_text
-from vsteer.experiments.common import final_norm, norm_gain, rng, token_strings, unembedding
+from vsteer.evaluate import Estimate, Verdict, decide, rule_text
+from vsteer.experiments.common import final_norm, norm_gain, rng, subsample, token_strings, unembedding
 from vsteer.experiments.result import ExperimentResult
 
 
@@ -203,7 +203,6 @@ def run_basis(
     progress_bar: bool | None = None,
 ) -> ExperimentResult:
     """OV readouts, an optional steering-vector readout, and the sentiment-alignment test."""
-    from vsteer.experiments.common import subsample
     from vsteer.experiments.probing import collect_features
 
     config = config or BasisConfig()
@@ -282,8 +281,6 @@ def run_basis(
         stats = np.stack(boot[key]).mean(0)
         value = float(np.mean(per_layer[key]))
         lo, hi = np.quantile(stats, [0.025, 0.975])
-        from vsteer.evaluate import Estimate
-
         return Estimate(value, float(lo), float(hi), n)
 
     cmd = "vsteer basis"
