@@ -132,18 +132,51 @@ def test_uneven_ranks_keep_alpha_over_rank_constant():
         assert layer.scaling["default"] == pytest.approx(2.0)
 
 
+def _base_and_adapted(peft_model, ids):
+    """Per layer: (q, k, v) of the adapted model, and of the base projection on the same input."""
+    arch = vsteer.get_arch(peft_model)
+    inputs, handles = {}, []
+    for layer in range(arch.n_layers):
+        module = arch.projection(layer, "v")
+        handles.append(module.register_forward_pre_hook(lambda m, a, i=layer: inputs.__setitem__(i, a[0])))
+    try:
+        with (
+            torch.no_grad(),
+            vsteer.capture(peft_model, [(r, i) for r in "qkv" for i in range(arch.n_layers)]) as acts,
+        ):
+            peft_model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for layer in range(arch.n_layers):
+        with torch.no_grad():
+            base = arch.projection(layer, "v").base_layer(inputs[layer])
+        for role in "qkv":
+            by_base = base[..., arch.rows(role)].unflatten(-1, acts[role, layer].shape[-2:])
+            out.append((layer, role, acts[role, layer], by_base))
+    return out
+
+
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
 def test_training_v_slice_leaves_q_and_k_exactly_unchanged(family):
-    model = make_tiny_model(family)
-    ids = random_ids()
-    with vsteer.capture(model, [("q", 0), ("k", 0), ("v", 0)]) as before:
-        model(input_ids=ids)
-    peft_model = _train(add_adapter(model, "v", r=4))
-    with vsteer.capture(peft_model, [("q", 0), ("k", 0), ("v", 0)]) as after:
-        peft_model(input_ids=ids)
-    assert torch.equal(after["q", 0], before["q", 0])
-    assert torch.equal(after["k", 0], before["k", 0])
-    assert not torch.allclose(after["v", 0], before["v", 0])
+    """After real optimizer steps, every layer's Q and K rows equal the base projection's bit for bit."""
+    peft_model = _train(add_adapter(make_tiny_model(family), "v", r=4))
+    for layer, role, adapted, base in _base_and_adapted(peft_model, random_ids()):
+        if role == "v":
+            assert not torch.allclose(adapted, base), layer
+        else:
+            assert torch.equal(adapted, base), (layer, role)
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_training_qk_slice_leaves_v_exactly_unchanged(family):
+    peft_model = _train(add_adapter(make_tiny_model(family), "qk", r=4))
+    for layer, role, adapted, base in _base_and_adapted(peft_model, random_ids()):
+        if role == "v":
+            assert torch.equal(adapted, base), layer
+        else:
+            assert not torch.allclose(adapted, base), (layer, role)
 
 
 @pytest.mark.parametrize("family", FUSED_FAMILIES)
@@ -191,6 +224,52 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path):
     loaded = PeftModel.from_pretrained(make_tiny_model("gpt2"), tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-6)
+
+
+_PLAIN_PEFT = """
+import sys, torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+ref = load_file(sys.argv[3])
+with torch.no_grad():
+    logits = model(input_ids=ref["ids"]).logits
+assert "vsteer" not in sys.modules
+print(float((logits - ref["logits"]).abs().max()))
+"""
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES + ("llama",))
+def test_plain_peft_without_vsteer_reproduces_the_logits(tmp_path, family):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    base = make_tiny_model(family)
+    base.save_pretrained(tmp_path / "base")
+    peft_model = _train(add_adapter(base, "v", r=4))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = random_ids()
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids).logits
+    save_file({"ids": ids, "logits": logits.contiguous()}, tmp_path / "ref.safetensors")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PLAIN_PEFT,
+            str(tmp_path / "base"),
+            str(tmp_path / "adapter"),
+            str(tmp_path / "ref.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
 
 
 def test_add_adapter_refuses_a_model_that_already_has_one():

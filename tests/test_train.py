@@ -311,7 +311,7 @@ def test_real_model_equal_budget_arms_match_v_within_two_percent():
 @pytest.mark.slow
 def test_real_sft_v_adapter_lowers_held_out_loss(tmp_path):
     result = train_from_recipe(
-        REPO_RECIPES / "sft_imdb_v.yaml", [*QUICK, "training.max_steps=6"], output_dir=tmp_path
+        REPO_RECIPES / "value_only_sft.yaml", [*QUICK, "training.max_steps=6"], output_dir=tmp_path
     )
     m = result.metrics
     assert m["eval_loss_after"] < m["eval_loss_before"] - 0.01, m
@@ -323,7 +323,7 @@ def test_real_sft_v_adapter_lowers_held_out_loss(tmp_path):
 @pytest.mark.slow
 def test_real_dpo_v_adapter_raises_held_out_preference_margin(tmp_path):
     result = train_from_recipe(
-        REPO_RECIPES / "dpo_myopic_v.yaml",
+        REPO_RECIPES / "value_only_dpo.yaml",
         [*QUICK, "training.max_steps=6", "training.max_length=112"],
         output_dir=tmp_path,
     )

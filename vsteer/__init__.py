@@ -16,6 +16,8 @@ _LAZY = {
     "config_fingerprint": "vsteer.models",
     "add_adapter": "vsteer.lora",
     "lora_config": "vsteer.lora",
+    "plan_adapter": "vsteer.lora",
+    "train_from_recipe": "vsteer.train",
     "SteeringVector": "vsteer.vectors",
     "extract": "vsteer.vectors",
     "steer": "vsteer.steer",

@@ -338,6 +338,7 @@ def add_adapter(
     targets: str | Sequence[str] = "v",
     r: int = 8,
     *,
+    rank: int | None = None,
     layers: Iterable[int] | None = None,
     budget: int | None = None,
     match: str | Sequence[str] | None = None,
@@ -351,6 +352,9 @@ def add_adapter(
     (targets, ranks, counts) is at ``peft_model.vsteer_plan``.
     """
     from peft import get_peft_model
+
+    if rank is not None:  # the name used in the docs; ``r`` is PEFT's
+        r = rank
 
     if hasattr(model, "peft_config"):
         raise VsteerError("model already has a PEFT adapter; pass the plain base model to add_adapter")

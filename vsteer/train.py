@@ -126,17 +126,12 @@ def masked_rows_callback():
 
 
 def _set_threads(recipe: Recipe) -> int:
-    """Intra-op threads: ``training.num_threads``, else one per core for this process, and one
-    when the machine is already busy: with more runnable processes than cores, two threads that
-    meet at a barrier after every op wait for each other's time slices (measured here: a tiny
-    model trained 10x faster with one thread than with two on a loaded 2-core machine)."""
+    """Intra-op threads: ``training.num_threads``, else one per core for each process. Never chosen
+    from the machine's load, so a recipe gives the same numbers however busy the machine is
+    (on a loaded machine, set ``training.num_threads=1``: it can be much faster there)."""
     n = recipe["training.num_threads"]
-    cores = os.cpu_count() or 1
-    if n is None and "OMP_NUM_THREADS" not in os.environ:
-        n = max(1, cores // _world_size())
-        with contextlib.suppress(OSError, AttributeError):
-            if os.getloadavg()[0] > 1.5 * cores:
-                n = 1
+    if n is None and _world_size() > 1 and "OMP_NUM_THREADS" not in os.environ:
+        n = max(1, (os.cpu_count() or 1) // _world_size())
     if n is not None:
         torch.set_num_threads(n)
     return torch.get_num_threads()

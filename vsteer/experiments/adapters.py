@@ -32,8 +32,8 @@ class AdapterComparisonConfig:
 
     arms: tuple[str, ...] = ARMS
     seeds: tuple[int, ...] = (0, 1)
-    sft_recipe: str = "recipes/sft_imdb_v.yaml"
-    dpo_recipe: str = "recipes/dpo_myopic_v.yaml"
+    sft_recipe: str = "recipes/value_only_sft.yaml"
+    dpo_recipe: str = "recipes/value_only_dpo.yaml"
     dpo_behaviour: str = "myopic-reward"
     sft_steps: int = 16
     dpo_steps: int = 16

@@ -1,0 +1,58 @@
+"""Every recipe shipped in recipes/ validates (without loading a model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vsteer.errors import RecipeError
+from vsteer.recipes import load_recipe
+from vsteer.run import SECTIONS, load_run_spec, section_options
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TRAINING = sorted(p for p in RECIPES.glob("*.yaml") if p.name != "claims.yaml")
+
+
+def test_the_four_comparison_recipes_are_shipped():
+    names = {p.name for p in TRAINING}
+    assert {"value_only_sft.yaml", "qk_only_sft.yaml", "value_only_dpo.yaml", "qk_only_dpo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)
+def test_training_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.method in ("sft", "dpo")
+    if path.name.startswith("qk_only"):
+        assert recipe["adapter.targets"] == "qk" and recipe["adapter.match"] == "v"
+
+
+def test_claims_recipe_validates_with_every_section_and_both_profiles():
+    for profile in ("cpu", "full"):
+        spec = load_run_spec(RECIPES / "claims.yaml", [f"profile={profile}"])
+        assert list(spec.sections) == list(SECTIONS)
+        for section in spec.sections:
+            section_options(spec, section)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("colour=red", "unknown key 'colour'"),
+        ("profile=huge", "unknown profile 'huge'"),
+        ("seed=abc", "key 'seed' must be int"),
+        ("options.swaps.n_pears=3", "unknown option swaps.n_pears"),
+        ("sections=[adapters,vibes]", "unknown section 'vibes'"),
+    ],
+)
+def test_malformed_run_recipe_is_one_clear_line(override, message):
+    with pytest.raises(RecipeError, match=message) as err:
+        load_run_spec(RECIPES / "claims.yaml", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_run_recipe_that_is_not_yaml_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_run_spec(bad)
