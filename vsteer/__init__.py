@@ -6,8 +6,15 @@ load on first use so that ``import vsteer`` stays fast.
 
 from vsteer.arch import ArchSpec, ModelArch, get_arch
 from vsteer.errors import DataError, ModelError, RecipeError, SiteError, VectorError, VsteerError
+from vsteer.extract import extract
 from vsteer.hooks import Activations, Step, add, apply, capture, captured_forward, intervene, replace, scale
 from vsteer.sites import SITE_NAMES, Site
+from vsteer.steer import steer
+from vsteer.vectors import SteeringVector
+
+# ``vsteer.extract`` and ``vsteer.steer`` name both a module and its main function: importing
+# the modules here, then binding the functions, keeps ``vsteer.steer(...)`` a function however
+# the submodules are imported later (Python sets the package attribute only on first import).
 
 __version__ = "0.1.0"
 
@@ -18,9 +25,6 @@ _LAZY = {
     "lora_config": "vsteer.lora",
     "plan_adapter": "vsteer.lora",
     "train_from_recipe": "vsteer.train",
-    "SteeringVector": "vsteer.vectors",
-    "extract": "vsteer.vectors",
-    "steer": "vsteer.steer",
 }
 
 
@@ -54,5 +58,8 @@ __all__ = [
     "scale",
     "SITE_NAMES",
     "Site",
+    "SteeringVector",
+    "extract",
+    "steer",
     *_LAZY,
 ]

@@ -31,8 +31,6 @@ causal attention it cannot change the real tokens' activations).
 from __future__ import annotations
 
 import re
-import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -444,14 +442,3 @@ def pairs_from_spec(spec: str, limit: int | None = None) -> Pairs:
         f"unknown data {spec!r}; expected caa:BEHAVIOUR, persona:TRAIT, template:POS,NEG, sst2[:SPLIT] "
         f"or a JSONL file of {{'positive', 'negative'}}"
     )
-
-
-class _CallableModule(types.ModuleType):
-    """``vsteer.extract`` names both this module and the function: importing the module sets
-    the package attribute to the module, so the module itself forwards calls to :func:`extract`."""
-
-    def __call__(self, *args, **kwargs):
-        return extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

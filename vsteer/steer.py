@@ -17,8 +17,6 @@ Scale 0 registers nothing, so logits are bit-identical to an unsteered run.
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -176,14 +174,3 @@ def residual_change(model, vector: SteeringVector) -> SteeringVector:
     from dataclasses import replace
 
     return replace(vector, directions=out, site="attn", method=f"residual_change({vector.method})")
-
-
-class _CallableModule(types.ModuleType):
-    """``vsteer.steer`` names both this module and the function: importing the module sets the
-    package attribute to the module, so the module itself forwards calls to :func:`steer`."""
-
-    def __call__(self, *args, **kwargs):
-        return steer(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

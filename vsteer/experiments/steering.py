@@ -259,7 +259,7 @@ def ab_steering(
                 effect=effect,
                 verdict=decide(effect, 0.0),
                 rule=rule_text(0.0, what="difference"),
-                command=f"vsteer experiment steering --only {kind}:{name}",
+                command="vsteer run recipes/claims.yaml --only steering",
             )
         )
     diff = paired_difference(
@@ -397,7 +397,7 @@ def sentiment_steering(
                 effect=effect,
                 verdict=decide(effect, 0.0),
                 rule=rule_text(0.0, what="difference"),
-                command="vsteer experiment steering --only sentiment",
+                command="vsteer run recipes/claims.yaml --only steering",
             )
         )
     return ExperimentResult(
