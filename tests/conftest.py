@@ -119,3 +119,16 @@ def fused_model(request):
 def random_ids(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_tiny_models(request):
+    """Tiny models run faster on one intra-op thread (thread sync costs more than the math);
+    tests on the real model (marked slow) keep torch's default."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,8 +32,9 @@ class AdapterComparisonConfig:
 
     arms: tuple[str, ...] = ARMS
     seeds: tuple[int, ...] = (0, 1)
-    # arms trained with every seed; the others with the first seed only (CPU time)
+    # SFT arms trained with every seed (the others with the first); DPO arms use ``dpo_seeds``
     seed_arms: tuple[str, ...] = ("v", "qk")
+    dpo_seeds: tuple[int, ...] = (0,)
     sft_recipe: str = "recipes/value_only_sft.yaml"
     dpo_recipe: str = "recipes/value_only_dpo.yaml"
     dpo_behaviour: str = "myopic-reward"
@@ -45,7 +46,8 @@ class AdapterComparisonConfig:
     n_wiki_windows: int = 8
     wiki_window: int = 128
     n_mmlu: int = 64
-    extra_overrides: tuple[str, ...] = ("data.n_eval=16",)
+    sft_overrides: tuple[str, ...] = ("data.n_eval=16",)
+    dpo_overrides: tuple[str, ...] = ("data.n_eval=16",)
     tasks: tuple[str, ...] = ("sft", "dpo")
     batch_size: int = 16
 
@@ -170,7 +172,7 @@ def train_arm(ev: Evaluator, task: str, arm: str, seed: int, workdir: Path) -> d
         f"training.max_steps={steps}",
         "training.save_steps=1000",
         "training.eval_before=false",
-        *cfg.extra_overrides,
+        *(cfg.sft_overrides if task == "sft" else cfg.dpo_overrides),
     ]
     if arm != "v":
         overrides.append("adapter.match=v")
@@ -238,7 +240,13 @@ def run_adapter_comparison(
                 return compute(Path(tmp))
         return cache.run(kind, inputs, compute)[0]["result"]
 
-    common = {"model": model_name, "fingerprint": fingerprint, "config": config.to_dict(), "seed": seed}
+    # which arms and seeds are run does not change what one arm computes: keep it out of the key
+    sizes = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("arms", "seeds", "seed_arms", "dpo_seeds", "tasks")
+    }
+    common = {"model": model_name, "fingerprint": fingerprint, "config": sizes, "seed": seed}
 
     def base_eval(_work):
         sentiment, _, texts = ev.style(ev.base)
@@ -250,12 +258,13 @@ def run_adapter_comparison(
         }
 
     base = piece("adapters-base", common, base_eval)
-    jobs = [
-        (t, a, s)
-        for t in config.tasks
-        for a in config.arms
-        for s in (config.seeds if a in config.seed_arms else config.seeds[:1])
-    ]
+
+    def seeds_of(task: str, arm: str) -> tuple[int, ...]:
+        if task == "dpo":
+            return config.dpo_seeds
+        return config.seeds if arm in config.seed_arms else config.seeds[:1]
+
+    jobs = [(t, a, s) for t in config.tasks for a in config.arms for s in seeds_of(t, a)]
     runs = []
     for task, arm, s in tqdm(jobs, desc="adapter arms", disable=not progress):
         runs.append(
@@ -368,8 +377,10 @@ def _result(base: dict, runs: list[dict], config: AdapterComparisonConfig, seed:
     notes.append(
         "Effective trainable parameters per arm (LoRA rows that can change; arms matched to v within 2%): "
         + ", ".join(f"{a}={n}" for a, n in sorted(counts.items()))
-        + f". Seeds: {list(config.seeds)} for {list(config.seed_arms)}, {config.seeds[0]} for the other arms; "
-        f"SFT {config.sft_steps} steps, DPO {config.dpo_steps} steps; recipe overrides {list(config.extra_overrides)}."
+        + f". SFT seeds: {list(config.seeds)} for {list(config.seed_arms)}, {config.seeds[0]} for the other arms; "
+        f"DPO seeds {list(config.dpo_seeds)}; "
+        f"SFT {config.sft_steps} steps (overrides {list(config.sft_overrides)}), "
+        f"DPO {config.dpo_steps} steps (overrides {list(config.dpo_overrides)})."
         " Verdicts average each arm over its seeds per item, then bootstrap over items."
     )
     result = ExperimentResult(
