@@ -33,6 +33,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             "seeds": [0, 1],
             "seed_arms": ["v", "qk"],
             "dpo_seeds": [0],
+            "dpo_arms": ["v", "qk"],
             "sft_steps": 6,
             "dpo_steps": 6,
             "checkpoints": [3],
@@ -42,7 +43,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             "n_wiki_windows": 4,
             "wiki_window": 96,
             "sft_overrides": ["data.n_eval=8", "training.learning_rate=5e-3", "training.max_length=64"],
-            "dpo_overrides": ["data.n_eval=8"],
+            "dpo_overrides": ["data.n_eval=8", "training.batch_size=4"],
         },
         "steering": {
             "behaviours": ["myopic-reward", "refusal"],

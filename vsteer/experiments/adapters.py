@@ -24,6 +24,19 @@ from vsteer.evaluate import Estimate, Verdict, bootstrap, decide, rule_text
 from vsteer.experiments.result import ExperimentResult
 
 ARMS = ("v", "qk", "o", "qkvo")
+_EVAL_FIELDS = (
+    "dpo_behaviour",
+    "n_prompts",
+    "max_new_tokens",
+    "n_wiki_windows",
+    "wiki_window",
+    "n_mmlu",
+    "batch_size",
+)
+_TASK_FIELDS = {
+    "sft": ("sft_recipe", "sft_steps", "sft_overrides", "checkpoints"),
+    "dpo": ("dpo_recipe", "dpo_steps", "dpo_overrides"),
+}
 
 
 @dataclass
@@ -35,6 +48,7 @@ class AdapterComparisonConfig:
     # SFT arms trained with every seed (the others with the first); DPO arms use ``dpo_seeds``
     seed_arms: tuple[str, ...] = ("v", "qk")
     dpo_seeds: tuple[int, ...] = (0,)
+    dpo_arms: tuple[str, ...] = ARMS
     sft_recipe: str = "recipes/value_only_sft.yaml"
     dpo_recipe: str = "recipes/value_only_dpo.yaml"
     dpo_behaviour: str = "myopic-reward"
@@ -240,13 +254,11 @@ def run_adapter_comparison(
                 return compute(Path(tmp))
         return cache.run(kind, inputs, compute)[0]["result"]
 
-    # which arms and seeds are run does not change what one arm computes: keep it out of the key
-    sizes = {
-        k: v
-        for k, v in config.to_dict().items()
-        if k not in ("arms", "seeds", "seed_arms", "dpo_seeds", "tasks")
-    }
-    common = {"model": model_name, "fingerprint": fingerprint, "config": sizes, "seed": seed}
+    # a piece's key holds what it computes from, nothing else: which arms and seeds run, or the
+    # other task's settings, do not change one arm's result
+    evaluation = {k: getattr(config, k) for k in _EVAL_FIELDS}
+    common = {"model": model_name, "fingerprint": fingerprint, "evaluation": evaluation, "seed": seed}
+    training = {task: {k: getattr(config, k) for k in fields} for task, fields in _TASK_FIELDS.items()}
 
     def base_eval(_work):
         sentiment, _, texts = ev.style(ev.base)
@@ -261,7 +273,7 @@ def run_adapter_comparison(
 
     def seeds_of(task: str, arm: str) -> tuple[int, ...]:
         if task == "dpo":
-            return config.dpo_seeds
+            return config.dpo_seeds if arm in config.dpo_arms else ()
         return config.seeds if arm in config.seed_arms else config.seeds[:1]
 
     jobs = [(t, a, s) for t in config.tasks for a in config.arms for s in seeds_of(t, a)]
@@ -270,7 +282,7 @@ def run_adapter_comparison(
         runs.append(
             piece(
                 f"adapter-{task}",
-                {**common, "arm": arm, "train_seed": s},
+                {**common, "training": training[task], "arm": arm, "train_seed": s},
                 lambda work, task=task, arm=arm, s=s: train_arm(ev, task, arm, s, work),
             )
         )
@@ -378,7 +390,7 @@ def _result(base: dict, runs: list[dict], config: AdapterComparisonConfig, seed:
         "Effective trainable parameters per arm (LoRA rows that can change; arms matched to v within 2%): "
         + ", ".join(f"{a}={n}" for a, n in sorted(counts.items()))
         + f". SFT seeds: {list(config.seeds)} for {list(config.seed_arms)}, {config.seeds[0]} for the other arms; "
-        f"DPO seeds {list(config.dpo_seeds)}; "
+        f"DPO arms {list(config.dpo_arms)} with seeds {list(config.dpo_seeds)}; "
         f"SFT {config.sft_steps} steps (overrides {list(config.sft_overrides)}), "
         f"DPO {config.dpo_steps} steps (overrides {list(config.dpo_overrides)})."
         " Verdicts average each arm over its seeds per item, then bootstrap over items."
