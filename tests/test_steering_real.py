@@ -104,3 +104,17 @@ def test_refusal_vector_moves_p_matching_up_with_scale(smollm):
     assert curve[2.0] > curve[0.0] > curve[-2.0]
     assert {r["site"] for r in result.records} == {"v", "resid"}
     assert "matched" in result.title and len(result.verdicts) == 2
+
+
+def test_sentiment_steering_scores_continuations_for_both_sites(smollm):
+    from vsteer.experiments.steering import SteeringOptions, sentiment_steering
+
+    model, tok = smollm
+    opts = SteeringOptions(scales=(-1.0, 0.0, 1.0), n_prompts=4, sentiment_pairs=8, max_new_tokens=6)
+    result = sentiment_steering(model, tok, opts)
+    assert {r["site"] for r in result.records} == {"v", "resid"}
+    assert all(-1.0 <= r["vader_compound"] <= 1.0 for r in result.records)
+    assert [v.verdict in ("supported", "not supported", "inconclusive") for v in result.verdicts] == [
+        True,
+        True,
+    ]

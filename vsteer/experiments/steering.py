@@ -346,11 +346,10 @@ def sentiment_steering(
     model, tokenizer, opts: SteeringOptions | None = None, band: str = "11-17"
 ) -> ExperimentResult:
     """VADER compound sentiment of continuations vs scale, value site vs residual at matched norm."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
     from vsteer import data
     from vsteer.arch import get_arch
     from vsteer.extract import sst2_pairs
+    from vsteer.metrics import vader_scores
 
     opts = opts or SteeringOptions()
     t0 = time.time()
@@ -361,14 +360,13 @@ def sentiment_steering(
     r = matched_residual(model, v, r_raw)
     change_norm = sum(float(t.norm()) for t in r.directions.values())
     prompts = data.neutral_prompts(opts.n_prompts)
-    vader = SentimentIntensityAnalyzer()
     k = max(abs(s) for s in opts.scales)
     records, per_item, samples = [], {}, {}
     base_text = _generate(model, tokenizer, prompts, None, 0.0, opts.max_new_tokens)
     for site, vec in (("v", v), ("resid", r)):
         for s in opts.scales:
             texts = base_text if s == 0 else _generate(model, tokenizer, prompts, vec, s, opts.max_new_tokens)
-            scores = np.array([vader.polarity_scores(t)["compound"] for t in texts])
+            scores = vader_scores(texts)
             per_item[(site, s)] = scores
             samples[(site, s)] = texts[:3]
             est = bootstrap(scores, seed=opts.seed)
