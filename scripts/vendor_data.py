@@ -21,16 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "vsteer" / "data"
 GZIP_ABOVE = 16 * 1024
 
-CAA_BEHAVIOURS = (
-    "coordinate-other-ais",
-    "corrigible-neutral-HHH",
-    "hallucination",
-    "myopic-reward",
-    "refusal",
-    "survival-instinct",
-    "sycophancy",
-)
-PERSONA_TRAITS = ("agreeableness", "conscientiousness", "extraversion", "neuroticism", "openness")
+from vsteer.data.readers import CAA_BEHAVIOURS, PERSONA_TRAITS  # noqa: E402  (one list of names)
 
 # (path under the shared data folder, path under vsteer/data); licence/README files are never compressed
 COPIES: list[tuple[str, str]] = [

@@ -69,16 +69,19 @@ def _token_logps(model, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def sequence_kl(policy, reference, samples: Samples) -> np.ndarray:
-    """Per-sample estimate of KL(policy || reference) over the continuation:
-    ``sum_t log p_policy(y_t) - log p_ref(y_t)`` for ``y`` sampled from the policy (the DPO paper's
-    sequence-level KL)."""
-    seq, mask = samples.sequences, samples.attention_mask
-    lp = _token_logps(policy, seq, mask)
-    lr = _token_logps(reference, seq, mask)
+def continuation_logp(model, samples: Samples) -> np.ndarray:
+    """``[n]`` log p of each sampled continuation (its generated tokens only) under ``model``."""
+    lp = _token_logps(model, samples.sequences, samples.attention_mask)
     keep = torch.zeros_like(lp, dtype=torch.bool)
     keep[:, samples.prompt_len - 1 :] = True
-    return ((lp - lr) * keep).sum(-1).cpu().numpy()
+    return (lp * keep).sum(-1).cpu().numpy()
+
+
+def sequence_kl(policy, reference, samples: Samples) -> np.ndarray:
+    """Per-sample estimate of KL(policy || reference) over the continuation:
+    ``log p_policy(y) - log p_ref(y)`` for ``y`` sampled from the policy (the DPO paper's
+    sequence-level KL)."""
+    return continuation_logp(policy, samples) - continuation_logp(reference, samples)
 
 
 @torch.no_grad()

@@ -117,16 +117,17 @@ class Evaluator:
 
     def style(self, model) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(sentiment per prompt, sequence KL to the base per prompt, texts)."""
-        from vsteer.metrics import sample_continuations, vader_scores
+        from vsteer.metrics import continuation_logp, sample_continuations, vader_scores
 
         samples = sample_continuations(
             model, self.tokenizer, self.prompts, self.config.max_new_tokens, self.seed
         )
         sentiment = vader_scores(samples.texts)
         if hasattr(model, "disable_adapter"):
+            # the same model with its adapter off is the reference
             with model.disable_adapter():
-                ref_logps = _logps_copy(model, samples)
-            kl = _kl_from(model, samples, ref_logps)
+                reference = continuation_logp(model, samples)
+            kl = continuation_logp(model, samples) - reference
         else:
             kl = np.zeros(len(samples.texts))
         return sentiment, kl, samples.texts
@@ -147,20 +148,6 @@ class Evaluator:
             "kl_neutral": float(kl_rows(base_next, logp).mean()),
             "mmlu_acc": float((p_correct > 0.5).mean()),
         }
-
-
-def _logps_copy(model, samples):
-    from vsteer.metrics import _token_logps
-
-    with torch.no_grad():
-        return _token_logps(model, samples.sequences, samples.attention_mask)
-
-
-def _kl_from(model, samples, ref_logps) -> np.ndarray:
-    lp = _logps_copy(model, samples)
-    keep = torch.zeros_like(lp, dtype=torch.bool)
-    keep[:, samples.prompt_len - 1 :] = True
-    return ((lp - ref_logps) * keep).sum(-1).cpu().numpy()
 
 
 def _load_state(peft_model, state: dict) -> None:
