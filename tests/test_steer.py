@@ -9,7 +9,7 @@ from conftest import FAMILIES, make_tiny_model, random_ids
 import vsteer
 from vsteer.errors import SiteError, VectorError
 from vsteer.hooks import hook_count, site_shape
-from vsteer.steer import per_row, residual_change
+from vsteer.steer import attention_output_change, per_row
 from vsteer.vectors import SteeringVector
 
 
@@ -39,7 +39,7 @@ def test_constant_value_vector_equals_w_o_vector_at_attention_output(family):
     to one. With left padding the pad keys get zero weight, so this holds on the real tokens."""
     model = make_tiny_model(family)
     value = _vec(model, "v")
-    at_attn = residual_change(model, value)
+    at_attn = attention_output_change(model, value)
     ids = random_ids(2, 9)
     with vsteer.steer(model, value):
         a = _logits(model, ids)
@@ -53,7 +53,7 @@ def test_value_and_w_o_vector_differ_when_added_at_some_positions_only(llama):
     """At positions ``S`` only, a head's output moves by ``c * sum_{j in S} a_j``: the attention
     mass on the steered keys, not a constant, so the two sites no longer agree."""
     value = _vec(llama, "v")
-    at_attn = residual_change(llama, value)
+    at_attn = attention_output_change(llama, value)
     ids = random_ids(2, 9)
     with vsteer.steer(llama, value, positions=[3, 4]):
         a = _logits(llama, ids)
@@ -70,7 +70,7 @@ def test_equivalence_holds_on_real_tokens_under_left_padding(llama):
     mask[0, :3] = 0
     with vsteer.steer(llama, value):
         a = _logits(llama, ids, attention_mask=mask)
-    with vsteer.steer(llama, residual_change(llama, value)):
+    with vsteer.steer(llama, attention_output_change(llama, value)):
         b = _logits(llama, ids, attention_mask=mask)
     assert torch.allclose(a[0, 3:], b[0, 3:], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
 

@@ -408,12 +408,13 @@ def _make_hook(arch: ModelArch, kind: str, entries: list[tuple[Site, Callable]],
     rows = {site: arch.rows(site.name) for site, _ in entries if site.name in ("q", "k", "v")}
     rows = {s: r for s, r in rows.items() if r is not None}
     row_cache: dict = {}
-    flats = {site: getattr(fn, "flat", None) for site, fn in entries if site not in rows}
+    # one fast path per operation (not per site): several operations on one site each keep
+    # their own, and run in list order
+    ops = [(site, fn, None if site in rows else getattr(fn, "flat", None)) for site, fn in entries]
 
     def transform(t: torch.Tensor) -> torch.Tensor:
         step = tracker.step
-        for site, fn in entries:
-            flat = flats.get(site)
+        for site, fn, flat in ops:
             if flat is not None:
                 new = flat(t, step)
                 if new is not None:

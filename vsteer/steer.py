@@ -143,8 +143,23 @@ def steer(model, vectors, scale: Scale = 1.0, positions="all", include_padding: 
         yield
 
 
-def residual_change(model, vector: SteeringVector) -> SteeringVector:
-    """What ``vector`` adds to the residual stream when it is added at every position.
+def attention_norms(arch, layer: int):
+    """``(input norm of attention, norm between the attention output and the residual add)``.
+
+    The second exists in Gemma 2/3 (``post_attention_layernorm`` beside
+    ``pre_feedforward_layernorm``); elsewhere ``post_attention_layernorm`` is the MLP's input norm
+    and does not sit on the value path, so it is ``None``.
+    """
+    block = arch.layer(layer)
+    children = dict(block.named_children())
+    norms = [m for n, m in children.items() if "norm" in type(m).__name__.lower() or n.startswith("ln")]
+    inp = children.get("input_layernorm") or children.get("ln_1") or (norms[0] if norms else None)
+    out = children.get("post_attention_layernorm") if "pre_feedforward_layernorm" in children else None
+    return inp, out
+
+
+def attention_output_change(model, vector: SteeringVector) -> SteeringVector:
+    """The ``attn``-site vector that adding ``vector`` at every position is exactly equal to.
 
     For a ``v`` vector ``c`` at layer L this is ``W_O @ concat_h c[kv(h)]`` (each key/value
     head's vector feeds its group of query heads under GQA): every head's attention output is
@@ -152,6 +167,8 @@ def residual_change(model, vector: SteeringVector) -> SteeringVector:
     one over the keys ``j``. For ``z`` it is ``W_O @ concat_h c_h``; for ``attn``, ``mlp`` and
     ``resid`` the vector itself. Returns a vector at site ``attn`` (``[d_model]`` per layer).
     """
+    from dataclasses import replace
+
     from vsteer.arch import get_arch
 
     arch = get_arch(model)
@@ -171,6 +188,64 @@ def residual_change(model, vector: SteeringVector) -> SteeringVector:
             f"residual_change is defined for sites v, z, attn, mlp, resid; {vector.site!r} enters "
             f"attention non-linearly"
         )
-    from dataclasses import replace
-
     return replace(vector, directions=out, site="attn", method=f"residual_change({vector.method})")
+
+
+def residual_change(model, vector: SteeringVector) -> SteeringVector:
+    """What ``vector`` adds to the residual stream, as an ``attn``-site vector ``[d_model]`` per layer.
+
+    Exact where the attention output enters the residual stream directly (then it equals
+    :func:`attention_output_change`). Where a norm sits between them (Gemma 2/3's
+    ``post_attention_layernorm``) the change depends on the input: this raises, and
+    :func:`residual_change_norms` measures the size on calibration inputs instead.
+    """
+    from vsteer.arch import get_arch
+
+    arch = get_arch(model)
+    normed = [layer for layer in vector.directions if attention_norms(arch, layer)[1] is not None]
+    if vector.site in ("v", "z", "attn") and normed:
+        raise VectorError(
+            f"on {arch.family} the attention output of layers {normed} passes a norm before the residual "
+            f"add, so the residual change of a {vector.site} vector depends on the input; use "
+            "attention_output_change() for the exact attn-site equivalent or residual_change_norms(..., "
+            "inputs=...) for its size in the residual stream"
+        )
+    return attention_output_change(model, vector)
+
+
+@torch.no_grad()
+def residual_change_norms(model, vector: SteeringVector, inputs: dict | None = None) -> dict[int, float]:
+    """Per layer, the norm of what ``vector`` (added at every position) adds to the residual stream.
+
+    Closed form (``||W_O c||``) where the attention output enters the residual stream directly.
+    Where a norm sits in between (Gemma 2/3), it is measured on ``inputs`` (a batch dict with
+    ``input_ids`` and ``attention_mask``, e.g. from :func:`vsteer.encoding.encode`): the mean over
+    real tokens of ``||norm(a + W_O c) - norm(a)||``, with ``a`` the captured attention output.
+    """
+    from vsteer.arch import get_arch
+    from vsteer.hooks import capture
+
+    arch = get_arch(model)
+    change = attention_output_change(model, vector)
+    out: dict[int, float] = {}
+    for layer, t in change.directions.items():
+        post = attention_norms(arch, layer)[1] if vector.site in ("v", "z", "attn") else None
+        if post is None:
+            out[layer] = float(t.norm())
+            continue
+        if inputs is None:
+            raise VectorError(
+                f"layer {layer} of {arch.family} normalises the attention output before the residual add: "
+                "pass inputs= (a tokenized batch) to measure the residual change"
+            )
+        with capture(model, [("attn", layer)], stop=True) as acts:
+            model(**inputs)
+        a = acts[("attn", layer)]
+        delta = t.to(device=a.device, dtype=a.dtype)
+        moved = (post(a + delta) - post(a)).float().norm(dim=-1)
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            keep = mask.to(moved.device).bool()
+            moved = moved[keep]
+        out[layer] = float(moved.mean())
+    return out

@@ -28,20 +28,7 @@ from vsteer.errors import DataError, VectorError
 from vsteer.evaluate import Estimate, Verdict, decide, rule_text
 from vsteer.experiments.common import final_norm, norm_gain, rng, subsample, token_strings, unembedding
 from vsteer.experiments.result import ExperimentResult
-
-
-def _layer_norms(arch, layer: int) -> tuple[nn.Module | None, nn.Module | None]:
-    """(input norm of attention, norm applied to the attention output before the residual add).
-
-    The second exists in Gemma 2/3 (``post_attention_layernorm`` beside ``pre_feedforward_layernorm``);
-    elsewhere ``post_attention_layernorm`` is the MLP's input norm and is not on the OV path.
-    """
-    block = arch.layer(layer)
-    children = dict(block.named_children())
-    norms = [m for n, m in children.items() if "norm" in type(m).__name__.lower() or n.startswith("ln")]
-    inp = children.get("input_layernorm") or children.get("ln_1") or (norms[0] if norms else None)
-    out = children.get("post_attention_layernorm") if "pre_feedforward_layernorm" in children else None
-    return inp, out
+from vsteer.steer import attention_norms
 
 
 @torch.no_grad()
@@ -51,7 +38,7 @@ def ov_factors(model: nn.Module, layer: int) -> list[tuple[torch.Tensor, torch.T
     d, hd = arch.d_model, arch.head_dim
     wv = arch.weight(layer, "v").detach().float()
     wo = arch.weight(layer, "o").detach().float()
-    inp, out = _layer_norms(arch, layer)
+    inp, out = attention_norms(arch, layer)
     g_in = norm_gain(inp, d) if inp is not None else torch.ones(d)
     g_out = norm_gain(out, d) if out is not None else torch.ones(d)
     group = arch.n_heads // arch.n_kv_heads
@@ -147,7 +134,7 @@ def readout_steering_vector(
             group = arch.n_heads // arch.n_kv_heads
             z = vec.repeat_interleave(group, dim=0).flatten()  # what each query head adds to z
             out = arch.weight(layer, "o").detach().float() @ z
-            _, post = _layer_norms(arch, layer)
+            _, post = attention_norms(arch, layer)
             if post is not None:
                 out = out * norm_gain(post, arch.d_model)
         elif site in ("resid", "attn", "mlp"):

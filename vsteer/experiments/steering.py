@@ -154,18 +154,31 @@ def _split_items(kind: str, name: str, opts: SteeringOptions):
     return pairs, select, test
 
 
-def matched_residual(model, value_vec, resid_vec):
-    """``resid_vec`` rescaled per layer to the norm of the residual change of ``value_vec``."""
+def matched_residual(model, value_vec, resid_vec, inputs: dict | None = None):
+    """``resid_vec`` rescaled per layer to the norm of the residual change of ``value_vec``.
+
+    ``inputs`` (a tokenized batch) calibrate the size where a norm sits between the attention
+    output and the residual stream (Gemma 2/3); elsewhere the size is ``||W_O c||`` exactly.
+    """
     from dataclasses import replace
 
-    from vsteer.steer import residual_change
+    from vsteer.steer import residual_change_norms
 
-    change = residual_change(model, value_vec)
+    target = residual_change_norms(model, value_vec, inputs)
     dirs = {}
     for layer, t in resid_vec.directions.items():
-        target = change.directions[layer].norm()
-        dirs[layer] = t * (target / t.norm().clamp_min(1e-12))
-    return replace(resid_vec, directions=dirs, method=f"{resid_vec.method}, norm matched to W_O v")
+        dirs[layer] = t * (target[layer] / t.norm().clamp_min(1e-12))
+    return replace(resid_vec, directions=dirs, method=f"{resid_vec.method}, norm matched to the residual change of v")
+
+
+def calibration_inputs(model, tokenizer, n: int = 8) -> dict:
+    """A tokenized batch of neutral prompts (shipped IMDB openings) to calibrate residual sizes."""
+    from vsteer import data
+    from vsteer.experiments.common import encode
+
+    batch = encode(tokenizer, data.neutral_prompts(n))
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _extract_both(model, tokenizer, pairs, layers, opts, position=None):
@@ -199,6 +212,7 @@ def ab_steering(
     pairs, select, test = _split_items(kind, name, opts)
     all_layers = sorted({layer for band in opts.bands for layer in _band_layers(band, arch.n_layers)})
     v_all, r_all = _extract_both(model, tokenizer, pairs, all_layers, opts)
+    calib = calibration_inputs(model, tokenizer)
     k = max(abs(s) for s in opts.scales)
 
     # layer search on the selection items (held out of extraction and of the test)
@@ -206,7 +220,7 @@ def ab_steering(
     for band in opts.bands if len(opts.bands) > 1 and opts.n_select > 0 else ():
         layers = _band_layers(band, arch.n_layers)
         v = v_all.select_layers(layers)
-        r = matched_residual(model, v, r_all.select_layers(layers))
+        r = matched_residual(model, v, r_all.select_layers(layers), calib)
         for site, vec in (("v", v), ("resid", r)):
             hi = p_matching(model, tokenizer, select, vec, k, opts.batch_size)
             lo = p_matching(model, tokenizer, select, vec, -k, opts.batch_size)
@@ -221,7 +235,7 @@ def ab_steering(
     band = best["v"]
     layers = _band_layers(band, arch.n_layers)
     v = v_all.select_layers(layers)
-    r = matched_residual(model, v, r_all.select_layers(layers))
+    r = matched_residual(model, v, r_all.select_layers(layers), calib)
     change_norm = sum(float(t.norm()) for t in r.directions.values())
 
     base = p_matching(model, tokenizer, test, None, 0.0, opts.batch_size)
@@ -357,7 +371,7 @@ def sentiment_steering(
     layers = _band_layers(band, arch.n_layers)
     pairs = sst2_pairs("train", limit=opts.sentiment_pairs)
     v, r_raw = _extract_both(model, tokenizer, pairs, layers, opts)
-    r = matched_residual(model, v, r_raw)
+    r = matched_residual(model, v, r_raw, calibration_inputs(model, tokenizer))
     change_norm = sum(float(t.norm()) for t in r.directions.values())
     prompts = data.neutral_prompts(opts.n_prompts)
     k = max(abs(s) for s in opts.scales)
