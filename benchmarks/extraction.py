@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import vsteer
-    from vsteer.extract import caa_pairs, encode
+    from vsteer.extraction import caa_pairs, encode
     from vsteer.models import load_model
 
     model, tok = load_model(args.model)

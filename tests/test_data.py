@@ -322,3 +322,102 @@ def test_editing_returned_records_does_not_change_the_next_read():
     first = data.dpo_records("caa_refusal_dpo")
     first[0]["prompt"][0]["content"] = "edited"
     assert data.dpo_records("caa_refusal_dpo")[0]["prompt"][0]["content"] != "edited"
+
+
+# ---- answer-balanced extraction sets (the vector must not learn the answer token) ----
+
+
+def answers_of(pairs) -> tuple[list[str], list[str]]:
+    """The assistant completions of the positive and the negative side of each pair."""
+    return [p[-1]["content"] for p, _ in pairs], [n[-1]["content"] for _, n in pairs]
+
+
+def test_swap_options_swaps_the_option_texts_and_the_matching_letter():
+    item = data.caa_ab("myopic-reward")[0]
+    swapped = data.swap_options(item)
+    assert (swapped.matching, swapped.not_matching) == (item.not_matching, item.matching)
+    assert swapped.question.endswith("(A) Two donuts in an hour\n (B) A donut now")
+    assert data.swap_options(swapped) == item
+
+
+def test_swap_options_keeps_multi_line_options_whole():
+    item = next(
+        it for it in data.caa_ab("hallucination") if "\n\n" in it.question.split("(B)")[0].split("(A)")[-1]
+    )
+    a_text = item.question.split("(A)")[1].split("\n (B)")[0]
+    assert data.swap_options(item).question.split("(B)")[1] == a_text
+
+
+@pytest.mark.parametrize("behaviour", data.CAA_BEHAVIOURS)
+def test_caa_extraction_pairs_are_exactly_letter_balanced(behaviour):
+    from vsteer.extraction import caa_pairs
+
+    for limit in (None, 40):
+        pos, neg = answers_of(caa_pairs(behaviour, limit=limit))
+        assert limit is None or len(pos) == limit
+        for letter in set(pos) | set(neg):
+            assert pos.count(letter) == neg.count(letter), (behaviour, letter)
+
+
+@pytest.mark.parametrize("trait", data.PERSONA_TRAITS)
+def test_persona_extraction_pairs_are_exactly_yes_no_balanced(trait):
+    from vsteer.extraction import persona_pairs
+
+    pos, neg = answers_of(persona_pairs(trait, limit=100, offset=7))
+    assert len(pos) == 100 and pos.count("Yes") == pos.count("No") == neg.count("Yes") == 50
+    pos, neg = answers_of(persona_pairs(trait, offset=1))  # 499 Yes and 500 No statements remain
+    assert pos.count("Yes") == pos.count("No") == neg.count("Yes") == 499
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [("caa", b) for b in ("refusal", "myopic-reward", "corrigible-neutral-HHH", "survival-instinct")]
+    + [("persona", "agreeableness"), ("persona", "neuroticism")],
+)
+def test_steering_extraction_sets_are_exactly_balanced(kind, name):
+    from vsteer.experiments.steering import SteeringOptions, _split_items
+
+    for n_extract in (40, 100):
+        pairs, select, test = _split_items(kind, name, SteeringOptions(n_extract=n_extract, n_select=12))
+        pos, neg = answers_of(pairs)
+        assert len(pairs) == n_extract
+        assert sorted(pos) == sorted(neg)  # every answer matches exactly as often as it is the other one
+        questions = {p[0]["content"] for p, _ in pairs}
+        assert not questions & {it.question for it in select + test}
+
+
+def test_balance_refuses_a_set_that_cannot_be_balanced():
+    items = [data.ABItem("Is it so?", "Yes", "No")] * 4
+    assert_one_line_error(lambda: data.balance_answers(items), "cannot balance", "'Yes': 4")
+    no_options = [data.ABItem("Pick A or B", "(A)", "(B)")]
+    assert_one_line_error(lambda: data.balance_answers(no_options), "item 0", "option (A)")
+
+
+def test_mean_difference_of_balanced_pairs_cancels_a_letter_direction():
+    """Synthetic activations at the answer token: a question part, a behaviour part on the matching
+    answer and a letter part on "(A)". The mean difference of the balanced pairs has no letter part;
+    that of 27 items matching (A) and 13 matching (B) (the CPU profile's mix before the fix) has."""
+    import torch
+
+    from vsteer.extraction import direction
+
+    g = torch.Generator().manual_seed(0)
+    behaviour, letter = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    letter -= (letter @ behaviour) / (behaviour @ behaviour) * behaviour  # the two parts are orthogonal
+
+    def activation(question: str, answer: str, matching: bool) -> torch.Tensor:
+        base = torch.randn(64, generator=torch.Generator().manual_seed(hash(question) % 2**31))
+        return base + behaviour * matching + 3.0 * letter * (answer == "(A)")
+
+    def letter_weight(items) -> float:
+        pos = torch.stack([activation(it.question, it.matching, True) for it in items])
+        neg = torch.stack([activation(it.question, it.not_matching, False) for it in items])
+        d = direction(pos, neg, "mean_diff")
+        return float(d @ letter / letter.norm())
+
+    items = data.caa_ab("myopic-reward")
+    raw = [it for it in items if it.matching == "(A)"][:27] + [it for it in items if it.matching == "(B)"][
+        :13
+    ]
+    assert abs(letter_weight(raw)) > 0.5
+    assert abs(letter_weight(data.balance_answers(raw))) < 1e-5

@@ -193,8 +193,16 @@ def test_run_swaps_reports_every_pair_matrix_and_kind_and_leaves_no_hooks():
     config = swaps.SwapConfig(n_pairs=2, n_windows=2, window=16)
     result = swaps.run_swaps(model, TOK, config, text=TEXT, prompts=PROMPTS, progress_bar=False)
     assert len(result.records) == 2 * 4 * 2
-    assert [v.verdict in ("supported", "not supported", "inconclusive") for v in result.verdicts]
     assert hook_count(model) == hooks
+    # one finding per claim, each judged by its own rule and measured from these records
+    ids = [f.rule_id for f in result.findings]
+    assert ids == ["swaps.v_vs_k_ppl", "swaps.wv_breaks", "swaps.wk_barely", "swaps.v_vs_k_ppl", "swaps.kl_v_vs_k"]
+    wv = [r["delta_log_ppl"] for r in result.records if r["kind"] == "weights" and r["matrix"] == "v"]
+    assert result.findings[1].effect.value == pytest.approx(np.mean(wv)) and result.findings[1].effect.n == 2
+    from vsteer.verdicts import decide, shipped_rules
+
+    for f, v in zip(result.findings, result.verdicts, strict=True):
+        assert v.verdict == decide(f.effect, shipped_rules()[f.rule_id])
 
 
 def test_swaps_with_the_same_seed_give_identical_numbers():
@@ -328,3 +336,49 @@ def test_control_labels_are_balanced_within_each_true_class():
     y = np.array([0] * 50 + [1] * 70)
     c = probing.control_labels(y, seed=0)
     assert c[y == 0].sum() == 25 and c[y == 1].sum() == 35
+
+
+# ---- probe controls: several random-label draws ---------------------------------------------
+def test_reported_control_is_the_mean_of_the_draws_each_an_independent_random_label_probe():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = planted(300)
+    fit = probing.fit_probe(x[:200], y[:200], x[200:], y[200:], seed=3, n_control=6)
+    assert fit.control_correct.shape == (6, 100)
+    assert fit.control_accuracy == pytest.approx(fit.control_accuracies.mean())
+    for d in range(6):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=fit.C, max_iter=300, tol=1e-3))
+        probe.fit(x[:200], probing.control_labels(y[:200], 3 + 1 + d))
+        assert fit.control_accuracies[d] == pytest.approx(float((probe.predict(x[200:]) == y[200:]).mean()))
+    assert len(set(fit.control_accuracies.round(6))) > 1  # the draws differ
+
+
+def test_selectivity_interval_carries_the_draw_to_draw_variance():
+    from vsteer.evaluate import paired_difference
+
+    g = np.random.default_rng(0)
+    correct = g.random(400) < 0.8
+    spread = np.stack([g.random(400) < p for p in np.linspace(0.2, 0.8, 10)])  # draws that vary
+    same = np.stack([spread[5]] * 10)  # draws that do not
+    sel = probing.selectivity(correct, spread, seed=1)
+    assert sel.value == pytest.approx(correct.mean() - spread.mean())
+    single = paired_difference(correct, spread[0], seed=1)
+    items_only = paired_difference(correct, spread.mean(0), seed=1)
+    width = sel.high - sel.low
+    assert width > 1.3 * (single.high - single.low) and width > 1.3 * (items_only.high - items_only.low)
+    flat = probing.selectivity(correct, same, seed=1)
+    one = paired_difference(correct, same[0], seed=1)
+    assert flat.high - flat.low == pytest.approx(one.high - one.low, rel=0.2)
+
+
+def test_run_probes_averages_n_control_draws_from_the_config():
+    data = [(f"this is {['good', 'bad'][i % 2]} stuff {i}", i % 2) for i in range(60)]
+    assert probing.ProbeConfig().n_control == 10
+    config = probing.ProbeConfig(layers=[1], cv=2, n_control=3, sites=("v",))
+    result = probing.run_probes(make_tiny_model("llama"), TOK, config, data[:40], data[40:], progress_bar=False)
+    assert all("control_sd" in r for r in result.records)
+    (x, y), (xt, yt) = planted(40), planted(20, seed=1)
+    with pytest.raises(DataError, match="n_control"):
+        probing.fit_probe(x, y, xt, yt, n_control=0)

@@ -276,3 +276,47 @@ def test_add_adapter_refuses_a_model_that_already_has_one():
     peft_model = add_adapter(make_tiny_model("llama"), "v", r=2)
     with pytest.raises(VsteerError, match="already"):
         add_adapter(peft_model, "o", r=2)
+
+
+# the TRL route ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_lora_config_refuses_a_fused_slice_naming_the_route_that_works(family):
+    """A bare LoraConfig handed to SFTTrainer(peft_config=...) would train the Q and K rows too."""
+    with pytest.raises(
+        VsteerError, match=r"add_adapter.*SFTTrainer\(model=\.\.\.\).*train_from_recipe"
+    ) as err:
+        vsteer.lora_config(make_tiny_model(family), "v", r=4)
+    assert "\n" not in str(err.value)
+
+
+def test_lora_config_is_a_plain_config_where_no_rows_need_masking():
+    from peft import LoraConfig
+
+    assert isinstance(vsteer.lora_config(make_tiny_model("llama"), "v", r=4), LoraConfig)
+    whole = vsteer.lora_config(make_tiny_model("gpt2"), "qkv", r=4)  # all of c_attn: nothing to mask
+    assert whole.target_modules == {f"transformer.h.{i}.attn.c_attn" for i in range(3)}
+
+
+def test_sft_trainer_on_the_add_adapter_model_keeps_q_and_k_rows_exactly_zero(tmp_path):
+    """The route the refusal names: SFTTrainer(model=vsteer.add_adapter(...)), real TRL steps."""
+    from datasets import Dataset
+    from test_train import char_tokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    peft_model = add_adapter(make_tiny_model("gpt2"), "v", r=4)
+    rows = [{"prompt": f"review {i}:", "completion": " great fun, loved it!"} for i in range(16)]
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        weight_decay=0.5, max_length=32, report_to="none", save_strategy="no", use_cpu=True,
+        disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=peft_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=char_tokenizer()
+    )
+    trainer.train()
+    v_rows = vsteer.get_arch(peft_model).rows("v")
+    for name in peft_model.vsteer_plan.ranks:
+        b = peft_model.get_base_model().get_submodule(name).lora_B["default"].weight.detach()
+        keep = torch.zeros(b.shape[0], dtype=torch.bool)
+        keep[v_rows] = True
+        assert torch.count_nonzero(b[~keep]) == 0 and torch.count_nonzero(b[keep]) > 0, name

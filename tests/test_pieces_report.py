@@ -1,14 +1,22 @@
-"""The run cache never picks up half-written pieces; the report renders every verdict."""
+"""The run cache: pieces never half-written, keyed by the content of what they are computed from
+(recipe options, data files, weights, code, package versions), never by a verdict rule; the report
+judges findings afresh and states only facts of the run."""
 
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
 
 import pytest
+import torch
+from conftest import make_tiny_model
 
-from vsteer.evaluate import Estimate, Verdict
+import vsteer.pieces as pieces
+from vsteer.errors import RecipeError
+from vsteer.evaluate import Estimate, Finding
 from vsteer.experiments.result import ExperimentResult
-from vsteer.pieces import PieceCache
+from vsteer.pieces import PieceCache, code_closure, content_key, track_reads
 from vsteer.report import write_report
 
 
@@ -53,16 +61,222 @@ def test_different_inputs_are_different_pieces(tmp_path):
     assert cache.path("a", {"x": 1}) != cache.path("a", {"x": 2})
 
 
-def test_report_lists_every_verdict_and_results_json_holds_its_numbers(tmp_path):
-    v = Verdict(
-        "values carry style", "shift", Estimate(0.25, 0.1, 0.4, 50), "supported", "CI > 0", "vsteer x"
+def test_content_key_replaces_a_recipe_path_by_its_content(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("a: 1\n")
+    before = content_key({"recipe": str(recipe), "steps": 3, "overrides": ["x=1"]})
+    assert before["steps"] == 3 and before["overrides"] == ["x=1"]
+    assert before["recipe"]["file"] == "r.yaml" and len(before["recipe"]["sha256"]) == 64
+    recipe.write_text("a: 2\n")
+    assert content_key({"recipe": str(recipe)})["recipe"] != before["recipe"]
+    moved = tmp_path / "sub" / "r.yaml"
+    moved.parent.mkdir()
+    moved.write_text("a: 1\n")
+    assert content_key({"recipe": str(moved)})["recipe"] == before["recipe"]  # content, not path
+
+
+def test_code_closure_follows_imports_and_leaves_out_report_rules_and_cli():
+    closure = code_closure(["vsteer.experiments.swaps"])
+    assert {"vsteer.experiments.swaps", "vsteer.hooks", "vsteer.evaluate"} <= set(closure)
+    assert not {"vsteer.report", "vsteer.verdicts", "vsteer.cli", "vsteer.run"} & set(closure)
+    assert "vsteer.experiments.adapters" not in closure
+
+
+def test_a_piece_that_read_a_data_file_is_recomputed_when_the_file_changes(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("1")
+    (data / "b.txt").write_text("1")
+    monkeypatch.setattr(pieces, "tracked_roots", lambda: [data])
+    cache = PieceCache(tmp_path / "cache")
+    calls = []
+
+    def reader(name):
+        def compute(_work):
+            calls.append(name)
+            return {"x": (data / name).read_text()}
+
+        return compute
+
+    cache.run("p", {"f": "a"}, reader("a.txt"))
+    cache.run("p", {"f": "b"}, reader("b.txt"))
+    (data / "a.txt").write_text("2")
+    assert cache.run("p", {"f": "a"}, reader("a.txt"))[0]["result"] == {"x": "2"}
+    cache.run("p", {"f": "b"}, reader("b.txt"))
+    assert calls == ["a.txt", "b.txt", "a.txt"]
+    with track_reads() as reads:
+        (data / "b.txt").read_text()
+        (tmp_path / "elsewhere.txt").write_text("untracked")
+    assert list(reads) == ["data/b.txt"]
+
+
+# --- the main job, with tiny stand-ins for the model and the section runners --------------------
+
+FAKE_RULES = """
+fake.positive:
+  what: mean
+  threshold: 0.0
+  rope: [-0.1, 0.1]
+  rationale: test rule
+"""
+
+
+@pytest.fixture
+def fake_job(tmp_path, monkeypatch):
+    """Two sections (swaps, probes) whose runners read one data file each and live in a package of
+    their own on disk, so that their data, code and options can be edited between runs."""
+    import vsteer.models
+    import vsteer.run as run_mod
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in ("swaps", "probes"):
+        (data / f"{s}.txt").write_text("0.5")
+    pkg = tmp_path / "src" / "fakeexp"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "common.py").write_text("SCALE = 1.0\n")
+    (pkg / "swaps.py").write_text("from fakeexp.common import SCALE\n")
+    (pkg / "probes.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setitem(run_mod.SECTION_MODULES, "swaps", "fakeexp.swaps")
+    monkeypatch.setitem(run_mod.SECTION_MODULES, "probes", "fakeexp.probes")
+    monkeypatch.setattr(pieces, "tracked_roots", lambda: [data])
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(vsteer.models, "load_model", lambda *a, **k: (model, None))
+    computed = []
+
+    def fake_section(section, model, tokenizer, spec, opts, cache, progress):
+        computed.append(section)
+        value = float((data / f"{section}.txt").read_text())
+        finding = Finding(
+            "fake.positive", f"{section} claim", "m", Estimate(value, value - 0.3, value + 0.3, 9)
+        )
+        return [ExperimentResult(section, section.title(), [{"opts": json.dumps(opts)}], [finding])]
+
+    monkeypatch.setattr(run_mod, "_run_section", fake_section)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FAKE_RULES)
+
+    def job(**options):
+        spec = run_mod.load_run_spec(
+            {
+                "name": "t",
+                "sections": ["swaps", "probes"],
+                "output_dir": str(tmp_path / "out"),
+                "rules": str(rules),
+                "options": options,
+            }
+        )
+        computed.clear()
+        report = run_mod.run(spec, progress=False)
+        return sorted(computed), report
+
+    return {"job": job, "data": data, "pkg": pkg, "model": model, "rules": rules}
+
+
+def test_each_input_recomputes_exactly_the_pieces_that_depend_on_it(fake_job, monkeypatch):
+    job, data, pkg = fake_job["job"], fake_job["data"], fake_job["pkg"]
+    assert job()[0] == ["probes", "swaps"]
+    assert job()[0] == []  # nothing changed
+    assert job(swaps={"n_pairs": 3})[0] == ["swaps"]  # a recipe option
+    assert job(swaps={"n_pairs": 3})[0] == []
+    (data / "probes.txt").write_text("0.7")  # a data file
+    assert job(swaps={"n_pairs": 3})[0] == ["probes"]
+    (pkg / "common.py").write_text("SCALE = 2.0\n")  # code imported by the swaps module only
+    assert job(swaps={"n_pairs": 3})[0] == ["swaps"]
+    (pkg / "probes.py").write_text("X = 1\n# a comment is not code\n")
+    assert job(swaps={"n_pairs": 3})[0] == []
+    with torch.no_grad():  # the weights behind the same model name
+        next(fake_job["model"].parameters()).add_(1e-3)
+    assert job(swaps={"n_pairs": 3})[0] == ["probes", "swaps"]
+    versions = dict(pieces.package_versions())
+    monkeypatch.setattr(pieces, "package_versions", lambda: {**versions, "transformers": "99.0"})
+    assert job(swaps={"n_pairs": 3})[0] == ["probes", "swaps"]
+
+
+def test_a_rule_change_recomputes_nothing_and_changes_the_verdict(fake_job):
+    job, rules = fake_job["job"], fake_job["rules"]
+    _, report = job()
+    data = json.loads((report.parent / "results.json").read_text())
+    assert [v["verdict"] for v in data["verdicts"]] == ["supported", "supported"]
+    assert "findings" in data["experiments"][0] and "verdict" not in data["experiments"][0]["findings"][0]
+    rules.write_text(
+        FAKE_RULES.replace("threshold: 0.0", "threshold: 0.9").replace("[-0.1, 0.1]", "[0.8, 1.0]")
     )
-    r = ExperimentResult("demo", "Demo", [{"layer": 1, "acc": 0.75}], [v])
+    computed, report = job()
+    assert computed == []
+    data = json.loads((report.parent / "results.json").read_text())
+    assert data["meta"]["cache_misses"] == [] and len(data["meta"]["cache_hits"]) == 2
+    assert [v["verdict"] for v in data["verdicts"]] == ["not supported", "not supported"]
+    assert "| swaps claim | m | 0.5 [0.2, 0.8] | **not supported** |" in report.read_text()
+
+
+def test_the_report_states_facts_of_the_run_not_of_a_fixed_model(fake_job):
+    _, report = fake_job["job"]()
+    text = report.read_text()
+    meta = json.loads((report.parent / "results.json").read_text())["meta"]
+    model = fake_job["model"]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert meta["model_facts"]["n_params"] == n_params
+    limits = text[text.index("## Limits") :].split("\n### ")[0]
+    assert f"{n_params / 1e6:.3g}M parameters, {model.config.num_hidden_layers} layers" in limits
+    assert f"{model.config.num_key_value_heads} key/value heads" in limits and "float32 on cpu" in limits
+    assert "135M" not in text and "30 layers" not in text and "15-minute" not in text
+    assert "rests on 9 items" in limits and "profile `cpu`" in limits
+    assert set(meta["packages"]) >= {"torch", "transformers", "peft", "trl"}
+    # the configuration is stated once, with the sizes the verdicts rest on
+    assert text.count("## Configuration") == 1 and "| swaps | n_pairs=" in text
+    assert "This report draws 2 verdicts" in text and "Holm" in text
+
+
+def test_report_lists_every_verdict_and_results_json_holds_its_numbers(tmp_path):
+    f = Finding(
+        "probing.selectivity", "values carry style", "shift", Estimate(0.25, 0.1, 0.4, 50), "vsteer x"
+    )
+    r = ExperimentResult("demo", "Demo", [{"layer": 1, "acc": 0.75}], [f])
     path = write_report(
         tmp_path, [r], {"name": "t", "model": "m", "profile": "cpu", "seed": 0, "runtime_s": 1.0}
     )
     text = path.read_text()
-    assert "| values carry style | shift | 0.25 [0.1, 0.4] | **supported** | `vsteer x` |" in text
+    assert "| values carry style | shift | 0.25 [0.1, 0.4] | **supported** | supported | `vsteer x` |" in text
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["verdicts"][0]["effect"]["value"] == 0.25
+    assert data["verdicts"][0]["rule_id"] == "probing.selectivity" and data["verdicts"][0]["p_holm"] < 0.025
     assert data["experiments"][0]["records"] == [{"layer": 1, "acc": 0.75}]
+
+
+@pytest.mark.parametrize(
+    "profile, message",
+    [
+        ("swaps:\n  n_pears: 3\n", "unknown option swaps.n_pears in profile bad.yaml"),
+        ("vibes: {}\n", "unknown section 'vibes' in profile bad.yaml"),
+        ("swaps: 3\n", "swaps must map option names to values"),
+    ],
+)
+def test_a_malformed_profile_is_one_clear_line(tmp_path, profile, message):
+    from vsteer.run import load_run_spec
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent(profile))
+    with pytest.raises(RecipeError, match=message) as err:
+        load_run_spec({"profile": str(bad)})
+    assert "\n" not in str(err.value)
+
+
+def test_every_shipped_profile_validates_and_smoke_is_smallest():
+    from vsteer.run import RunSpec, load_profile, profile_names, section_options
+
+    assert {"cpu", "full", "smoke"} <= set(profile_names())
+    for name in profile_names():
+        load_profile(name)
+    smoke, cpu = RunSpec(profile="smoke"), RunSpec(profile="cpu")
+    assert section_options(smoke, "probes")["n_train"] < section_options(cpu, "probes")["n_train"]
+    assert section_options(smoke, "adapters")["sft_steps"] <= 2
+
+
+@pytest.fixture(autouse=True)
+def _forget_fake_modules():
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] == "fakeexp"]:
+        del sys.modules[name]

@@ -1,17 +1,16 @@
-"""Every recipe shipped in recipes/ validates (without loading a model)."""
+"""Every recipe shipped in vsteer/recipes validates (without loading a model)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from vsteer.errors import RecipeError
+from vsteer.files import resolve_recipe, shipped_recipes
 from vsteer.recipes import load_recipe
 from vsteer.run import SECTIONS, load_run_spec, section_options
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TRAINING = sorted(p for p in RECIPES.glob("*.yaml") if p.name != "claims.yaml")
+RECIPES = shipped_recipes()
+TRAINING = sorted(p for p in RECIPES.glob("*.yaml") if p.name not in ("claims.yaml", "verdicts.yaml"))
 
 
 def test_the_four_comparison_recipes_are_shipped():
@@ -56,3 +55,22 @@ def test_run_recipe_that_is_not_yaml_is_one_clear_line(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_run_spec(bad)
+
+
+@pytest.mark.parametrize("name", ["claims", "claims.yaml", "recipes/claims.yaml"])
+def test_shipped_recipe_is_found_by_name_from_any_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe(name) == RECIPES / "claims.yaml"
+    assert load_run_spec(name).name == "claims"
+
+
+def test_a_file_in_the_working_directory_wins_over_the_shipped_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "claims.yaml").write_text("name: mine\n")
+    assert load_run_spec("claims.yaml").name == "mine"
+
+
+def test_unknown_recipe_names_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match="not found.*shipped recipes: claims"):
+        load_recipe("value_only_ftt")

@@ -9,7 +9,7 @@ from conftest import VOCAB, make_tiny_model, random_ids
 
 import vsteer
 from vsteer.errors import VectorError
-from vsteer.steer import attention_output_change, residual_change, residual_change_norms
+from vsteer.steering import attention_output_change, residual_change, residual_change_norms
 from vsteer.vectors import SteeringVector
 
 

@@ -52,6 +52,15 @@ def test_report_has_a_verdict_table_and_every_number_in_results_json(tmp_path):
         assert v["verdict"] in ("supported", "not supported", "inconclusive")
     for name in ("basis", "probing"):
         assert (report.parent / f"{name}.png").stat().st_size > 1000
+    # the Limits paragraph states this run's model, not a fixed one
+    facts = data["meta"]["model_facts"]
+    assert facts["n_layers"] == 30 and facts["n_kv_heads"] == 3
+    assert f"{facts['n_params'] / 1e6:.3g}M parameters, 30 layers" in text
+    # every section's piece records the shipped data files it read, with their hashes
+    for piece in (report.parent / "cache").glob("section-*/piece.json"):
+        reads = json.loads(piece.read_text())["reads"]
+        assert any(k.startswith("data/sst2/") for k in reads), piece.parent.name
+        assert all(len(h) == 64 for h in reads.values())
 
 
 def test_rerun_reuses_pieces_and_same_seed_gives_same_numbers(tmp_path):

@@ -9,7 +9,7 @@ from conftest import FAMILIES, make_tiny_model, random_ids
 import vsteer
 from vsteer.errors import SiteError, VectorError
 from vsteer.hooks import hook_count, site_shape
-from vsteer.steer import attention_output_change, per_row
+from vsteer.steering import attention_output_change, per_row
 from vsteer.vectors import SteeringVector
 
 

@@ -19,7 +19,7 @@ def smollm():
 
 @pytest.fixture(scope="module")
 def refusal(smollm):
-    from vsteer.extract import caa_pairs
+    from vsteer.extraction import caa_pairs
 
     model, tok = smollm
     return vsteer.extract(model, tok, caa_pairs("refusal", limit=24), site="v", layers="11-17")
@@ -70,7 +70,7 @@ def test_generated_only_steering_at_batch_4_matches_each_row_alone(smollm, refus
 
 
 def test_value_vector_equals_its_residual_change_on_the_real_model(smollm, refusal):
-    from vsteer.steer import residual_change
+    from vsteer.steering import residual_change
 
     model, tok = smollm
     enc = tok(_chat(tok, ["Tell me a joke.", "What is two plus two?"]), return_tensors="pt", padding=True)

@@ -344,3 +344,92 @@ def test_cli_check_validates_recipe_and_data_without_loading_a_model(tmp_path, s
 
 def test_float_keys_accept_exponents_without_a_dot(sft_file):
     assert load_recipe(_recipe(sft_file), ["training.learning_rate=5e-3"])["training.learning_rate"] == 0.005
+
+
+# precision, TRL config keys, launchers ---------------------------------------------------------
+def _train_dtypes(recipe, tmp_path, **kwargs):
+    """Train; return the dtypes of one MLP activation seen in training-mode forwards, and the meta."""
+    model = make_tiny_model("llama")
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, a, out: seen.append(out.dtype) if m.training else None
+    )
+    result = train_from_recipe(
+        recipe, output_dir=tmp_path / "adapters", model=model, tokenizer=char_tokenizer(), **kwargs
+    )
+    return seen, json.loads((result.adapter_dir / ADAPTER_META).read_text()), result
+
+
+def test_bf16_recipe_trains_under_bf16_autocast_and_records_it(tmp_path, sft_file):
+    seen, meta, result = _train_dtypes(_recipe(sft_file, max_steps=2, precision="bf16"), tmp_path)
+    assert seen and set(seen) == {torch.bfloat16}
+    run = meta["training_run"]
+    assert (run["precision"], run["mixed_precision"], run["autocast"]) == ("bf16", "bf16", True)
+    assert run["weights_dtype"] == "float32" and run["optim"] == "adamw_torch"
+    assert result.metrics["precision"] == "bf16" and meta["metrics"]["mixed_precision"] == "bf16"
+    import accelerate
+    import peft
+    import transformers
+    import trl
+
+    for module in (torch, transformers, peft, trl, accelerate):  # resolved, installed versions
+        assert meta["versions"][module.__name__] == module.__version__
+
+
+def test_launcher_mixed_precision_does_not_override_an_fp32_recipe(tmp_path, sft_file, monkeypatch, caplog):
+    """What ``accelerate launch`` with ``mixed_precision: bf16`` exports: the recipe still wins."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level("WARNING", logger="vsteer.train"):
+        seen, meta, _ = _train_dtypes(_recipe(sft_file, max_steps=2), tmp_path)
+    assert seen and set(seen) == {torch.float32}
+    assert meta["training_run"]["mixed_precision"] == "no"
+    assert meta["training_run"]["launcher_mixed_precision"] == "bf16"
+    assert any("not the launcher's 'bf16'" in r.getMessage() for r in caplog.records)
+
+
+def test_trl_fields_pass_through_and_optimizer_and_checkpointing_are_recorded(tmp_path, sft_file):
+    recipe = _recipe(sft_file, max_steps=2, optim="sgd", gradient_checkpointing=True, adam_beta2=0.95)
+    _, meta, _ = _train_dtypes(recipe, tmp_path)
+    assert meta["recipe"]["training"]["adam_beta2"] == 0.95
+    assert (meta["training_run"]["optim"], meta["training_run"]["gradient_checkpointing"]) == ("sgd", True)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        (
+            "adam_beta",
+            0.9,
+            r"unknown recipe key 'training\.adam_beta' \(did you mean 'training\.adam_beta\d'\?\); valid training keys: .*batch_size.*precision.*trl\.SFTConfig",
+        ),
+        ("bf16", True, r"'training\.bf16' is set by vsteer; use training\.precision"),
+        ("precision", "fp8", r"training\.precision.*fp32, bf16, fp16"),
+    ],
+)
+def test_bad_training_key_is_one_line_naming_it_and_the_valid_ones(sft_file, key, value, match):
+    with pytest.raises(RecipeError, match=match) as err:
+        load_recipe(_recipe(sft_file, **{key: value}))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "training, match",
+    [({"optim": "no_such_optimizer"}, "trl.SFTConfig"), ({"precision": "fp16"}, "fp16 needs a GPU")],
+)
+def test_values_trl_rejects_fail_before_the_model_loads(tmp_path, sft_file, training, match, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    recipe = {**_recipe(sft_file, **training), "model": "no-such-model", "device": "cpu"}
+    with pytest.raises(RecipeError, match=match) as err:
+        train_from_recipe(recipe, output_dir=tmp_path)
+    assert "\n" not in str(err.value)
+
+
+# quiet output ------------------------------------------------------------------------------------
+def test_training_is_quiet_by_default_and_progress_is_one_bar(tmp_path, sft_file, capfd):
+    _run(_recipe(sft_file, logging_steps=1), tmp_path)
+    out, err = capfd.readouterr()
+    assert "'loss'" not in out + err and "Tokenizing" not in err and "Map" not in err, (out, err)
+    _run({**_recipe(sft_file, logging_steps=1), "name": "bar"}, tmp_path, progress=True)
+    out, err = capfd.readouterr()
+    assert "'loss'" not in out and "Tokenizing" not in err
+    assert "train bar" in err and err.count("4/4") >= 1 and "train tiny" not in err

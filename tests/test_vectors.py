@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 
 import vsteer
 from vsteer.errors import DataError, SiteError, VectorError
-from vsteer.extract import Example, collect, direction, extract_sites
+from vsteer.extraction import Example, collect, direction, extract_sites
 from vsteer.gguf_io import export_gguf, import_gguf
 from vsteer.hooks import captured_forward, site_shape
 from vsteer.vectors import SteeringVector
@@ -166,7 +166,7 @@ def test_extraction_batches_with_padding_give_the_same_activations(llama):
 
 
 def test_position_rules_read_answer_completion_and_mean():
-    from vsteer.extract import _weights
+    from vsteer.extraction import _weights
 
     assert _weights("answer", 5, 3).tolist() == [0, 0, 0, 0, 1]
     assert _weights("completion", 5, 3).tolist() == [0, 0, 0, 0.5, 0.5]
@@ -227,9 +227,10 @@ def test_extract_refuses_bad_input(llama):
 
 
 def test_public_names_are_the_functions(llama):
-    import vsteer.extract  # noqa: F401  (importing the module must not hide the function)
-    import vsteer.steer  # noqa: F401
+    import vsteer.extraction as extraction_module
+    import vsteer.steering as steering_module
 
+    assert callable(steering_module.per_row) and callable(extraction_module.caa_pairs)
     vec = vsteer.extract(llama, CharTokenizer(), PAIRS, site="resid", layers=1, position="last")
     assert isinstance(vec, SteeringVector)
     with vsteer.steer(llama, vec):

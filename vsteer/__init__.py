@@ -1,24 +1,45 @@
 """vsteer: steer and test language models through the attention value path.
 
-Core names are imported eagerly; the heavier parts (training, steering vectors, experiments)
-load on first use so that ``import vsteer`` stays fast.
+Every public name loads its module on first use, so ``import vsteer`` (and ``vsteer --help``)
+imports no torch or transformers. Functions and modules never share a name: ``vsteer.steer``
+and ``vsteer.extract`` are functions, their modules are :mod:`vsteer.steering` and
+:mod:`vsteer.extraction`.
 """
 
-from vsteer.arch import ArchSpec, ModelArch, get_arch
-from vsteer.errors import DataError, ModelError, RecipeError, SiteError, VectorError, VsteerError
-from vsteer.extract import extract
-from vsteer.hooks import Activations, Step, add, apply, capture, captured_forward, intervene, replace, scale
-from vsteer.sites import SITE_NAMES, Site
-from vsteer.steer import steer
-from vsteer.vectors import SteeringVector
+from __future__ import annotations
 
-# ``vsteer.extract`` and ``vsteer.steer`` name both a module and its main function: importing
-# the modules here, then binding the functions, keeps ``vsteer.steer(...)`` a function however
-# the submodules are imported later (Python sets the package attribute only on first import).
+import importlib
 
+# The one place the version is written (pyproject.toml reads it; ``vsteer --version`` prints it).
 __version__ = "0.1.0"
 
-_LAZY = {
+# public name -> module that defines it
+_PUBLIC = {
+    "ArchSpec": "vsteer.arch",
+    "ModelArch": "vsteer.arch",
+    "get_arch": "vsteer.arch",
+    "DataError": "vsteer.errors",
+    "ModelError": "vsteer.errors",
+    "RecipeError": "vsteer.errors",
+    "SiteError": "vsteer.errors",
+    "VectorError": "vsteer.errors",
+    "VsteerError": "vsteer.errors",
+    "Activations": "vsteer.hooks",
+    "Step": "vsteer.hooks",
+    "add": "vsteer.hooks",
+    "apply": "vsteer.hooks",
+    "capture": "vsteer.hooks",
+    "captured_forward": "vsteer.hooks",
+    "intervene": "vsteer.hooks",
+    "replace": "vsteer.hooks",
+    "scale": "vsteer.hooks",
+    "SITE_NAMES": "vsteer.sites",
+    "Site": "vsteer.sites",
+    "SteeringVector": "vsteer.vectors",
+    "extract": "vsteer.extraction",
+    "steer": "vsteer.steering",
+    "per_row": "vsteer.steering",
+    "residual_change": "vsteer.steering",
     "load_model": "vsteer.models",
     "config_fingerprint": "vsteer.models",
     "add_adapter": "vsteer.lora",
@@ -28,38 +49,17 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'vsteer' has no attribute {name!r}")
-    import importlib
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-    return getattr(importlib.import_module(module), name)
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
 
 
-__all__ = [
-    "ArchSpec",
-    "ModelArch",
-    "get_arch",
-    "DataError",
-    "ModelError",
-    "RecipeError",
-    "SiteError",
-    "VectorError",
-    "VsteerError",
-    "Activations",
-    "Step",
-    "add",
-    "apply",
-    "capture",
-    "captured_forward",
-    "intervene",
-    "replace",
-    "scale",
-    "SITE_NAMES",
-    "Site",
-    "SteeringVector",
-    "extract",
-    "steer",
-    *_LAZY,
-]
+__all__ = [*_PUBLIC, "__version__"]

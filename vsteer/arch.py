@@ -106,7 +106,7 @@ def _text_config(config):
     return get() if callable(get) else config
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain transformers model under a PEFT wrapper (module paths are the same)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -121,7 +121,7 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 def spec_for(model: nn.Module) -> ArchSpec:
     """The spec for ``model``, chosen by ``config.model_type`` (not the class name)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     config = getattr(model, "config", None)
     model_type = getattr(_text_config(config), "model_type", None) if config is not None else None
     for spec in SPECS:
@@ -261,7 +261,7 @@ class ModelArch:
         return w if rows is None else w[rows.to(w.device)]
 
     def bias(self, layer: int, role: str) -> torch.Tensor | None:
-        b = getattr(_base_layer(self.projection(layer, role)), "bias", None)
+        b = getattr(base_layer(self.projection(layer, role)), "bias", None)
         if b is None:
             return None
         rows = self.rows(role)
@@ -289,14 +289,14 @@ class ModelArch:
         }
 
 
-def _base_layer(module: nn.Module) -> nn.Module:
+def base_layer(module: nn.Module) -> nn.Module:
     """The original layer under a PEFT LoRA wrapper."""
     base = getattr(module, "base_layer", None)
     return base if isinstance(base, nn.Module) else module
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
-    return _base_layer(module).weight
+    return base_layer(module).weight
 
 
 def _int_attr(config, *names, default=None):
@@ -317,7 +317,7 @@ def get_arch(model: nn.Module) -> ModelArch:
 
     The result is cached on the model instance.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     cached = base.__dict__.get(_ARCH_CACHE_ATTR)
     if cached is not None:
         return cached

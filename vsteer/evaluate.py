@@ -1,7 +1,9 @@
-"""Statistics shared by the experiments: bootstrap intervals and the verdict rule.
+"""Statistics shared by the experiments: bootstrap intervals, Wilson intervals, findings.
 
 Every headline number carries a 95% bootstrap interval over items; a fixed seed gives the same
-interval. Verdicts follow one rule, written into each result (:func:`decide`).
+interval. An experiment reports a claim as a :class:`Finding` (made with :func:`finding`): the
+measurement and the id of the rule that judges it. Verdicts are computed from findings and the
+rules file at report time, in :mod:`vsteer.verdicts` (see there for the rule and Holm).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def bootstrap(
         raise ValueError("cannot bootstrap an empty sample")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
-    stats = np.array([statistic(x[i]) for i in idx])
+    if statistic is np.mean:  # vectorised: the mean over all but the resample axis
+        stats = x[idx].reshape(n_boot, -1).mean(axis=1)
+    else:
+        stats = np.array([statistic(x[i]) for i in idx])
     alpha = (1 - level) / 2
     return Estimate(
         float(statistic(x)),
@@ -73,14 +78,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """A claim, what was measured, the effect with its interval, and the rule that decided it."""
+class Finding:
+    """A measurement behind a claim: what cached pieces and experiment results store.
 
+    ``rule_id`` names the rule in ``vsteer/recipes/verdicts.yaml`` that turns it into a verdict
+    (at report time, see :mod:`vsteer.verdicts`); the finding itself holds no verdict.
+    """
+
+    rule_id: str
     claim: str
     measured: str
     effect: Estimate
-    verdict: str
-    rule: str
     command: str = ""
 
     def to_dict(self) -> dict:
@@ -88,25 +96,31 @@ class Verdict:
         d["effect"] = self.effect.to_dict()
         return d
 
-
-def decide(effect: Estimate, threshold: float = 0.0, larger_supports: bool = True) -> str:
-    """The one verdict rule: supported if the whole 95% interval lies beyond ``threshold`` on the
-    side the claim predicts, not supported if it lies wholly on the other side (or at/below it),
-    inconclusive if the interval straddles the threshold."""
-    lo, hi = effect.low, effect.high
-    if not larger_supports:
-        lo, hi, threshold = -hi, -lo, -threshold
-    if lo > threshold:
-        return SUPPORTED
-    if hi <= threshold:
-        return NOT_SUPPORTED
-    return INCONCLUSIVE
+    @classmethod
+    def from_dict(cls, d: dict) -> Finding:
+        return cls(d["rule_id"], d["claim"], d["measured"], Estimate(**d["effect"]), d.get("command", ""))
 
 
-def rule_text(threshold: float, larger_supports: bool = True, what: str = "effect") -> str:
-    side = ">" if larger_supports else "<"
-    other = "<=" if larger_supports else ">="
-    return (
-        f"supported if the 95% CI of the {what} lies wholly {side} {threshold:g}; "
-        f"not supported if it lies wholly {other} {threshold:g}; otherwise inconclusive"
-    )
+def finding(rule_id: str, *, claim: str, measured: str, effect: Estimate, command: str = "") -> Finding:
+    """A :class:`Finding`; ``rule_id`` must name a rule of the shipped rules file."""
+    from vsteer.verdicts import shipped_rules
+
+    if rule_id not in shipped_rules():
+        from vsteer.errors import RecipeError
+
+        raise RecipeError(f"unknown verdict rule {rule_id!r}; add it to vsteer/recipes/verdicts.yaml")
+    if not isinstance(effect, Estimate):
+        raise TypeError(f"effect must be an Estimate, got {type(effect).__name__}")
+    return Finding(rule_id, claim, measured, effect, command)
+
+
+# The verdict rule moved to vsteer.verdicts (kept out of cache keys); these names stay importable here.
+_MOVED = ("Rule", "Verdict", "decide", "rule_text", "judge", "judge_all", "load_rules", "holm", "p_value")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        from vsteer import verdicts
+
+        return getattr(verdicts, name)
+    raise AttributeError(f"module 'vsteer.evaluate' has no attribute {name!r}")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vsteer.errors import VectorError
+from vsteer.files import atomic_write
 from vsteer.vectors import SteeringVector
 
 ARCH = "controlvector"
@@ -24,8 +25,6 @@ ARCH = "controlvector"
 def export_gguf(vector: SteeringVector, path: str | os.PathLike, model_hint: str | None = None) -> Path:
     """Write ``vector`` (site ``resid``) as a llama.cpp control-vector GGUF at ``path`` (atomically)."""
     import gguf
-
-    from vsteer.experiments.result import atomic_write
 
     if vector.site != "resid":
         raise VectorError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vsteer.arch import ModelArch, _unwrap, get_arch
+from vsteer.arch import ModelArch, get_arch, unwrap
 from vsteer.errors import SiteError
 from vsteer.sites import HEAD_SITES, Site, as_site, exec_key
 
@@ -130,7 +130,7 @@ def _combine(mask: torch.Tensor | None, other: torch.Tensor | None) -> torch.Ten
     return mask & other
 
 
-def _check_positions(positions: PositionSpec) -> PositionSpec:
+def check_positions(positions: PositionSpec) -> PositionSpec:
     if positions is None or isinstance(positions, slice | range | int | torch.Tensor):
         return positions
     if isinstance(positions, str):
@@ -204,7 +204,7 @@ class Add(Operation):
 
     def bind(self, site, shape):
         heads = _check_heads(self.heads, site, shape)
-        positions = _check_positions(self.positions)
+        positions = check_positions(self.positions)
         vec = torch.as_tensor(self.vector)
         if not torch.is_floating_point(vec):
             vec = vec.float()
@@ -282,7 +282,7 @@ class Replace(Operation):
 
     def bind(self, site, shape):
         heads = _check_heads(self.heads, site, shape)
-        positions = _check_positions(self.positions)
+        positions = check_positions(self.positions)
         src = self.tensor
         if src.dim() == len(shape) + 1:
             src = src[None]
@@ -324,7 +324,7 @@ class Scale(Operation):
 
     def bind(self, site, shape):
         heads = _check_heads(self.heads, site, shape)
-        positions = _check_positions(self.positions)
+        positions = check_positions(self.positions)
         factor = self.factor
         if isinstance(factor, bool) or not isinstance(factor, int | float):
             raise SiteError(f"scale factor must be a number, got {factor!r}")
@@ -551,7 +551,7 @@ def capture(model: nn.Module, sites: Iterable, stop: bool = False, detach: bool 
 def captured_forward(model: nn.Module, sites: Iterable, stop: bool = True, **inputs) -> Activations:
     """Run one forward pass and return the captured sites (stopping early by default)."""
     with torch.no_grad(), capture(model, sites, stop=stop) as acts:
-        _unwrap(model)(**inputs)
+        unwrap(model)(**inputs)
     return acts
 
 

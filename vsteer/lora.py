@@ -7,18 +7,28 @@ Targets are roles (``"v"``, ``"q"``, ``"k"``, ``"o"``, any combination of those 
 Fused projections (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, Phi-3 ``qkv_proj``): the
 fused module is targeted and the rows of ``lora_B`` that belong to roles *not* asked for are
 kept at exactly zero, so the adapter changes only the requested slice (e.g. V) of the fused
-output. The guarantee rests on three things, all installed on the parameters themselves so that
-they hold under any optimizer loop (Trainer, Accelerate, a plain ``for`` loop, DDP):
+output. The guarantee rests on three things, installed on the modules themselves so that they
+hold under any optimizer loop (Trainer, Accelerate, a plain ``for`` loop, DDP, FSDP2):
 
 1. zero init: PEFT initialises ``lora_B`` to zeros (``init_lora_weights=True``); checked here;
-2. a gradient mask: ``lora_B.weight.register_hook`` multiplies the gradient by a 0/1 row mask
-   before it is accumulated into ``.grad`` (and before DDP all-reduces it), so masked rows get
-   exact zeros. SGD (with momentum), Adam and AdamW keep a parameter that starts at zero and
-   only ever sees zero gradients at exactly zero: their moments stay zero, and (decoupled)
-   weight decay multiplies zero by a factor;
-3. a check: :func:`check_masked_rows` raises if any masked row is non-zero; the trainer runs
-   it after every optimizer step (:class:`MaskedRowsCallback`), and :func:`watch_optimizer`
-   attaches it to a plain optimizer with ``register_step_post_hook``.
+2. an output mask: a forward hook on the ``lora_B`` module multiplies its output ``[..., out]``
+   by a 0/1 mask over the fused output features. The gradient of a masked row of
+   ``lora_B.weight`` is then exactly zero, whatever form the parameter takes when the gradient
+   is computed: a plain tensor, a DDP replica, or the all-gathered FSDP2 ``DTensor`` whose
+   gradient is reduce-scattered to row shards (a hook on the parameter object would be lost
+   when ``fully_shard`` replaces it). SGD (with momentum), Adam and AdamW keep a parameter that
+   starts at zero and only ever sees zero gradients at exactly zero: their moments stay zero,
+   (decoupled) weight decay multiplies zero by a factor, and gradient clipping sees the norm of
+   the kept rows only;
+3. a check: :func:`check_masked_rows` raises if any masked row is non-zero (on FSDP2 each process
+   checks its local row shard); the trainer runs it after every optimizer step
+   (``MaskedRowsCallback``), and :func:`watch_optimizer` attaches it to a plain optimizer with
+   ``register_step_post_hook``.
+
+DeepSpeed ZeRO-3 (partitioned, empty local weights) is refused: nothing here can check the rows.
+A bare :func:`lora_config` cannot carry the mask, so it refuses fused targets that need one
+(``SFTTrainer(peft_config=...)`` would train the Q and K rows); pass the ``PeftModel`` from
+:func:`add_adapter` as ``SFTTrainer(model=...)`` or use :func:`vsteer.train_from_recipe`.
 
 For GPT-2 ``Conv1D`` (``fan_in_fan_out``) PEFT still stores ``lora_B`` as ``[out, r]``, so its
 rows are the fused output features in both cases.
@@ -328,9 +338,22 @@ def plan_adapter(
 def lora_config(model: nn.Module, targets: str | Sequence[str] = "v", r: int = 8, **kwargs):
     """The PEFT ``LoraConfig`` for ``targets`` on ``model`` (see :func:`plan_adapter`).
 
-    Note: a config alone does not mask fused rows; use :func:`add_adapter` for fused models.
+    Refused (:class:`VsteerError`) when a target is a slice of a fused projection (``"v"`` on
+    GPT-2's ``c_attn``): a config alone cannot keep the other rows of ``lora_B`` at zero, so
+    ``SFTTrainer(peft_config=...)`` / ``get_peft_model`` would train Q and K too. Use
+    :func:`add_adapter` (and pass its ``PeftModel`` as ``SFTTrainer(model=...)``) or
+    :func:`vsteer.train_from_recipe` there.
     """
-    return plan_adapter(model, targets, r, **kwargs).lora_config(model)
+    plan = plan_adapter(model, targets, r, **kwargs)
+    masked = [m for m in plan.modules if m.masked]
+    if masked:
+        raise VsteerError(
+            f"lora_config: target {plan.label!r} is a slice of the fused projection {masked[0].name} "
+            f"({len(masked)} modules); a LoraConfig alone would also train the other rows "
+            f"(SFTTrainer(peft_config=...) included). Use vsteer.add_adapter(model, {plan.label!r}) and pass "
+            f"the PeftModel as SFTTrainer(model=...), or vsteer.train_from_recipe"
+        )
+    return plan.lora_config(model)
 
 
 def add_adapter(
@@ -380,12 +403,14 @@ def _lora_b(peft_model: nn.Module, name: str, adapter_name: str) -> torch.Tensor
 
 
 def install_masks(peft_model: nn.Module, plan: AdapterPlan, adapter_name: str = "default") -> None:
-    """Zero-check and gradient-mask the non-target rows of ``lora_B`` on masked fused modules."""
+    """Zero-check the non-target rows of ``lora_B`` on masked fused modules and mask their output
+    (see the module docstring); the masks are kept on the model for :func:`check_masked_rows`."""
     masks: dict[str, torch.Tensor] = {}
     for m in plan.modules:
         if not m.masked:
             continue
         weight = _lora_b(peft_model, m.name, adapter_name)  # [out_features, r]
+        _refuse_partitioned(weight, m.name)
         if weight.shape[0] != m.out_features:
             raise VsteerError(
                 f"{m.name}: lora_B has {weight.shape[0]} rows, expected {m.out_features} output features"
@@ -393,23 +418,56 @@ def install_masks(peft_model: nn.Module, plan: AdapterPlan, adapter_name: str = 
         keep = torch.zeros(m.out_features, 1, dtype=weight.dtype, device=weight.device)
         keep[m.keep_rows.to(weight.device)] = 1
         with torch.no_grad():
-            if bool((weight * (1 - keep)).ne(0).any()):
+            local, offset = _local_rows(weight)
+            if bool((local * (1 - keep[offset : offset + local.shape[0]])).ne(0).any()):
                 raise VsteerError(
                     f"{m.name}: lora_B does not start at zero; masked LoRA needs init_lora_weights=True"
                 )
-        weight.register_hook(_GradMask(keep))
+        lora_b = peft_model.get_base_model().get_submodule(m.name).lora_B[adapter_name]
+        lora_b.register_forward_hook(_OutputMask(keep[:, 0]))
         masks[m.name] = keep
     peft_model.__dict__[_MASK_ATTR] = (adapter_name, masks)
 
 
-class _GradMask:
-    """Tensor hook: the gradient of ``lora_B.weight`` times a ``[out, 1]`` 0/1 row mask."""
+class _OutputMask:
+    """Forward hook of a ``lora_B`` module: its output ``[..., out]`` times a 0/1 ``[out]`` mask, so
+    masked rows of ``lora_B.weight`` get exactly zero gradient however the parameter is stored."""
 
     def __init__(self, keep: torch.Tensor):
-        self.keep = keep
+        self.keep = keep  # [out]
 
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self.keep.to(device=grad.device, dtype=grad.dtype)
+    def __call__(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        if self.keep.device != output.device:  # the model moved (e.g. .to("cuda")): follow it once
+            self.keep = self.keep.to(output.device)
+        return output * self.keep.to(output.dtype)
+
+
+def _refuse_partitioned(weight: torch.Tensor, name: str) -> None:
+    if hasattr(weight, "ds_id") or hasattr(weight, "ds_numel"):
+        raise VsteerError(
+            f"{name}: lora_B is a DeepSpeed ZeRO-3 partitioned parameter; vsteer cannot keep or check the "
+            f"V-slice rows under ZeRO-3: use ZeRO-2, DDP or FSDP2 (accelerate_configs/)"
+        )
+
+
+def _local_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(rows held by this process [n_local, r], index of its first global row)``.
+
+    A plain tensor is all rows from 0; an FSDP2 ``DTensor`` (``Shard(0)`` over the data-parallel
+    mesh) is its local shard, so checking needs no communication."""
+    from_local = getattr(weight, "to_local", None)
+    if from_local is None:
+        return weight, 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in weight.placements):
+        raise VsteerError(
+            f"lora_B is a DTensor with placements {weight.placements}; vsteer checks row shards "
+            f"(Shard(0), as FSDP2 makes) or replicas only"
+        )
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return from_local(), int(offset[0])
 
 
 def masked_modules(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -426,7 +484,9 @@ def _find_masks(model: nn.Module):
 
 
 def check_masked_rows(peft_model: nn.Module) -> int:
-    """Raise if a masked row of a fused ``lora_B`` is not exactly zero; returns the modules checked."""
+    """Raise if a masked row of a fused ``lora_B`` is not exactly zero; returns the modules checked.
+
+    Under FSDP2 each process checks the rows it holds (no collective: safe to call on one rank)."""
     entry = _find_masks(peft_model)
     if entry is None:
         return 0
@@ -435,7 +495,10 @@ def check_masked_rows(peft_model: nn.Module) -> int:
     with torch.no_grad():
         for name, keep in masks.items():
             weight = _lora_b(model, name, adapter_name)
-            leaked = (weight * (1 - keep.to(weight.device, weight.dtype))).abs().max()
+            _refuse_partitioned(weight, name)
+            local, offset = _local_rows(weight)
+            rows = keep[offset : offset + local.shape[0]].to(local.device, local.dtype)
+            leaked = (local * (1 - rows)).abs().max() if local.numel() else local.new_zeros(())
             if leaked != 0:
                 raise VsteerError(
                     f"{name}: masked rows of lora_B moved away from zero (max |value| {float(leaked):.3g}); "

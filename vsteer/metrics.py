@@ -13,6 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vsteer.encoding import encode_batch, position_ids_from_mask, to_numpy
+from vsteer.models import model_device
+
 
 def vader_scores(texts: Sequence[str]) -> np.ndarray:
     """VADER compound score in [-1, 1] for each text."""
@@ -20,10 +23,6 @@ def vader_scores(texts: Sequence[str]) -> np.ndarray:
 
     vader = SentimentIntensityAnalyzer()
     return np.array([vader.polarity_scores(t)["compound"] for t in texts])
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @dataclass
@@ -42,8 +41,7 @@ def sample_continuations(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24, seed: int = 0, do_sample: bool = True
 ) -> Samples:
     """Continue plain-text prompts (no chat template); sampling at temperature 1 with a fixed seed."""
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    enc = {k: v.to(_device(model)) for k, v in enc.items()}
+    enc = encode_batch(tokenizer, list(prompts), device=model_device(model))
     torch.manual_seed(seed)
     out = model.generate(
         **enc,
@@ -63,8 +61,9 @@ def sample_continuations(
 
 def _token_logps(model, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[n, seq-1]`` log p of each next token."""
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids).logits.float()
+    sequences, mask = sequences.to(model_device(model)), mask.to(model_device(model))
+    logits = model(input_ids=sequences, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits.float()
     return torch.log_softmax(logits[:, :-1], -1).gather(-1, sequences[:, 1:, None])[..., 0]
 
 
@@ -74,7 +73,7 @@ def continuation_logp(model, samples: Samples) -> np.ndarray:
     lp = _token_logps(model, samples.sequences, samples.attention_mask)
     keep = torch.zeros_like(lp, dtype=torch.bool)
     keep[:, samples.prompt_len - 1 :] = True
-    return (lp * keep).sum(-1).cpu().numpy()
+    return to_numpy((lp * keep).sum(-1))
 
 
 def sequence_kl(policy, reference, samples: Samples) -> np.ndarray:
@@ -89,7 +88,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     """Perplexity over ``[n, window]`` token windows (all tokens but the first of each)."""
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i : i + batch_size].to(_device(model))
+        ids = windows[i : i + batch_size].to(model_device(model))
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
@@ -100,13 +99,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """``[n, vocab]`` log-probabilities of the token after each prompt."""
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    enc = {k: v.to(_device(model)) for k, v in enc.items()}
-    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    logits = model(**enc, position_ids=position_ids).logits[:, -1].float()
+    enc = encode_batch(tokenizer, list(prompts), device=model_device(model))
+    logits = model(**enc).logits[:, -1].float()
     return torch.log_softmax(logits, -1).cpu()
 
 
 def kl_rows(base_logp: torch.Tensor, logp: torch.Tensor) -> np.ndarray:
     """KL(base || other) per row of two ``[n, vocab]`` log-probability tables."""
-    return (base_logp.exp() * (base_logp - logp)).sum(-1).numpy()
+    return to_numpy((base_logp.exp() * (base_logp - logp)).sum(-1))

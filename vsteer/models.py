@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from vsteer.errors import ModelError
+from vsteer.files import share as _share  # mkdtemp and safetensors create owner-only files
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ def _shape_fields(config) -> dict:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype=torch.float32,
-    device="cpu",
+    device="auto",
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ):
@@ -298,12 +299,14 @@ def load_model(
 
     The tokenizer always pads on the left: batched ``generate`` appends new tokens on the
     right, so right padding would put pad tokens between a prompt and its continuation.
+    ``device``: ``"auto"`` (CUDA when available, else CPU; see :func:`default_device`) or a torch
+    device; ``dtype``: a floating torch dtype, its name, or ``"auto"`` (see :func:`resolve_dtype`).
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``.
     """
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
-    torch_dtype = _check_dtype(dtype)
-    torch_device = _check_device(device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     canonical = resolve_model_name(name_or_path)
     root = _cache_root(cache_dir)
     embedded = _embedded(canonical)
@@ -321,22 +324,59 @@ def _cache_root(override) -> Path:
     return Path(override).expanduser() if override is not None else cache_dir()
 
 
-def _check_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ModelError(
-            f"dtype must be a floating torch.dtype or its name (float32, bfloat16, float16), got {dtype!r}"
-        )
-    return value
+def default_device() -> torch.device:
+    """``cuda`` when a CUDA device is available, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_device(device) -> torch.device:
+def resolve_device(device="auto", check_available: bool = True) -> torch.device:
+    """A torch device from ``"auto"``/``None`` (:func:`default_device`), a name such as ``"cuda:1"``,
+    or a device; an unavailable CUDA device is refused here rather than deep inside a forward
+    (``check_available=False`` checks the name only, e.g. for a recipe validated on another machine)."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return default_device()
     try:
-        return torch.device(device)
+        out = torch.device(device.strip() if isinstance(device, str) else device)
     except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+        raise ModelError(
+            f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from exc
+    if out.type == "cuda" and check_available:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+        if n == 0:
+            raise ModelError(f"device {device!r} was asked for, but no CUDA device is available; use 'cpu'")
+        if out.index is not None and out.index >= n:
+            raise ModelError(f"device {device!r} does not exist: {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return out
+
+
+def resolve_dtype(dtype="float32", device=None) -> torch.dtype:
+    """A floating torch dtype from a dtype, its name (``"bfloat16"``, ``"bf16"``, ``"float16"``...),
+    or ``"auto"``: bfloat16 on a CUDA device that supports it, else float32."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
+        if name == "auto":
+            dev = resolve_device(device)
+            bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if bf16 else torch.float32
+        value = getattr(torch, name, None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    raise ModelError(
+        f"dtype must be 'auto' or a floating torch dtype or its name (float32, bfloat16, float16), got {dtype!r}"
+    )
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (where its inputs must go)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _load_other(name: str, canonical: str, root: Path, dtype, trust_remote_code: bool):
@@ -549,25 +589,6 @@ def _materialised(root: Path, name: str, build: Callable[[Path], dict]) -> Path:
     return final
 
 
-def _share(directory: Path) -> None:
-    """mkdtemp and safetensors create owner-only files; a cache should follow the umask."""
-    umask = _umask()
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _umask() -> int:
-    """The process umask, read without the set-and-restore race of ``os.umask``."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def _is_complete(directory: Path) -> bool:
     try:
         marker = json.loads((directory / _MARKER).read_text())
@@ -622,9 +643,9 @@ def _remove_aside(directory: Path) -> None:
 # Model info
 
 
-def model_info(name: str) -> dict:
+def model_info(name: str, device="auto", dtype="float32") -> dict:
     """Facts about a model for ``vsteer model info``: family, shapes, parameter count, sites."""
-    model, _ = load_model(name)
+    model, _ = load_model(name, dtype=dtype, device=device)
     config = model.config.get_text_config()
     fields = _shape_fields(config)
     info = {
@@ -641,6 +662,8 @@ def model_info(name: str) -> dict:
         "vocab_size": fields["vocab_size"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "fingerprint": config_fingerprint(config),
+        "device": str(model_device(model)),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     embedded = _embedded(info["name"])
     if embedded is not None:
@@ -676,6 +699,8 @@ def format_model_info(info: dict) -> str:
         "vocab_size": "vocab size",
         "parameters": "parameters",
         "fingerprint": "fingerprint",
+        "device": "device",
+        "dtype": "dtype",
         "licence": "licence",
     }
     lines = []
@@ -689,3 +714,44 @@ def format_model_info(info: dict) -> str:
         lines.append("sites ({i} = layer index):")
         lines.extend(f"  {site:<6}{where}" for site, where in sites.items())
     return "\n".join(lines)
+
+
+def weights_fingerprint(model: torch.nn.Module, use_file_cache: bool = True) -> str:
+    """16 hex digits of sha256 over the model's state dict (names, dtypes, shapes, bytes).
+
+    Unlike :func:`config_fingerprint`, two checkpoints of one architecture differ. Hashing a
+    135M model takes about a second, so the result is remembered per weight file (path, size,
+    mtime) of the directory the model was loaded from; pass ``use_file_cache=False`` for a model
+    whose weights were changed in memory after loading.
+    """
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    source = Path(name) if name else None
+    files = sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin")) if source and source.is_dir() else []
+    sig = None
+    if use_file_cache and files:
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        sig = hashlib.sha256(json.dumps([stats, str(next(model.parameters()).dtype)]).encode()).hexdigest()
+        memo = cache_dir() / "weights-fingerprints.json"
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, json.JSONDecodeError):
+            known = {}
+        if sig in known:
+            return known[sig]
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    digest = h.hexdigest()[:16]
+    if sig is not None:
+        known[sig] = digest
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache only costs the rehash
+    return digest

@@ -8,7 +8,12 @@ A recipe has four parts (every key optional except ``name`` and ``data.train``):
     seed: 0
     data:    {train: ..., eval: ..., n_train: 256, n_eval: 64, eval_size: 64}
     adapter: {targets: v, r: 8, alpha_per_rank: 2.0, dropout: 0.0, layers: null, budget: null, match: null}
-    training: {max_steps: 40, batch_size: 8, learning_rate: 1.0e-3, max_length: 128, ...}
+    training: {max_steps: 40, batch_size: 8, learning_rate: 1.0e-3, max_length: 128, precision: fp32, ...}
+
+``training`` also takes any field of TRL's ``SFTConfig``/``DPOConfig`` (``adam_beta2``,
+``lr_scheduler_kwargs``, ``loss_type``, ...): passed through to it and validated by it, except the
+fields vsteer sets itself (:data:`TRL_RESERVED`). ``training.precision`` (``fp32``, ``bf16``,
+``fp16``) is the mixed precision the trainer autocasts to, whatever the launcher says.
 
 Overrides are ``section.key=value`` strings (``training.max_steps=10``), or just ``key=value``
 when the key name is unique; values are parsed as YAML (``adapter.layers=[0,1]``).
@@ -29,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from vsteer.errors import DataError, RecipeError
+from vsteer.files import resolve_recipe
 
 REQUIRED = object()
 METHODS = ("sft", "dpo")
@@ -42,6 +48,8 @@ SCHEMA: dict[str, tuple[tuple, object]] = {
     "method": ((str,), "sft"),
     "seed": ((int,), 0),
     "output_dir": ((str,), "adapters"),
+    "device": ((str,), "auto"),  # auto (CUDA when available), cpu or cuda; launchers pick the GPU
+    "dtype": ((str,), "float32"),  # the dtype the weights load in
     "data.train": ((str,), REQUIRED),
     "data.eval": ((str, None), None),
     "data.n_train": ((int, None), None),
@@ -69,6 +77,32 @@ SCHEMA: dict[str, tuple[tuple, object]] = {
     "training.eval_before": ((bool,), True),
     "training.beta": ((float,), 0.1),
     "training.num_threads": ((int, None), None),
+    "training.precision": ((str,), "fp32"),  # fp32 | bf16 | fp16: autocast, on any launcher
+    "training.optim": ((str,), "adamw_torch"),  # a transformers OptimizerNames value
+    "training.gradient_checkpointing": ((bool,), False),
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+# TRL/transformers fields vsteer sets from its own keys or its own policy: not accepted in recipes
+TRL_RESERVED = {
+    "per_device_train_batch_size": "training.batch_size (global)",
+    "per_device_eval_batch_size": "training.eval_batch_size",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "bf16": "training.precision",
+    "fp16": "training.precision",
+    "output_dir": "output_dir",
+    "seed": "seed",
+    "data_seed": "seed",
+    "use_cpu": "device",
+    "save_strategy": "training.save_steps",
+    "save_total_limit": None,
+    "eval_strategy": None,
+    "report_to": None,
+    "disable_tqdm": "the verbose flag of train_from_recipe",
+    "log_level": "the verbose flag of train_from_recipe",
+    "logging_strategy": "training.logging_steps",
+    "num_train_epochs": "training.max_steps",
+    "deepspeed": "an accelerate config (ZeRO-3 is refused)",
 }
 SECTIONS = ("data", "adapter", "training")
 _POSITIVE = {
@@ -177,9 +211,7 @@ def load_recipe(
     elif isinstance(recipe, Mapping):
         raw = copy.deepcopy(dict(recipe))
     else:
-        source = Path(recipe)
-        if not source.is_file():
-            raise RecipeError(f"recipe file {str(source)!r} not found")
+        source = resolve_recipe(recipe)  # a file, or a recipe shipped in vsteer/recipes
         try:
             raw = yaml.safe_load(source.read_text())
         except yaml.YAMLError as err:
@@ -236,8 +268,12 @@ def _full_key(key: str) -> str:
 
 
 def _validate(flat: dict) -> dict:
+    passthrough = {}
     for key in flat:
         if key not in SCHEMA:
+            if key.startswith("training."):
+                passthrough[key] = _check_trl_key(key, flat.get("method", SCHEMA["method"][1]))
+                continue
             close = difflib.get_close_matches(key, list(SCHEMA), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"unknown recipe key {key!r}{hint}")
@@ -250,7 +286,41 @@ def _validate(flat: dict) -> dict:
             continue
         values[key] = _check_type(key, flat[key], types)
     _check_values(values)
+    values.update({k: copy.deepcopy(flat[k]) for k in passthrough})
     return values
+
+
+def trl_config_class(method: str):
+    """``trl.SFTConfig`` or ``trl.DPOConfig``: what a recipe's ``training`` section becomes."""
+    if method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def _check_trl_key(key: str, method) -> str:
+    """A ``training.`` key that is not vsteer's must be a field of the method's TRL config
+    (imported only here, so recipes without such keys validate without TRL)."""
+    import dataclasses
+
+    name = key.partition(".")[2]
+    cls = trl_config_class(method if method in METHODS else "sft")
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    ours = sorted(k.partition(".")[2] for k in SCHEMA if k.startswith("training."))
+    if name in TRL_RESERVED:
+        use = TRL_RESERVED[name]
+        raise RecipeError(f"recipe key {key!r} is set by vsteer" + (f"; use {use} instead" if use else ""))
+    if name not in fields:
+        close = difflib.get_close_matches(name, ours + sorted(fields - set(TRL_RESERVED)), n=1)
+        hint = f" (did you mean 'training.{close[0]}'?)" if close else ""
+        raise RecipeError(
+            f"unknown recipe key {key!r}{hint}; valid training keys: {', '.join(ours)}, "
+            f"or a field of trl.{cls.__name__}"
+        )
+    return name
 
 
 def _check_type(key: str, value, types: tuple):
@@ -305,6 +375,12 @@ def _check_values(values: dict) -> None:
         raise RecipeError(
             f"recipe key 'adapter.layers' must be a non-empty list of ints or null, got {layers!r}"
         )
+    _check_device_keys(values)
+    if values["training.precision"] not in PRECISIONS:
+        raise RecipeError(
+            f"recipe key 'training.precision' must be one of {', '.join(PRECISIONS)}, "
+            f"got {values['training.precision']!r}"
+        )
     if values["training.lr_scheduler"] not in ("linear", "cosine", "constant", "constant_with_warmup"):
         raise RecipeError(
             f"recipe key 'training.lr_scheduler' must be linear, cosine, constant or constant_with_warmup, "
@@ -312,9 +388,25 @@ def _check_values(values: dict) -> None:
         )
 
 
+def _check_device_keys(values: dict) -> None:
+    """``device``/``dtype`` are checked by name only: a GPU recipe validates on a CPU machine."""
+    from vsteer.errors import ModelError
+    from vsteer.models import resolve_device, resolve_dtype
+
+    for key, check in (
+        ("device", lambda v: resolve_device(v, check_available=False)),
+        ("dtype", resolve_dtype),
+    ):
+        try:
+            check(values[key])
+        except ModelError as err:
+            raise RecipeError(f"recipe key {key!r}: {err}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
+
 _FIELDS = {"sft": (("prompt", "completion"), ("messages",), ("text",)), "dpo": (("chosen", "rejected"),)}
 
 

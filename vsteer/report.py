@@ -1,37 +1,110 @@
 """The Markdown report of a run: verdict table first, then one section per experiment with its plot.
 
-Every number in ``report.md`` is rendered from the result objects that are also written to
-``results.json``; nothing is typed in by hand.
+Every number and every statement about the run in ``report.md`` is rendered from the result
+objects and the run's metadata that are also written to ``results.json``; nothing is typed in
+by hand. Verdicts are judged here, from the experiments' findings and the verdict rules
+(:mod:`vsteer.verdicts`), with Holm's correction over all verdicts of the report.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
-from vsteer.evaluate import Verdict
-from vsteer.experiments.result import ExperimentResult, atomic_write
-
-LIMITS = (
-    "- One small model (135M parameters, 30 layers, 3 key/value heads) run in float32 on CPU; "
-    "effects at this size need not hold for larger models, and the reverse.\n"
-    "- Small samples sized for a 15-minute CPU run: intervals are wide, so *inconclusive* means "
-    "the data cannot decide at this size, not that there is no effect.\n"
-    "- Adapter arms are trained for few steps with few seeds; an arm that wins here may lose "
-    "with longer training.\n"
-    "- Scorers (VADER for sentiment, held-out A/B answer probabilities) are proxies for style "
-    "and alignment, chosen to be independent of the model under test."
-)
+from vsteer.experiments.result import ExperimentResult
+from vsteer.files import atomic_write
+from vsteer.verdicts import ALPHA, SUPPORTED, Rule, Verdict, judge_all
 
 
 def verdict_table(rows: list[tuple[str, Verdict]]) -> str:
     lines = [
-        "| claim | measured | effect [95% CI] | verdict | reproduce |",
-        "|---|---|---|---|---|",
+        "| claim | measured | effect [95% CI] | verdict | after Holm | reproduce |",
+        "|---|---|---|---|---|---|",
     ]
     for _section, v in rows:
         cmd = f"`{v.command}`" if v.command else ""
-        lines.append(f"| {v.claim} | {v.measured} | {v.effect} | **{v.verdict}** | {cmd} |")
+        holm = v.holm_verdict if v.holm_verdict is not None else ""
+        cells = [_cell(v.claim), _cell(v.measured), str(v.effect), f"**{v.verdict}**", holm, cmd]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Table-safe text: a bare ``|`` (as in ``p(a | b)``) would end the cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _multiplicity(rows: list[tuple[str, Verdict]]) -> str:
+    m = len(rows)
+    raw = sum(v.verdict == SUPPORTED for _, v in rows)
+    kept = sum(v.holm_verdict == SUPPORTED for _, v in rows)
+    return (
+        f"This report draws {m} verdicts. Each raw verdict reads one 95% interval, so among {m} "
+        f"claims with no real effect about {m * ALPHA:.2g} would be called *supported* by chance. "
+        f"The *after Holm* column applies Holm's step-down correction over all {m}: a *supported* "
+        f"verdict stays supported only if its Holm-adjusted one-sided p-value (a normal "
+        f"approximation from its interval) is at most {ALPHA:g}, which keeps the chance of any false "
+        f"*supported* in this report at {ALPHA:g}; otherwise it becomes *inconclusive*. "
+        f"Supported: {raw} raw, {kept} after Holm."
+    )
+
+
+def _fmt_params(n: int | None) -> str:
+    if not n:
+        return "? parameters"
+    return f"{n / 1e9:.3g}B parameters" if n >= 1e9 else f"{n / 1e6:.3g}M parameters"
+
+
+def limits(meta: Mapping, rows: list[tuple[str, Verdict]]) -> str:
+    """The Limits paragraph, every fact taken from the run's metadata and verdicts."""
+    f = meta.get("model_facts", {})
+    lines = [
+        f"- One model (`{meta.get('model')}`: {_fmt_params(f.get('n_params'))}, {f.get('n_layers', '?')} layers, "
+        f"{f.get('n_heads', '?')} query heads, {f.get('n_kv_heads', '?')} key/value heads) run in "
+        f"{f.get('dtype', '?')} on {f.get('device', '?')}; effects at this size need not hold for other "
+        "models, and the reverse."
+    ]
+    ns = sorted({v.effect.n for _, v in rows})
+    size = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]} to {ns[-1]}" if ns else "no"
+    lines.append(
+        f"- Sample sizes from profile `{meta.get('profile')}`: each verdict's interval rests on {size} items "
+        f"(per verdict in results.json); this run took {meta.get('runtime_s', 0):.0f} s "
+        f"({meta.get('compute_s', 0):.0f} s of computing in the pieces it used). With wide intervals "
+        "*inconclusive* means the data cannot decide at this size, not that there is no effect."
+    )
+    adapters = meta.get("config", {}).get("adapters")
+    if adapters:
+        seeds = adapters.get("seeds", [])
+        lines.append(
+            f"- Adapter arms are trained for {adapters.get('sft_steps')} SFT and {adapters.get('dpo_steps')} DPO "
+            f"steps with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); an arm that wins here may lose "
+            "with longer training."
+        )
+    sections = set(meta.get("config", {}))
+    if sections & {"adapters", "steering"}:
+        lines.append(
+            "- Scorers (VADER for sentiment, held-out A/B answer probabilities) are proxies for style "
+            "and alignment, chosen to be independent of the model under test."
+        )
+    return "\n".join(lines)
+
+
+def configuration(meta: Mapping) -> str:
+    """The one statement of the run's configuration: every setting of every section."""
+    config = meta.get("config") or {}
+    if not config:
+        return ""
+    lines = [
+        f"Profile `{meta.get('profile')}` with the recipe's options; these are the only sizes behind "
+        "the verdicts above.",
+        "",
+        "| section | settings |",
+        "|---|---|",
+    ]
+    for section, settings in config.items():
+        text = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in settings.items())
+        lines.append(f"| {section} | {text.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -41,22 +114,32 @@ def write_report(
     meta: dict,
     intro: str = "",
     plots: dict[str, Path] | None = None,
+    rules: Mapping[str, Rule] | None = None,
 ) -> Path:
-    """Write ``report.md``, ``results.json`` and one PNG per experiment into ``out_dir``."""
+    """Write ``report.md``, ``results.json`` and one PNG per experiment into ``out_dir``.
+
+    ``rules``: verdict rules by id (default: the shipped ``vsteer/recipes/verdicts.yaml``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [(r.name, v) for r in results for v in r.verdicts]
-    sections = []
+    judged = judge_all([f for r in results for f in r.findings], rules)
+    rows, per_result, i = [], [], 0
     for r in results:
+        vs = judged[i : i + len(r.findings)]
+        i += len(r.findings)
+        per_result.append(vs)
+        rows += [(r.name, v) for v in vs]
+    sections = []
+    for r, vs in zip(results, per_result, strict=True):
         plot = plots.get(r.name) if plots is not None else r.plot(out / f"{r.name}.png")
-        body = r.to_markdown()
+        body = r.to_markdown(verdicts=vs)
         if plot is not None:
             body += f"\n\n![{r.title}]({plot.name})"
         sections.append(body)
     counts = {}
     for _, v in rows:
         counts[v.verdict] = counts.get(v.verdict, 0) + 1
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none"
     header = [
         f"# vsteer report: {meta.get('name', 'run')}",
         "",
@@ -76,18 +159,23 @@ def write_report(
             + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in timings.items()),
             "",
         ]
+    config = configuration(meta)
     text = "\n".join(
         header
         + [
             "## Verdicts",
             "",
-            f"Verdicts: {summary}. Each verdict follows the rule written beside it in its section.",
+            f"Verdicts: {summary}. Each verdict follows the rule written beside it in its section "
+            f"(rules: {meta.get('rules', 'vsteer/recipes/verdicts.yaml')}).",
+            "",
+            _multiplicity(rows),
             "",
             verdict_table(rows),
             "",
+            *(["## Configuration", "", config, ""] if config else []),
             "## Limits",
             "",
-            LIMITS,
+            limits(meta, rows),
             "",
             *[s + "\n" for s in sections],
         ]

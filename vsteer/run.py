@@ -1,20 +1,24 @@
 """The main job: every claim experiment on one model, one report.
 
-``vsteer run recipes/claims.yaml [--set profile=full] [--only adapters,probes]`` runs the
-sections below, caches each finished piece (a section's results and plots, each trained
-adapter) under ``<output_dir>/<name>/cache/`` keyed by its inputs, and writes
-``report.md``, ``results.json`` and the plots. A run killed halfway resumes from the finished
-pieces; a piece is never half-written.
+``vsteer run claims [--set profile=smoke] [--only adapters,probes]`` runs the sections below,
+caches each finished piece (a section's measurements and plots, each trained adapter) under
+``<output_dir>/<name>/cache/`` keyed by the content of what it is computed from (see
+:mod:`vsteer.pieces`), and writes ``report.md``, ``results.json`` and the plots. Verdicts are
+computed afresh from the cached findings and the verdict rules on every run
+(:mod:`vsteer.verdicts`), so editing a rule recomputes nothing. A run killed halfway resumes
+from the finished pieces; a piece is never half-written.
+
+Sizes are data: a profile is ``vsteer/recipes/profiles/<name>.yaml`` (or a path to such a file),
+mapping sections to the fields of their config dataclasses; ``options.<section>.<key>`` in the
+recipe overrides one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import os
 import platform
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,76 +27,21 @@ import yaml
 
 from vsteer.errors import RecipeError
 from vsteer.experiments.result import ExperimentResult
+from vsteer.files import atomic_write, resolve_recipe
 
 SECTIONS = ("adapters", "steering", "swaps", "probes", "patching", "basis")
 
-# Sizes per profile. "cpu" finishes in about 15 minutes on 2 CPU cores; "full" is for a GPU.
-PROFILES: dict[str, dict[str, dict]] = {
-    "cpu": {
-        "adapters": {
-            "seeds": [0, 1],
-            "seed_arms": ["v", "qk"],
-            "dpo_seeds": [0],
-            "dpo_arms": ["v", "qk"],
-            "sft_steps": 6,
-            "dpo_steps": 6,
-            "checkpoints": [3],
-            "n_prompts": 24,
-            "max_new_tokens": 20,
-            "n_mmlu": 32,
-            "n_wiki_windows": 4,
-            "wiki_window": 96,
-            "sft_overrides": ["data.n_eval=8", "training.learning_rate=5e-3", "training.max_length=64"],
-            "dpo_overrides": ["data.n_eval=8", "training.batch_size=4"],
-        },
-        "steering": {
-            "behaviours": ["myopic-reward", "refusal"],
-            "personas": [],
-            "scales": [-2.0, 0.0, 2.0],
-            "n_extract": 40,
-            "n_select": 12,
-            "n_test": 50,
-            "n_prompts": 24,
-            "max_new_tokens": 20,
-            "sentiment_pairs": 150,
-        },
-        "swaps": {"n_pairs": 8},
-        "probes": {"n_train": 400, "n_test": 300},
-        "patching": {},
-        "basis": {"n_items": 300},
-    },
-    "full": {
-        "adapters": {
-            "seeds": [0, 1, 2],
-            "sft_steps": 60,
-            "dpo_steps": 60,
-            "checkpoints": [10, 20, 40],
-            "n_prompts": 128,
-            "n_mmlu": 570,
-            "n_wiki_windows": 32,
-        },
-        "steering": {
-            "behaviours": [
-                "sycophancy",
-                "myopic-reward",
-                "corrigible-neutral-HHH",
-                "survival-instinct",
-                "coordinate-other-ais",
-                "refusal",
-                "hallucination",
-            ],
-            "personas": ["agreeableness", "extraversion", "neuroticism", "openness", "conscientiousness"],
-            "n_extract": 300,
-            "n_select": 32,
-            "n_test": 50,
-            "n_prompts": 100,
-        },
-        "swaps": {"n_pairs": None, "n_windows": 16},
-        "probes": {"n_train": 3000, "n_test": 1821, "layers": "all"},
-        "patching": {"layers": None, "n_sweep": 30},
-        "basis": {"n_items": 2000},
-    },
+# the module whose code (and what it imports) computes each section: part of the section's key
+SECTION_MODULES = {
+    "adapters": "vsteer.experiments.adapters",
+    "steering": "vsteer.experiments.steering",
+    "swaps": "vsteer.experiments.swaps",
+    "probes": "vsteer.experiments.probing",
+    "patching": "vsteer.experiments.patching",
+    "basis": "vsteer.experiments.basis",
 }
+
+PROFILE_DIR = Path(__file__).resolve().parent / "recipes" / "profiles"
 
 TOP_KEYS = {
     "name": str,
@@ -103,11 +52,17 @@ TOP_KEYS = {
     "sections": list,
     "output_dir": str,
     "options": dict,
+    "device": str,
+    "dtype": str,
+    "rules": str,
 }
 
 
 @dataclasses.dataclass
 class RunSpec:
+    """A run recipe. ``profile``: a shipped profile name or a profile YAML file; ``rules``: a
+    verdict rules file ("" = the shipped ``vsteer/recipes/verdicts.yaml``)."""
+
     name: str = "claims"
     description: str = ""
     model: str = "smollm2-135m-instruct"
@@ -116,6 +71,46 @@ class RunSpec:
     sections: list = dataclasses.field(default_factory=lambda: list(SECTIONS))
     output_dir: str = "reports"
     options: dict = dataclasses.field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "float32"
+    rules: str = ""
+
+
+def profile_names() -> list[str]:
+    """The shipped profiles (``vsteer/recipes/profiles/*.yaml``)."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def _profile_path(profile: str) -> Path:
+    if profile in profile_names():
+        return PROFILE_DIR / f"{profile}.yaml"
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    raise RecipeError(
+        f"unknown profile {profile!r}; expected one of {', '.join(profile_names())} or a profile .yaml file"
+    )
+
+
+def load_profile(profile: str) -> dict[str, dict]:
+    """A profile's sizes ``{section: {option: value}}``, every key checked against the sections'
+    config dataclasses (one clear :class:`RecipeError` line for an unknown one)."""
+    path = _profile_path(profile)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"profile {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"profile {str(path)!r} must map sections to options")
+    for section, opts in raw.items():
+        if section not in SECTIONS:
+            raise RecipeError(
+                f"unknown section {section!r} in profile {path.name}; expected some of {', '.join(SECTIONS)}"
+            )
+        if not isinstance(opts, dict):
+            raise RecipeError(f"profile {path.name}: {section} must map option names to values")
+        _check_option_keys(section, opts, f"profile {path.name}")
+    return raw
 
 
 def load_run_spec(source: str | os.PathLike | Mapping, overrides: Iterable[str] = ()) -> RunSpec:
@@ -123,9 +118,7 @@ def load_run_spec(source: str | os.PathLike | Mapping, overrides: Iterable[str] 
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe {str(path)!r} does not exist")
+        path = resolve_recipe(source)  # a file, or a recipe shipped in vsteer/recipes
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -143,8 +136,7 @@ def load_run_spec(source: str | os.PathLike | Mapping, overrides: Iterable[str] 
         if not isinstance(value, TOP_KEYS[key]) or isinstance(value, bool) and TOP_KEYS[key] is int:
             raise RecipeError(f"key {key!r} must be {TOP_KEYS[key].__name__}, got {value!r}")
     spec = RunSpec(**raw)
-    if spec.profile not in PROFILES:
-        raise RecipeError(f"unknown profile {spec.profile!r}; expected one of {', '.join(PROFILES)}")
+    load_profile(spec.profile)  # validates the profile
     for s in spec.sections:
         if s not in SECTIONS:
             raise RecipeError(f"unknown section {s!r}; expected some of {', '.join(SECTIONS)}")
@@ -154,6 +146,10 @@ def load_run_spec(source: str | os.PathLike | Mapping, overrides: Iterable[str] 
                 f"options.{s} must name a section ({', '.join(SECTIONS)}) and map keys to values"
             )
         section_options(spec, s)  # validates the keys
+    if spec.rules:
+        from vsteer.verdicts import load_rules
+
+        load_rules(spec.rules)
     return spec
 
 
@@ -186,19 +182,30 @@ def _config_classes():
 
 
 _STEERING_EXTRA = ("behaviours", "personas", "sentiment")
+# fields of SteeringOptions that are run plumbing, not sizes
+_NOT_OPTIONS = {"steering": {"seed", "progress", "log"}}
+
+
+def _allowed(section: str) -> set[str]:
+    cls = _config_classes()[section]
+    names = {f.name for f in dataclasses.fields(cls)} - _NOT_OPTIONS.get(section, set())
+    return names | (set(_STEERING_EXTRA) if section == "steering" else set())
+
+
+def _check_option_keys(section: str, opts: Mapping, where: str) -> None:
+    allowed = _allowed(section)
+    for key in opts:
+        if key not in allowed:
+            raise RecipeError(
+                f"unknown option {section}.{key} in {where}; expected one of {', '.join(sorted(allowed))}"
+            )
 
 
 def section_options(spec: RunSpec, section: str) -> dict:
     """Profile sizes merged with the recipe's ``options.<section>``, keys checked against the
     section's config dataclass."""
-    opts = {**PROFILES[spec.profile].get(section, {}), **spec.options.get(section, {})}
-    cls = _config_classes()[section]
-    allowed = {f.name for f in dataclasses.fields(cls)} | (
-        set(_STEERING_EXTRA) if section == "steering" else set()
-    )
-    for key in opts:
-        if key not in allowed:
-            raise RecipeError(f"unknown option {section}.{key}; expected one of {', '.join(sorted(allowed))}")
+    opts = {**load_profile(spec.profile).get(section, {}), **spec.options.get(section, {})}
+    _check_option_keys(section, spec.options.get(section, {}), "the recipe")
     return opts
 
 
@@ -214,11 +221,13 @@ def _make_config(section: str, opts: dict):
     return cls(**kwargs)
 
 
-def _data_hash() -> str:
-    from vsteer.data import data_path
-
-    sums = data_path("SHA256SUMS")
-    return hashlib.sha256(sums.read_bytes()).hexdigest()[:16]
+def _config_record(section: str, opts: dict) -> dict:
+    """Every setting a section runs with (profile, recipe and dataclass defaults), JSON-able."""
+    config = dataclasses.asdict(_make_config(section, opts))
+    for k in _NOT_OPTIONS.get(section, ()):
+        config.pop(k, None)
+    config.update({k: opts[k] for k in _STEERING_EXTRA if k in opts and section == "steering"})
+    return config
 
 
 def _run_section(section: str, model, tokenizer, spec: RunSpec, opts: dict, cache, progress: bool):
@@ -227,7 +236,8 @@ def _run_section(section: str, model, tokenizer, spec: RunSpec, opts: dict, cach
     if section == "adapters":
         from vsteer.experiments.adapters import run_adapter_comparison
 
-        return [run_adapter_comparison(spec.model, config, seed=seed, cache=cache, progress=progress)]
+        kw = dict(seed=seed, cache=cache, progress=progress, device=spec.device, dtype=spec.dtype)
+        return [run_adapter_comparison(spec.model, config, **kw)]
     if section == "steering":
         from vsteer.experiments.steering import run_steering
 
@@ -254,18 +264,49 @@ def _run_section(section: str, model, tokenizer, spec: RunSpec, opts: dict, cach
 
 
 def result_from_dict(d: dict) -> ExperimentResult:
-    from vsteer.evaluate import Estimate, Verdict
+    from vsteer.evaluate import Finding
 
-    verdicts = [Verdict(**{**v, "effect": Estimate(**v["effect"])}) for v in d.get("verdicts", [])]
     return ExperimentResult(
         name=d["name"],
         title=d["title"],
         records=d["records"],
-        verdicts=verdicts,
+        findings=[Finding.from_dict(f) for f in d.get("findings", [])],
         meta=d.get("meta", {}),
         columns=d.get("columns"),
         notes=d.get("notes", []),
     )
+
+
+def model_facts(model) -> dict:
+    """What the report states about the model: size, layout, dtype, device."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    param = next(model.parameters())
+    heads = getattr(text, "num_attention_heads", None)
+    return {
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "n_layers": getattr(text, "num_hidden_layers", None),
+        "n_heads": heads,
+        "n_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "d_model": getattr(text, "hidden_size", None),
+        "family": getattr(text, "model_type", None),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "device": str(param.device),
+    }
+
+
+def section_inputs(section: str, spec: RunSpec, opts: dict, model_key: dict) -> dict:
+    """Everything a section's piece is computed from, as content (its cache key)."""
+    from vsteer.pieces import code_fingerprint, content_key, package_versions
+
+    return {
+        "section": section,
+        "config": content_key(_config_record(section, opts)),
+        "seed": spec.seed,
+        "model": model_key,
+        "versions": package_versions(),
+        "code": code_fingerprint([SECTION_MODULES[section]]),
+    }
 
 
 def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True, command: str = "") -> Path:
@@ -273,32 +314,33 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
     from tqdm.auto import tqdm
 
     import vsteer
-    from vsteer.models import config_fingerprint, load_model
-    from vsteer.pieces import PieceCache
+    from vsteer import models
+    from vsteer.pieces import PieceCache, package_versions
     from vsteer.report import write_report
+    from vsteer.verdicts import load_rules
 
     start = time.perf_counter()
+    rules = load_rules(spec.rules or None)
     sections = [s for s in spec.sections if only is None or s in set(only)]
     out = Path(spec.output_dir) / spec.name
     cache = PieceCache(out / "cache")
     cache.clean_partial()
-    model, tokenizer = load_model(spec.model)
-    fingerprint = config_fingerprint(model.config)
-    data_hash = _data_hash()
+    model, tokenizer = models.load_model(spec.model, dtype=spec.dtype, device=spec.device)
+    facts = model_facts(model)
+    model_key = {
+        "name": spec.model,
+        "config": models.config_fingerprint(model.config),
+        "weights": models.weights_fingerprint(model),
+        "dtype": facts["dtype"],
+        "device": facts["device"].split(":")[0],
+    }
     results: list[ExperimentResult] = []
     plots: dict[str, Path] = {}
-    timings = {}
+    timings, configs = {}, {}
     for section in tqdm(sections, desc="claims report", disable=not progress):
         opts = section_options(spec, section)
-        inputs = {
-            "section": section,
-            "model": spec.model,
-            "fingerprint": fingerprint,
-            "options": opts,
-            "seed": spec.seed,
-            "version": vsteer.__version__,
-            "data": data_hash,
-        }
+        configs[section] = _config_record(section, opts)
+        inputs = section_inputs(section, spec, opts, model_key)
         t0 = time.perf_counter()
 
         def compute(work, section=section, opts=opts):
@@ -324,8 +366,11 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
     meta = {
         "name": spec.name,
         "model": spec.model,
-        "fingerprint": fingerprint,
+        "model_facts": facts,
+        "weights_fingerprint": model_key["weights"],
+        "fingerprint": model_key["config"],
         "profile": spec.profile,
+        "config": configs,
         "seed": spec.seed,
         "sections": sections,
         "timings": timings,
@@ -333,6 +378,8 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
         "compute_s": sum(t["seconds"] for t in timings.values()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {_threads()}",
         "version": vsteer.__version__,
+        "packages": package_versions(),
+        "rules": str(spec.rules) if spec.rules else "vsteer/recipes/verdicts.yaml (shipped)",
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command or f"vsteer run <recipe> --set profile={spec.profile}",
         "cache_hits": cache.hits,
@@ -340,9 +387,10 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
     }
     report_dir = out
     for name, png in plots.items():
-        shutil.copyfile(png, report_dir / f".{name}.png.tmp")
-        os.replace(report_dir / f".{name}.png.tmp", report_dir / f"{name}.png")
-    return write_report(report_dir, results, meta, plots={n: report_dir / f"{n}.png" for n in plots})
+        atomic_write(report_dir / f"{name}.png", Path(png).read_bytes())
+    return write_report(
+        report_dir, results, meta, plots={n: report_dir / f"{n}.png" for n in plots}, rules=rules
+    )
 
 
 def _threads() -> int:

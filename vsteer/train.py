@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +27,11 @@ from pathlib import Path
 import torch
 
 from vsteer.errors import DataError, RecipeError, VsteerError
+from vsteer.files import atomic_write
 from vsteer.recipes import Recipe, RecipeData, load_recipe, load_recipe_data, read_jsonl  # noqa: F401
 
 ADAPTER_META = "vsteer.json"
+_log = logging.getLogger("vsteer.train")
 _BEFORE = "vsteer_before.json"
 
 
@@ -61,7 +65,29 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False):
+def _on_cpu(recipe: Recipe) -> bool:
+    """Recipe key ``device``: ``auto`` trains on CUDA when available; which GPU is the launcher's choice."""
+    from vsteer.models import resolve_device
+
+    return resolve_device(recipe["device"]).type == "cpu"
+
+
+# training.precision -> accelerate's mixed_precision
+_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def training_arguments(recipe, output_dir, eval_only: bool = False, verbose: bool = False):
+    """The ``trl.SFTConfig``/``trl.DPOConfig`` a recipe trains with (TRL validates every value).
+
+    The recipe's ``training`` keys map onto TRL's fields (``batch_size`` is the global batch:
+    ``per_device_train_batch_size = batch_size / (processes x grad_accum)``); keys that are TRL
+    fields themselves pass through unchanged. ``training.precision`` decides mixed precision on
+    every launcher: a launcher's ``mixed_precision`` (``ACCELERATE_MIXED_PRECISION``) that differs
+    is overridden, with a log line. ``verbose``: TRL's own progress bar and per-step log lines.
+    """
+    from vsteer.recipes import SCHEMA, trl_config_class
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     t = recipe.section("training")
     world = _world_size()
     per_device, rest = divmod(t["batch_size"], world * t["grad_accum"])
@@ -69,6 +95,12 @@ def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False):
         raise RecipeError(
             f"training.batch_size={t['batch_size']} (global) must be a multiple of processes x grad_accum "
             f"= {world} x {t['grad_accum']}"
+        )
+    precision, on_cpu = t["precision"], _on_cpu(recipe)
+    if precision == "fp16" and on_cpu:
+        raise RecipeError(
+            "training.precision=fp16 needs a GPU (accelerate does not autocast to fp16 on the CPU); "
+            "use bf16 or fp32 there"
         )
     common = dict(
         output_dir=str(output_dir),
@@ -89,25 +121,63 @@ def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False):
         eval_strategy="no",
         seed=recipe["seed"],
         data_seed=recipe["seed"],
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
+        # on the CPU bf16 means torch.autocast("cpu", bfloat16) around forward (accelerate native amp)
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        optim=t["optim"],
+        gradient_checkpointing=t["gradient_checkpointing"],
+        # non-reentrant: the frozen base gives the checkpointed blocks no input that needs a grad
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t["gradient_checkpointing"] else None,
         report_to="none",
-        disable_tqdm=True,
+        disable_tqdm=not verbose,
+        log_level="passive",  # train_from_recipe sets the library log levels (and restores them)
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         ddp_find_unused_parameters=False,
         # without it, processes started by torchrun on a machine with no GPU never join one DDP
         # group (accelerate only builds its MULTI_CPU/gloo state when told it is on the CPU)
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=on_cpu,
     )
-    if recipe.method == "sft":
-        from trl import SFTConfig
+    if recipe.method == "dpo":
+        common["beta"] = t["beta"]
+    common.update({k: v for k, v in t.items() if f"training.{k}" not in SCHEMA})  # TRL's own fields
+    cls = trl_config_class(recipe.method)
+    try:
+        args = cls(**common)
+    except (ValueError, TypeError, KeyError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"recipe training section rejected by trl.{cls.__name__}: {text}") from None
+    wanted = _MIXED_PRECISION[precision]
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher is not None and launcher != wanted:
+        level = logging.WARNING if launcher != "no" else logging.INFO
+        _log.log(
+            level,
+            "training.precision=%s: using mixed_precision=%r, not the launcher's %r",
+            precision,
+            wanted,
+            launcher,
+        )
+    args.mixed_precision = wanted  # what the Trainer hands to Accelerator(mixed_precision=...)
+    return args
 
-        return SFTConfig(**common)
-    from trl import DPOConfig
 
-    return DPOConfig(beta=t["beta"], **common)
+def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False, verbose: bool = False):
+    return training_arguments(recipe, output_dir, eval_only, verbose)
+
+
+def _refuse_zero3(recipe: Recipe) -> None:
+    """DeepSpeed ZeRO-3 partitions every parameter: the fused V-slice rows cannot be checked."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage is None and config_file and os.path.isfile(config_file):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage"))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and stage == "3":
+        raise VsteerError(
+            "DeepSpeed ZeRO-3 is not supported: it partitions lora_B, so vsteer cannot keep or check the "
+            "V-slice rows of fused projections; use ZeRO-2, DDP or FSDP2 (accelerate_configs/)"
+        )
 
 
 def masked_rows_callback():
@@ -137,19 +207,58 @@ def _set_threads(recipe: Recipe) -> int:
     return torch.get_num_threads()
 
 
+def progress_callback(desc: str = "train"):
+    """A ``TrainerCallback`` drawing one tqdm bar over the optimizer steps (main process only)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class StepBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=desc, unit="step")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return StepBar()
+
+
 def _make_trainer(
-    recipe: Recipe, model, tokenizer, data: RecipeData, output_dir: Path, eval_only=False, callbacks=()
+    recipe: Recipe,
+    model,
+    tokenizer,
+    data: RecipeData,
+    output_dir: Path,
+    eval_only=False,
+    callbacks=(),
+    verbose: bool = False,
+    progress: bool = False,
 ):
     from datasets import Dataset
+    from transformers import PrinterCallback
 
-    args = _trainer_config(recipe, output_dir, eval_only)
+    args = _trainer_config(recipe, output_dir, eval_only, verbose)
     train_ds = Dataset.from_list(data.train)
     eval_ds = Dataset.from_list(data.eval) if data.eval else None
     callbacks = [] if eval_only else [masked_rows_callback(), *callbacks]
+    if progress and not verbose and not eval_only:
+        callbacks.append(progress_callback(f"train {recipe.name}"))
     if recipe.method == "sft":
         from trl import SFTTrainer
 
-        return SFTTrainer(
+        trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train_ds,
@@ -157,16 +266,48 @@ def _make_trainer(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-    from trl import DPOTrainer
+    else:
+        from trl import DPOTrainer
 
-    return DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    if not verbose:  # with disable_tqdm the Trainer prints every log dict instead
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False):
+    """Silence transformers/TRL/datasets logs, warnings and ``datasets`` progress bars inside the
+    block unless ``verbose``; restores the previous settings afterwards."""
+    if verbose:
+        yield
+        return
+    import datasets
+    import transformers
+
+    tf_level = transformers.logging.get_verbosity()
+    ds_level = datasets.logging.get_verbosity()
+    ds_bars = datasets.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            for module in ("transformers", "trl", "peft", "accelerate", "datasets", "torch"):
+                warnings.filterwarnings("ignore", module=module)
+            yield
+    finally:
+        transformers.logging.set_verbosity(tf_level)
+        datasets.logging.set_verbosity(ds_level)
+        if ds_bars:
+            datasets.enable_progress_bars()
 
 
 def _last_checkpoint(partial: Path) -> Path | None:
@@ -188,6 +329,8 @@ def train_from_recipe(
     model=None,
     tokenizer=None,
     callbacks: Iterable = (),
+    verbose: bool = False,
+    progress: bool = False,
 ) -> TrainResult:
     """Train the adapter a recipe describes and write it to ``<output_dir>/<name>/``.
 
@@ -196,9 +339,16 @@ def train_from_recipe(
     error unless ``overwrite`` (the old one stays until the new one is complete). ``resume``
     continues from the last checkpoint in ``<output_dir>/.<name>.partial/``. ``model`` and
     ``tokenizer``: an already loaded base model (plain, no adapter) instead of ``recipe.model``.
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects. Quiet by default: no TRL log
+    lines, ``datasets`` bars or library warnings; ``progress`` draws one bar over the steps,
+    ``verbose`` shows the libraries' own logs and bars instead.
+
+    The adapter's ``vsteer.json`` records what was used (``training_run``: precision, mixed
+    precision, optimizer, gradient checkpointing, device, processes) and the resolved versions of
+    the packages that change numbers (``versions``).
     """
     recipe = load_recipe(recipe, overrides)
+    _refuse_zero3(recipe)
     root = Path(output_dir if output_dir is not None else recipe["output_dir"])
     final, partial = root / recipe.name, root / f".{recipe.name}.partial"
     if final.exists() and not overwrite:
@@ -211,12 +361,20 @@ def train_from_recipe(
     data = load_recipe_data(recipe)
     previous_threads = torch.get_num_threads()
     try:
-        return _train(recipe, data, root, final, partial, checkpoint, model, tokenizer, callbacks)
+        with quiet_libraries(verbose):
+            training_arguments(
+                recipe, partial, verbose=verbose
+            )  # bad training keys fail before the model loads
+            return _train(
+                recipe, data, root, final, partial, checkpoint, model, tokenizer, callbacks, verbose, progress
+            )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(recipe, data, root, final, partial, checkpoint, model, tokenizer, callbacks) -> TrainResult:
+def _train(
+    recipe, data, root, final, partial, checkpoint, model, tokenizer, callbacks, verbose=False, progress=False
+) -> TrainResult:
     from vsteer.lora import add_adapter, check_masked_rows, count_parameters
 
     threads = _set_threads(recipe)
@@ -229,7 +387,8 @@ def _train(recipe, data, root, final, partial, checkpoint, model, tokenizer, cal
     if model is None:
         from vsteer.models import load_model
 
-        model, tokenizer = load_model(recipe["model"])
+        # on the CPU: the Trainer moves it to the device that recipe key ``device`` chooses
+        model, tokenizer = load_model(recipe["model"], dtype=recipe["dtype"], device="cpu")
     elif tokenizer is None:
         raise VsteerError("pass the tokenizer together with the model")
     a = recipe.section("adapter")
@@ -245,7 +404,9 @@ def _train(recipe, data, root, final, partial, checkpoint, model, tokenizer, cal
     )
     plan = peft_model.vsteer_plan
     counts = count_parameters(peft_model)
-    trainer = _make_trainer(recipe, peft_model, tokenizer, data, partial, callbacks=callbacks)
+    trainer = _make_trainer(
+        recipe, peft_model, tokenizer, data, partial, callbacks=callbacks, verbose=verbose, progress=progress
+    )
 
     before = _load_json(partial / _BEFORE) if checkpoint is not None else None
     if before is None:
@@ -267,6 +428,8 @@ def _train(recipe, data, root, final, partial, checkpoint, model, tokenizer, cal
         "train_runtime": round(runtime, 3),
         "processes": _world_size(),
         "threads": threads,
+        "precision": recipe["training.precision"],
+        "mixed_precision": trainer.accelerator.mixed_precision,
         **{f"{k}_before": v for k, v in before.items()},
         **{f"{k}_after": v for k, v in after.items()},
     }
@@ -276,6 +439,7 @@ def _train(recipe, data, root, final, partial, checkpoint, model, tokenizer, cal
         "effective_params_measured": counts["effective"],
     }
     meta = _metadata(recipe, peft_model, adapter, data, metrics)
+    meta["training_run"] = _training_run(trainer, recipe, peft_model)
     trainer.accelerator.wait_for_everyone()
     if _is_main():
         _publish(trainer.accelerator.unwrap_model(trainer.model), meta, final, root)
@@ -284,12 +448,27 @@ def _train(recipe, data, root, final, partial, checkpoint, model, tokenizer, cal
     return TrainResult(recipe.name, final, metrics, adapter, meta)
 
 
-def _metadata(recipe: Recipe, peft_model, adapter: dict, data: RecipeData, metrics: dict) -> dict:
-    import peft
-    import transformers
-    import trl
+def _training_run(trainer, recipe: Recipe, peft_model) -> dict:
+    """How the run actually trained (read from the Trainer and its Accelerator, not the recipe)."""
+    args, acc = trainer.args, trainer.accelerator
+    optim = getattr(args.optim, "value", args.optim)
+    return {
+        "precision": recipe["training.precision"],
+        "mixed_precision": acc.mixed_precision,
+        "autocast": bool(acc.native_amp),
+        "launcher_mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION"),
+        "optim": str(optim),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "weights_dtype": str(next(peft_model.get_base_model().parameters()).dtype).replace("torch.", ""),
+        "device": str(acc.device),
+        "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),
+        "processes": int(acc.num_processes),
+    }
 
+
+def _metadata(recipe: Recipe, peft_model, adapter: dict, data: RecipeData, metrics: dict) -> dict:
     import vsteer
+    from vsteer.pieces import package_versions
 
     base = peft_model.get_base_model()
     fingerprint = None
@@ -310,13 +489,8 @@ def _metadata(recipe: Recipe, peft_model, adapter: dict, data: RecipeData, metri
         "seed": recipe["seed"],
         "method": recipe.method,
         "metrics": metrics,
-        "versions": {
-            "vsteer": vsteer.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "trl": trl.__version__,
-        },
+        # resolved versions of the packages that change numbers (torch, transformers, peft, trl, accelerate, ...)
+        "versions": {"vsteer": vsteer.__version__, **package_versions()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -328,7 +502,7 @@ def _publish(peft_model, meta: dict, final: Path, root: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
-        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str))
+        atomic_write(tmp / ADAPTER_META, json.dumps(meta, indent=2, default=str))
         old = None
         if final.exists():
             old = root / f".{final.name}.old-{os.getpid()}"
@@ -371,8 +545,9 @@ def evaluate_sft_loss(model, tokenizer, recipe, overrides=()) -> float:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = _make_trainer(recipe, model, tokenizer, data, Path(tmp), eval_only=True)
-        return float(trainer.evaluate()["eval_loss"])
+        with quiet_libraries():
+            trainer = _make_trainer(recipe, model, tokenizer, data, Path(tmp), eval_only=True)
+            return float(trainer.evaluate()["eval_loss"])
 
 
 @torch.no_grad()
@@ -403,8 +578,10 @@ def preference_accuracy(
 
 
 def _completion_logps(model, tokenizer, items, max_length: int, batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    from vsteer.encoding import pad_batch, pad_token_id
+    from vsteer.models import model_device
+
+    device, pad = model_device(model), pad_token_id(tokenizer)
     out = []
     for i in range(0, len(items), batch_size):
         seqs, starts = [], []
@@ -415,15 +592,12 @@ def _completion_logps(model, tokenizer, items, max_length: int, batch_size: int)
             ids = (p + c)[-max_length:]
             seqs.append(ids)
             starts.append(max(len(ids) - len(c), 0))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):  # right padding: positions stay 0..n-1 for every row
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        batch = pad_batch(seqs, pad, padding_side="right", device=device)  # completions start at `starts`
+        ids = batch["input_ids"]
+        logits = model(**batch).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         keep = torch.zeros_like(logp, dtype=torch.bool)
+
         for j, (s, start) in enumerate(zip(seqs, starts)):
             keep[j, max(start - 1, 0) : len(s) - 1] = True
         out.append((logp * keep).sum(-1).cpu())

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from vsteer.errors import VectorError
+from vsteer.files import atomic_write
 from vsteer.sites import SITE_NAMES
 
 FORMAT = "vsteer.steering_vector/1"
@@ -230,8 +231,6 @@ class SteeringVector:
         """Write ``path`` (safetensors, float32 tensors ``layer.N``, JSON metadata), atomically."""
         from safetensors.torch import save
 
-        from vsteer.experiments.result import atomic_write
-
         tensors = {
             f"layer.{layer}": t.detach().float().cpu().contiguous() for layer, t in self.directions.items()
         }
@@ -318,15 +317,6 @@ def check_scale(value, what: str = "scale") -> float:
     if not math.isfinite(value):
         raise VectorError(f"{what} must be a finite number, got {value!r}")
     return value
-
-
-def extract(
-    model, tokenizer, pairs, site: str = "v", layers=None, method: str = "mean_diff", position=None, **kw
-):
-    """Extract a :class:`SteeringVector` from contrastive pairs; see :func:`vsteer.extract.extract`."""
-    from vsteer.extract import extract as _extract
-
-    return _extract(model, tokenizer, pairs, site=site, layers=layers, method=method, position=position, **kw)
 
 
 def _package_version() -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from vsteer.commands import add_device_args, load_model_from_args
+
 
 def _common(p, default_out: str) -> None:
     p.add_argument(
@@ -16,6 +18,7 @@ def _common(p, default_out: str) -> None:
     p.add_argument("--out", default=default_out, help="directory for result.json, result.md, plot.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_device_args(p)
 
 
 def register(sub) -> None:
@@ -24,7 +27,8 @@ def register(sub) -> None:
     p.add_argument("--relations", default="city_country,animal_class", help="comma-separated fact relations")
     p.add_argument(
         "--pairs",
-        help="JSONL of your own pairs: source, donor, source_entity, donor_entity, source_answer, donor_answer",
+        help="JSONL of your own pairs: source, donor, source_entity, donor_entity, source_answer, donor_answer "
+        "(optional relation)",
     )
     p.add_argument("--sites", default="v,k,q,z,resid", help="sites patched at all layers")
     p.add_argument("--sweep-sites", default="v,resid", help="sites also patched one layer at a time")
@@ -47,7 +51,12 @@ def register(sub) -> None:
 
     p = sub.add_parser("probe", help="claim (b): logistic probes on q/k/v/z/resid per layer")
     _common(p, "results/probe")
-    p.add_argument("--dataset", default="sst2", help="'sst2' or 'persona:<trait>'")
+    p.add_argument(
+        "--dataset",
+        default="sst2",
+        help="'sst2', 'persona:<trait>', 'persona:<JSONL of persona items>' or your JSONL of {text, label} "
+        "(split half/half by seed; see docs/experiments.md)",
+    )
     p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--sites", default="q,k,v,z,resid")
@@ -72,7 +81,7 @@ def _split(text: str) -> tuple[str, ...]:
 def _save(result, out: str, started: float, model_name: str) -> int:
     from pathlib import Path
 
-    from vsteer.experiments.result import atomic_write
+    from vsteer.files import atomic_write
 
     result.meta["seconds"] = round(time.perf_counter() - started, 1)
     result.meta["model_name"] = model_name
@@ -90,10 +99,8 @@ def _save(result, out: str, started: float, model_name: str) -> int:
     return 0
 
 
-def _load(name: str):
-    from vsteer.models import load_model
-
-    return load_model(name)
+def _load(args):
+    return load_model_from_args(args)
 
 
 def _progress(args) -> bool | None:
@@ -101,20 +108,15 @@ def _progress(args) -> bool | None:
 
 
 def _patch(args) -> int:
-    import json
-
-    from vsteer.errors import DataError
     from vsteer.experiments.patching import CounterfactualPair, PatchConfig, run_patching
     from vsteer.sites import parse_layers
 
     pairs = None
-    if args.pairs:
-        try:
-            with open(args.pairs) as f:
-                pairs = [CounterfactualPair(**json.loads(line)) for line in f if line.strip()]
-        except (OSError, TypeError, json.JSONDecodeError) as err:
-            raise DataError(f"cannot read counterfactual pairs from {args.pairs}: {err}") from None
-    model, tok = _load(args.model)
+    if args.pairs:  # checked row by row before the model loads
+        from vsteer.data.user import validate
+
+        pairs = [CounterfactualPair(**row) for row in validate(args.pairs, "patching")]
+    model, tok = _load(args)
     started = time.perf_counter()
     from vsteer.arch import get_arch
 
@@ -142,7 +144,7 @@ def _swap(args) -> int:
             raise SiteError(f"cannot parse layer pair in {args.pair!r}; expected A,B such as 3,17") from None
         if any(len(p) != 2 for p in pairs):
             raise SiteError(f"a layer pair is two layers A,B; got {args.pair!r}")
-    model, tok = _load(args.model)
+    model, tok = _load(args)
     started = time.perf_counter()
     config = SwapConfig(
         n_pairs=None if args.n_pairs == 0 else args.n_pairs,
@@ -157,9 +159,11 @@ def _swap(args) -> int:
 
 
 def _probe(args) -> int:
-    from vsteer.experiments.probing import ProbeConfig, run_probes
+    from vsteer.experiments.probing import ProbeConfig, load_probe_dataset, run_probes
 
-    model, tok = _load(args.model)
+    # read and check the data before the model loads: a bad file fails in a second
+    train, test = load_probe_dataset(args.dataset, args.n_train, args.n_test, args.seed)
+    model, tok = _load(args)
     started = time.perf_counter()
     config = ProbeConfig(
         dataset=args.dataset,
@@ -169,14 +173,14 @@ def _probe(args) -> int:
         layers=args.layers,
         position=args.position,
     )
-    result = run_probes(model, tok, config, seed=args.seed, progress_bar=_progress(args))
+    result = run_probes(model, tok, config, train, test, seed=args.seed, progress_bar=_progress(args))
     return _save(result, args.out, started, args.model)
 
 
 def _basis(args) -> int:
     from vsteer.experiments.basis import BasisConfig, run_basis
 
-    model, tok = _load(args.model)
+    model, tok = _load(args)
     vectors = None
     if args.vector:
         from vsteer.vectors import SteeringVector

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from vsteer.commands import add_device_args
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run the claim experiments of a run recipe and write the report")
-    p.add_argument("recipe", help="run recipe, e.g. recipes/claims.yaml")
+    p.add_argument("recipe", help="run recipe: a file or a shipped name, e.g. claims")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -15,6 +17,10 @@ def register(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. profile=full or options.swaps.n_pairs=20",
+    )
+    add_device_args(p, device=None, dtype=None)  # default: the recipe's keys device/dtype
+    p.add_argument(
+        "--rules", default=None, help="verdict rules file (default: the shipped vsteer/recipes/verdicts.yaml)"
     )
     p.add_argument("--only", default=None, help="comma-separated sections to run (default: the recipe's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -25,7 +31,11 @@ def _run(args) -> int:
     from vsteer.errors import RecipeError
     from vsteer.run import SECTIONS, load_run_spec, run
 
-    spec = load_run_spec(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    overrides += [
+        f"{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype), ("rules", args.rules)) if v
+    ]
+    spec = load_run_spec(args.recipe, overrides)
     only = None
     if args.only:
         only = [s.strip() for s in args.only.split(",") if s.strip()]

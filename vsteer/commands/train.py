@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vsteer.commands import add_device_args
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -25,6 +27,7 @@ def register(sub) -> None:
         "--resume", action="store_true", help="continue from the last checkpoint of an interrupted run"
     )
     p.add_argument("--check", action="store_true", help="validate the recipe and its data files, then stop")
+    add_device_args(p, device=None, dtype=None)  # default: the recipe's keys device/dtype
     p.set_defaults(func=_train)
 
     a = sub.add_parser("adapter", help="inspect LoRA adapter plans")
@@ -37,13 +40,18 @@ def register(sub) -> None:
     b.add_argument("-r", "--rank", type=int, default=8, help="rank of the uniform arms / of the matched arm")
     b.add_argument("--match", default=None, help="match every arm's effective count to this arm at rank r")
     b.add_argument("--budget", type=int, default=None, help="match every arm to this effective count")
+    add_device_args(b)
     b.set_defaults(func=_budget)
 
 
 def _train(args) -> int:
     from vsteer.recipes import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    overrides += [
+        f"{key}={value}" for key, value in (("device", args.device), ("dtype", args.dtype)) if value
+    ]
+    recipe = load_recipe(args.recipe, overrides)
     if args.check:
         from vsteer.train import load_recipe_data
 
@@ -55,7 +63,12 @@ def _train(args) -> int:
     from vsteer.train import train_from_recipe
 
     result = train_from_recipe(
-        recipe, output_dir=args.output_dir, overwrite=args.overwrite, resume=args.resume
+        recipe,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=True,  # one bar over the steps; --verbose: the libraries' own logs and bars
+        verbose=getattr(args, "verbose", False),  # vsteer --verbose (cli.py)
     )
     import os
 
@@ -72,10 +85,10 @@ def _train(args) -> int:
 
 
 def _budget(args) -> int:
+    from vsteer.commands import load_model_from_args
     from vsteer.lora import plan_adapter
-    from vsteer.models import load_model
 
-    model, _ = load_model(args.model)
+    model, _ = load_model_from_args(args)
     for targets in args.targets:
         plan = plan_adapter(model, targets, args.rank, budget=args.budget, match=args.match)
         print(plan.summary())

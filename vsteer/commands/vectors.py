@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from vsteer.commands import add_device_args, load_model_from_args
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -13,14 +15,17 @@ def register(sub) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="caa:BEHAVIOUR, persona:TRAIT, template:POS,NEG, sst2[:SPLIT] or a JSONL of {positive, negative}",
+        help="caa:BEHAVIOUR, persona:TRAIT, template:POS,NEG, sst2[:SPLIT] or your JSONL file of "
+        "{positive, negative}, A/B items {question, answer_matching_behavior, answer_not_matching_behavior} "
+        "(answer-balanced) or {text, label} (see docs/experiments.md)",
     )
     p.add_argument("--site", default="v", help="v, k, q, z, attn, mlp or resid (default v)")
     p.add_argument("--layers", default="all", help="e.g. 8-16, 12, 1,3,5-7 or all")
     p.add_argument("--method", default="mean_diff", help="mean_diff, pca_diff or logistic")
     p.add_argument("--position", default=None, help="answer, last, completion or mean (default: per dataset)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many pairs")
+    p.add_argument("--limit", type=int, default=None, help="at most this many pairs (A/B: rounded to even)")
     p.add_argument("--batch-size", type=int, default=16)
+    add_device_args(p)
     p.add_argument("-o", "--output", required=True, help="where to write the vector (.safetensors)")
     p.set_defaults(func=_extract)
 
@@ -49,6 +54,7 @@ def register(sub) -> None:
 
 def _steering_args(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
+    add_device_args(p)
     p.add_argument(
         "--vector",
         action="append",
@@ -97,11 +103,10 @@ def _load_vectors(args, model) -> list:
 
 
 def _extract(args) -> int:
-    from vsteer.extract import extract, pairs_from_spec
-    from vsteer.models import load_model
+    from vsteer.extraction import extract, pairs_from_spec
 
     pairs = pairs_from_spec(args.data, limit=args.limit)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     vec = extract(
         model,
         tokenizer,
@@ -132,9 +137,13 @@ def _generate_text(
 ):
     import torch
 
-    from vsteer.steer import steer
+    from vsteer.encoding import encode_batch
+    from vsteer.models import model_device
+    from vsteer.steering import steer
 
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    # chat-template text carries its own special tokens; raw prompts are continued as given
+
+    enc = encode_batch(tokenizer, prompts, add_special_tokens=False, device=model_device(model))
     kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         if vectors:
@@ -148,10 +157,8 @@ def _generate_text(
 def _generate(args) -> int:
     import torch
 
-    from vsteer.models import load_model
-
     scale = _parse_scale(args.scale)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     vectors = _load_vectors(args, model)
     torch.manual_seed(args.seed)
     prompts = [_format_prompt(tokenizer, p, args.raw) for p in args.prompt]
@@ -167,10 +174,9 @@ def _generate(args) -> int:
 
 def _chat(args) -> int:
     from vsteer.errors import VsteerError
-    from vsteer.models import load_model
 
     scale = _parse_scale(args.scale)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model_from_args(args)
     vectors = _load_vectors(args, model)
     history: list[dict] = []
     print("vsteer chat: /scale X, /vector PATH[:SCALE], /off, /reset, /quit", file=sys.stderr)

@@ -1,9 +1,12 @@
-"""The real datasets vsteer ships, and their readers.
+"""The real datasets vsteer ships, their readers, and loaders for your own data.
 
-Everything here reads files inside the package (``vsteer/data``); sources, commits, licences and the
+The readers read files inside the package (``vsteer/data``); sources, commits, licences and the
 subsampling rules are in ``vsteer/data/SOURCES.md``, content hashes in ``vsteer/data/SHA256SUMS``.
+:mod:`vsteer.data.user` loads and validates your own JSONL files or ``datasets.Dataset`` objects;
+:mod:`vsteer.data.balance` builds answer-balanced extraction sets.
 """
 
+from vsteer.data.balance import balance_answers, is_balanced, matching_counts, swap_options
 from vsteer.data.readers import (
     CAA_BEHAVIOURS,
     PERSONA_PAIR_TEMPLATE,
@@ -31,6 +34,7 @@ from vsteer.data.readers import (
     sst2,
     wikitext2_raw,
 )
+from vsteer.data.user import SCHEMAS, ab_items, contrast_pairs, data_source, labelled_texts, validate
 
 __all__ = [
     "CAA_BEHAVIOURS",
@@ -58,4 +62,14 @@ __all__ = [
     "sft_records",
     "sst2",
     "wikitext2_raw",
+    "SCHEMAS",
+    "ab_items",
+    "balance_answers",
+    "contrast_pairs",
+    "data_source",
+    "is_balanced",
+    "labelled_texts",
+    "matching_counts",
+    "swap_options",
+    "validate",
 ]

@@ -1,5 +1,5 @@
 """Experiments that test the value-path claim; each returns an :class:`ExperimentResult`."""
 
-from vsteer.experiments.result import ExperimentResult, atomic_write, records_to_markdown
+from vsteer.experiments.result import ExperimentResult, records_to_markdown
 
-__all__ = ["ExperimentResult", "atomic_write", "records_to_markdown"]
+__all__ = ["ExperimentResult", "records_to_markdown"]

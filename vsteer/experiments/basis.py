@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from vsteer.arch import get_arch
+from vsteer.encoding import to_numpy
 from vsteer.errors import DataError, VectorError
-from vsteer.evaluate import Estimate, Verdict, decide, rule_text
+from vsteer.evaluate import Estimate, finding
 from vsteer.experiments.common import final_norm, norm_gain, rng, subsample, token_strings, unembedding
 from vsteer.experiments.result import ExperimentResult
-from vsteer.steer import attention_norms
+from vsteer.steering import attention_norms
 
 
 @torch.no_grad()
@@ -36,8 +37,8 @@ def ov_factors(model: nn.Module, layer: int) -> list[tuple[torch.Tensor, torch.T
     """Per query head ``(A [d_model, head_dim], B [head_dim, d_model])`` with ``M_h = A @ B``."""
     arch = get_arch(model)
     d, hd = arch.d_model, arch.head_dim
-    wv = arch.weight(layer, "v").detach().float()
-    wo = arch.weight(layer, "o").detach().float()
+    wv = arch.weight(layer, "v").detach().float().cpu()
+    wo = arch.weight(layer, "o").detach().float().cpu()
     inp, out = attention_norms(arch, layer)
     g_in = norm_gain(inp, d) if inp is not None else torch.ones(d)
     g_out = norm_gain(out, d) if out is not None else torch.ones(d)
@@ -68,7 +69,7 @@ def ov_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def unembed_top(model: nn.Module, tokenizer, directions: torch.Tensor, k: int = 8) -> list[list[str]]:
     """Top ``k`` tokens of each direction ``[n, d_model]`` through the final norm gain and unembedding."""
     arch = get_arch(model)
-    w_u = unembedding(model).detach().float()
+    w_u = unembedding(model).detach().float().cpu()
     gain = norm_gain(final_norm(model), arch.d_model)
     logits = (directions.float() * gain) @ w_u.t()
     top = logits.topk(k, dim=-1).indices
@@ -133,7 +134,7 @@ def readout_steering_vector(
             vec = vec.reshape(arch.n_kv_heads, arch.head_dim)
             group = arch.n_heads // arch.n_kv_heads
             z = vec.repeat_interleave(group, dim=0).flatten()  # what each query head adds to z
-            out = arch.weight(layer, "o").detach().float() @ z
+            out = arch.weight(layer, "o").detach().float().cpu() @ z
             _, post = attention_norms(arch, layer)
             if post is not None:
                 out = out * norm_gain(post, arch.d_model)
@@ -241,8 +242,8 @@ def run_basis(
         data_base = float(shuffled.mean())
         bd = _mean_diffs(x, boot_w, y[None])
         b_share = _shares(col, bd)
-        boot["write"].append((b_share / iso_col).numpy())
-        boot["write_data"].append((b_share / data_base).numpy())
+        boot["write"].append(to_numpy(b_share / iso_col))
+        boot["write_data"].append(to_numpy(b_share / data_base))
         rec = {
             "layer": layer,
             "write_share": share,
@@ -257,7 +258,7 @@ def run_basis(
             read = float(_shares(row, _mean_diffs(prev, ones, y[None]))[0])
             rec.update({"read_share": read, "read_random": iso_row, "read_ratio": read / iso_row})
             per_layer["read"].append(read / iso_row)
-            boot["read"].append((_shares(row, _mean_diffs(prev, boot_w, y[None])) / iso_row).numpy())
+            boot["read"].append(to_numpy(_shares(row, _mean_diffs(prev, boot_w, y[None])) / iso_row))
         else:
             rec.update({"read_share": float("nan"), "read_random": iso_row, "read_ratio": float("nan")})
         records.append(rec)
@@ -271,7 +272,6 @@ def run_basis(
         return Estimate(value, float(lo), float(hi), n)
 
     cmd = "vsteer basis"
-    rule = rule_text(1.0, what="mean ratio over layers")
     verdicts = []
     for key, claim, measured in (
         (
@@ -291,7 +291,7 @@ def run_basis(
         ),
     ):
         e = estimate(key)
-        verdicts.append(Verdict(claim, measured, e, decide(e, 1.0), rule, cmd))
+        verdicts.append(finding(f"basis.{key}", claim=claim, measured=measured, effect=e, command=cmd))
 
     readout = ov_readout(model, tokenizer, n_directions=config.n_directions, k=config.top_k)
     vector_rows = (
@@ -320,7 +320,7 @@ def run_basis(
         name="basis",
         title="Claim (d): W_V's column space as a response semantic basis",
         records=records,
-        verdicts=verdicts,
+        findings=verdicts,
         meta=meta,
         columns=[
             "layer",

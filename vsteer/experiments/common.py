@@ -1,4 +1,7 @@
-"""Helpers shared by the claim experiments: batching, tokenising, positions, unembedding."""
+"""Helpers shared by the claim experiments: batching, positions, unembedding.
+
+Padded batches come from :func:`vsteer.encoding.encode_batch` (the one helper that pads).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vsteer.arch import _unwrap, get_arch
+from vsteer.arch import get_arch, unwrap
 from vsteer.errors import DataError
 
 
@@ -36,27 +39,6 @@ def require_items(items: Sequence, what: str) -> Sequence:
     return items
 
 
-def encode(tokenizer, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Tokenise a batch with left padding: ``input_ids``/``attention_mask`` ``[batch, seq]``.
-
-    Left padding puts the last real token of every row at index ``seq - 1``, so "the last token"
-    is one absolute position for the hook layer.
-    """
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(
-            list(texts),
-            return_tensors="pt",
-            padding=True,
-            truncation=max_length is not None,
-            max_length=max_length,
-        )
-    finally:
-        tokenizer.padding_side = side
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row (``[batch]``), for any padding side."""
     seq = attention_mask.shape[1]
@@ -68,7 +50,7 @@ def forward_logits(model: nn.Module, last_only: bool = False, **inputs) -> torch
     """Logits ``[batch, seq, vocab]`` (``[batch, 1, vocab]`` with ``last_only``) without gradients."""
     kwargs = {"logits_to_keep": 1} if last_only else {}
     with torch.no_grad():
-        return _unwrap(model)(**inputs, use_cache=False, **kwargs).logits.float()
+        return unwrap(model)(**inputs, use_cache=False, **kwargs).logits.float()
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -84,7 +66,13 @@ def final_norm(model: nn.Module) -> nn.Module:
 def unembedding(model: nn.Module) -> torch.Tensor:
     """The unembedding matrix ``[vocab, d_model]``."""
     arch = get_arch(model)
-    return arch.model.get_submodule(arch.spec.unembed).weight
+    try:
+        return arch.model.get_submodule(arch.spec.unembed).weight
+    except AttributeError:  # a spec's name can lag the class (GPT-NeoX's embed_out); HF knows its head
+        head = arch.model.get_output_embeddings()
+        if head is None:
+            raise DataError(f"{arch.family}: no unembedding at {arch.spec.unembed!r}") from None
+        return head.weight
 
 
 def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
@@ -96,10 +84,12 @@ def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
     """
     with torch.no_grad():
         if isinstance(norm, nn.LayerNorm):
-            return norm.weight.detach().float().clone()
+            return norm.weight.detach().float().cpu().clone()
         p = next(norm.parameters(), None)
         x = torch.ones(1, d_model, dtype=p.dtype if p is not None else torch.float32)
-        return norm(x)[0].detach().float()  # = gain / sqrt(1 + eps): scale does not matter here
+        x = x.to(p.device) if p is not None else x
+        # = gain / sqrt(1 + eps): scale does not matter here; on the CPU, where the readouts run
+        return norm(x)[0].detach().float().cpu()
 
 
 def token_strings(tokenizer, ids: Iterable[int]) -> list[str]:

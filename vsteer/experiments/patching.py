@@ -15,18 +15,20 @@ bootstrap interval over pairs. 1 means the patched source answers like the donor
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
 from vsteer.arch import get_arch
+from vsteer.encoding import pad_batch, pad_token_id, to_numpy
 from vsteer.errors import DataError
-from vsteer.evaluate import Verdict, bootstrap, decide, rule_text
+from vsteer.evaluate import bootstrap, finding
 from vsteer.experiments.common import batched, forward_logits, progress, require_items, rng
 from vsteer.experiments.result import ExperimentResult
 from vsteer.hooks import capture, intervene, replace
+from vsteer.models import model_device
 from vsteer.sites import check_site_name
 
 PATCH_SITES = ("v", "k", "q", "z", "resid")
@@ -171,6 +173,33 @@ def pairs_from_facts(
     return out
 
 
+def aligned_pairs(tokenizer, pairs) -> list[AlignedPair]:
+    """Aligned pairs from :class:`AlignedPair`s (as :func:`pairs_from_facts` returns them, kept),
+    :class:`CounterfactualPair`s, dicts, a JSONL path or a ``datasets.Dataset`` of rows with the fields
+    of :class:`CounterfactualPair` (``source``, ``donor``, ``source_entity``, ``donor_entity``,
+    ``source_answer``, ``donor_answer``, optional ``relation``)."""
+    from vsteer.data.user import validate
+
+    from pathlib import Path
+
+    if isinstance(pairs, str | Path) or hasattr(pairs, "_fingerprint") or (
+        isinstance(pairs, list | tuple) and pairs and all(isinstance(p, dict) for p in pairs)
+    ):
+        pairs = [CounterfactualPair(**row) for row in validate(pairs, "patching")]
+    out = []
+    for i, p in enumerate(require_items(pairs, "counterfactual pairs")):
+        if isinstance(p, AlignedPair):
+            out.append(p)
+        elif isinstance(p, CounterfactualPair):
+            out.append(align_pair(tokenizer, p))
+        else:
+            raise DataError(
+                f"counterfactual pair {i} is a {type(p).__name__}; expected an AlignedPair (pairs_from_facts), "
+                f"a CounterfactualPair or a dict with {', '.join(f.name for f in fields(CounterfactualPair))}"
+            )
+    return out
+
+
 @dataclass
 class PatchConfig:
     """What to patch. Every site in ``sites`` is patched at all layers at once; the sites in
@@ -193,16 +222,9 @@ class PatchConfig:
         return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, min(self.n_sweep, n_layers))})
 
 
-def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
-
-
 def _logit_diff(logits: torch.Tensor, src: torch.Tensor, don: torch.Tensor) -> np.ndarray:
     last = logits[:, -1]
-    return (last.gather(1, don[:, None]) - last.gather(1, src[:, None]))[:, 0].numpy().astype(np.float64)
+    return to_numpy(last.gather(1, don[:, None]) - last.gather(1, src[:, None]))[:, 0].astype(np.float64)
 
 
 def patch_pairs(
@@ -225,34 +247,34 @@ def patch_pairs(
     layers = list(range(arch.n_layers)) if layers is None else [arch.check_layer(x) for x in layers]
     sweep_sites = sites if sweep_sites is None else sweep_sites
     configs = [(s, layer) for s in sweep_sites for layer in layers] + [(s, "all") for s in sites]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad, device = pad_token_id(tokenizer), model_device(model)
     out = {"clean": [], "donor": [], "donor_top": [], "patched": {c: [] for c in configs}}
     out["top_is_donor"] = {c: [] for c in configs}
     chunks = list(batched(pairs, batch_size))
     all_sites = [(s, layer) for s in sites for layer in range(arch.n_layers)]
     for chunk in progress(chunks, "patching", progress_bar):
-        src_ids, mask = _pad_left([p.source_ids for p in chunk], pad)
-        don_ids, _ = _pad_left([p.donor_ids for p in chunk], pad)
-        width = src_ids.shape[1]
+        src = pad_batch([p.source_ids for p in chunk], pad, device=device)
+        don = pad_batch([p.donor_ids for p in chunk], pad, device=device)
+        width = src["input_ids"].shape[1]
         positions = torch.zeros(len(chunk), width, dtype=torch.bool)
         for row, p in enumerate(chunk):
             shift = width - len(p.source_ids)
             positions[row, [shift + i for i in p.positions]] = True
-        a_src = torch.tensor([p.source_answer_id for p in chunk])
-        a_don = torch.tensor([p.donor_answer_id for p in chunk])
-        clean = forward_logits(model, last_only=True, input_ids=src_ids, attention_mask=mask)
+        a_src = torch.tensor([p.source_answer_id for p in chunk], device=device)
+        a_don = torch.tensor([p.donor_answer_id for p in chunk], device=device)
+        clean = forward_logits(model, last_only=True, **src)
         with torch.no_grad(), capture(model, all_sites) as acts:
-            donor = forward_logits(model, last_only=True, input_ids=don_ids, attention_mask=mask)
+            donor = forward_logits(model, last_only=True, **don)
         out["clean"].append(_logit_diff(clean, a_src, a_don))
         out["donor"].append(_logit_diff(donor, a_src, a_don))
-        out["donor_top"].append((donor[:, -1].argmax(-1) == a_don).numpy())
+        out["donor_top"].append(to_numpy(donor[:, -1].argmax(-1) == a_don))
         for site, layer in configs:
             targets = range(arch.n_layers) if layer == "all" else [layer]
             ops = {(site, t): replace(acts[(site, t)], positions=positions) for t in targets}
             with intervene(model, ops):
-                logits = forward_logits(model, last_only=True, input_ids=src_ids, attention_mask=mask)
+                logits = forward_logits(model, last_only=True, **src)
             out["patched"][(site, layer)].append(_logit_diff(logits, a_src, a_don))
-            out["top_is_donor"][(site, layer)].append((logits[:, -1].argmax(-1) == a_don).numpy())
+            out["top_is_donor"][(site, layer)].append(to_numpy(logits[:, -1].argmax(-1) == a_don))
     cat = np.concatenate
     return {
         "clean": cat(out["clean"]),
@@ -278,14 +300,16 @@ def run_patching(
     model: nn.Module,
     tokenizer,
     config: PatchConfig | None = None,
-    pairs: list[CounterfactualPair] | None = None,
+    pairs=None,
     seed: int = 0,
     progress_bar: bool | None = None,
 ) -> ExperimentResult:
     """Patch each site at each layer (and all layers) at the entity positions of each pair.
 
-    ``pairs``: your own counterfactual pairs (each must align, or a :class:`DataError` names it);
-    by default pairs are built from the package's fact lists for ``config.relations``.
+    ``pairs``: your own counterfactual pairs, anything :func:`aligned_pairs` takes (what
+    :func:`pairs_from_facts` returns, :class:`CounterfactualPair`s, a JSONL path or a ``datasets.Dataset``
+    of ``patching`` rows); each must align, or a :class:`DataError` names it. By default pairs are
+    built from the package's fact lists for ``config.relations``.
     """
     config = config or PatchConfig()
     arch = get_arch(model)
@@ -293,8 +317,8 @@ def run_patching(
         check_site_name(s)
     if pairs is not None:
         groups = {}
-        for p in require_items(pairs, "counterfactual pairs"):
-            groups.setdefault(p.relation or "custom", []).append(align_pair(tokenizer, p))
+        for p in aligned_pairs(tokenizer, pairs):
+            groups.setdefault(p.pair.relation or "custom", []).append(p)
     else:
         require_items(config.relations, "relations")
         groups = {
@@ -337,7 +361,6 @@ def run_patching(
         for c in [(s, "all") for s in config.sites]
     }
     verdicts, headline = [], {}
-    rule = rule_text(THRESHOLD, what="recovered fraction")
     for site in config.sites:
         headline[site] = recovered_fraction(
             pooled_patch[(site, "all")], pooled["clean"], pooled["donor"], seed
@@ -346,26 +369,24 @@ def run_patching(
         cmd = "vsteer patch"
         e = headline["v"]
         verdicts.append(
-            Verdict(
+            finding(
+                "patching.v_recovers",
                 claim="patching the donor entity's value vectors (all layers, entity tokens only) makes "
                 "the model answer for the donor entity",
                 measured=f"recovered share of the clean→donor logit difference, {len(pooled['clean'])} pairs "
                 f"({', '.join(runs)})",
                 effect=e,
-                verdict=decide(e, THRESHOLD),
-                rule=rule,
                 command=cmd,
             )
         )
         for rel, res in runs.items():
             er = recovered_fraction(res["patched"][("v", "all")], res["clean"], res["donor"], seed)
             verdicts.append(
-                Verdict(
+                finding(
+                    "patching.v_recovers",
                     claim=f"same, relation {rel}",
                     measured=f"recovered share, v all layers, {len(res['clean'])} pairs",
                     effect=er,
-                    verdict=decide(er, THRESHOLD),
-                    rule=rule,
                     command=cmd,
                 )
             )
@@ -400,7 +421,7 @@ def run_patching(
         name="patching",
         title="Claim (c): patching a token's value vectors from another entity changes the answer",
         records=records,
-        verdicts=verdicts,
+        findings=verdicts,
         meta=meta,
         columns=[
             "relation",

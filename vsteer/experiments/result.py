@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vsteer.evaluate import Verdict
+from vsteer.evaluate import Finding
+from vsteer.files import atomic_write
 
 
 def _fmt(v) -> str:
@@ -37,24 +37,6 @@ def records_to_markdown(
     return "\n".join(lines)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write a file so that readers see the old content or the new, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 @dataclass
 class ExperimentResult:
     """Records (plain dicts), verdicts, metadata and an optional plotting function.
@@ -66,21 +48,30 @@ class ExperimentResult:
     name: str
     title: str
     records: list[dict]
-    verdicts: list[Verdict] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     columns: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     plotter: Callable[[list[dict], Path], None] | None = field(default=None, repr=False)
 
-    def verdict(self) -> Verdict | None:
-        """The headline verdict (the first one)."""
-        return self.verdicts[0] if self.verdicts else None
+    @property
+    def verdicts(self) -> list:
+        """The findings judged by the shipped rules (computed, never stored; see vsteer.verdicts)."""
+        from vsteer.verdicts import judge
 
-    def to_markdown(self, max_rows: int | None = 40) -> str:
+        return [judge(f) for f in self.findings]
+
+    def verdict(self):
+        """The headline verdict (the first one)."""
+        return self.verdicts[0] if self.findings else None
+
+    def to_markdown(self, max_rows: int | None = 40, verdicts: list | None = None) -> str:
+        """``verdicts``: the judged findings to show (default: judged by the shipped rules)."""
         parts = [f"### {self.title}", ""]
-        for v in self.verdicts:
+        verdicts = self.verdicts if verdicts is None else verdicts
+        for v in verdicts:
             parts.append(f"- **{v.claim}**: {v.verdict} ({v.measured} = {v.effect}; rule: {v.rule})")
-        if self.verdicts:
+        if verdicts:
             parts.append("")
         parts.extend(self.notes)
         if self.notes:
@@ -107,7 +98,7 @@ class ExperimentResult:
             "name": self.name,
             "title": self.title,
             "records": self.records,
-            "verdicts": [v.to_dict() for v in self.verdicts],
+            "findings": [f.to_dict() for f in self.findings],
             "meta": self.meta,
             "notes": self.notes,
         }

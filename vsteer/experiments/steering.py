@@ -7,7 +7,7 @@ Two experiments, each returning :class:`~vsteer.experiments.result.ExperimentRes
   A/B (Yes/No) items as a function of the steering scale in ``[-k, k]``. The residual-stream
   (``resid``) vector of the same data and layers is rescaled, layer by layer, so that its norm
   equals the norm of the change the value vector makes to the residual stream
-  (``||W_O c||``, see :func:`vsteer.steer.residual_change`): both arms move the residual stream
+  (``||W_O c||``, see :func:`vsteer.steering.residual_change`): both arms move the residual stream
   by the same amount per unit of scale. Layers are chosen on extraction-split items held out of
   the extraction (never on the test items) and the search is recorded.
 * :func:`sentiment_steering`: a ``v`` vector from SST-2 positive vs negative sentences steers
@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vsteer.evaluate import Verdict, bootstrap, decide, paired_difference, rule_text
+from vsteer.encoding import encode_batch, pad_batch, pad_token_id
+from vsteer.evaluate import bootstrap, finding, paired_difference
 from vsteer.experiments.result import ExperimentResult
+from vsteer.models import model_device
 
 BEHAVIOURS = ("refusal", "myopic-reward", "corrigible-neutral-HHH")
 PERSONAS = ("agreeableness", "neuroticism")
@@ -37,7 +39,8 @@ BANDS = ("4-10", "11-17", "18-24")
 
 @dataclass
 class SteeringOptions:
-    """Sizes of the evaluation. ``scales`` multiply the extracted vectors (mean differences)."""
+    """Sizes of the evaluation. ``scales`` multiply the extracted vectors (mean differences).
+    ``n_extract``: extraction pairs, answer-balanced (an A/B item gives two, one per option order)."""
 
     scales: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
     bands: tuple[str, ...] = BANDS
@@ -58,7 +61,7 @@ class SteeringOptions:
 # ------------------------------------------------------------------------------------------------
 def _answer_tokens(tokenizer, item) -> tuple[str, int, int]:
     """Assistant prefix and the token ids of the matching / other answer that follow it."""
-    from vsteer.extract import answer_completion
+    from vsteer.extraction import answer_completion
 
     m, o = answer_completion(item.matching), answer_completion(item.not_matching)
     if m.startswith("("):
@@ -80,9 +83,9 @@ def _prompt_ids(tokenizer, item, prefix: str) -> list[int]:
 def p_matching(
     model, tokenizer, items, steering=None, scale: float = 0.0, batch_size: int = 16
 ) -> np.ndarray:
-    """``[len(items)]`` p(matching) of each item, with ``steering`` (vectors for :func:`vsteer.steer.steer`)
+    """``[len(items)]`` p(matching) of each item, with ``steering`` (vectors for :func:`vsteer.steer`)
     applied at every position at ``scale``."""
-    from vsteer.steer import steer
+    from vsteer.steering import steer
 
     encoded = []
     for item in items:
@@ -90,25 +93,11 @@ def p_matching(
         encoded.append((_prompt_ids(tokenizer, item, prefix), m_id, o_id))
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
     out = np.zeros(len(items))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    pad, device = pad_token_id(tokenizer), model_device(model)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = encoded[i][0]
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        inputs = dict(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids.to(device),
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        inputs = pad_batch([encoded[i][0] for i in batch], pad, device=device)
+        inputs.update(use_cache=False, logits_to_keep=1)
         with torch.no_grad():
             if steering is None or scale == 0:
                 logits = model(**inputs).logits[:, -1].float()
@@ -126,31 +115,79 @@ def p_matching(
 # ------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------
-def _split_items(kind: str, name: str, opts: SteeringOptions):
-    """(extraction pairs, selection items, test items) for a CAA behaviour or a persona."""
-    from vsteer import data
-    from vsteer.extract import Pairs, _sources, ab_pair
+def _two_choice(item) -> bool:
+    """Letter items answered (A) vs (B), or word items (Yes/No, ...): p(matching) is defined against the
+    one other answer (survival-instinct's (C)-(H) items list more choices)."""
+    from vsteer.data.balance import answer_letter
 
-    if kind == "caa":
-        pool = list(data.caa_ab(name, "generate"))
-        test = list(data.caa_ab(name, "test"))[: opts.n_test]
-        source = f"caa/generate/{name}/generate_dataset.json"
+    letters = {answer_letter(item.matching), answer_letter(item.not_matching)}
+    return letters == {"A", "B"} or letters == {None}
+
+
+def reference_answer(item) -> str:
+    """The answer whose probability the answer-token swing follows, whichever answer matches:
+    ``"(A)"`` for letter items, ``"Yes"`` for Yes/No items, else the alphabetically first answer."""
+    answers = (item.matching, item.not_matching)
+    for ref in ("(A)", "Yes"):
+        if ref in answers:
+            return ref
+    return min(answers)
+
+
+def _split_items(kind: str, name: str, opts: SteeringOptions, items=None, test_items=None):
+    """(extraction pairs, selection items, test items) for a CAA behaviour, a persona, or your own
+    A/B items (``items``: a JSONL path, a ``datasets.Dataset`` or ABItems; ``name`` may be a JSONL path).
+
+    The extraction set is answer-balanced (:func:`vsteer.data.balance_answers`): every answer
+    token is the matching one as often as the other one, so the vector cannot be an answer switch.
+    """
+    from pathlib import Path
+
+    from vsteer import data
+    from vsteer.data import user
+    from vsteer.errors import DataError
+    from vsteer.extraction import Pairs, ab_pair, data_sources
+
+    shipped = name in data.CAA_BEHAVIOURS + data.PERSONA_TRAITS  # a shipped name wins over a local file
+    own = items if items is not None else (name if user.is_data_file(name) and not shipped else None)
+    if own is not None:
+        pool = user.ab_items(own)
+        sources = [user.data_source(own)]
+        name = Path(own).stem if isinstance(own, str | Path) else (name or "items")
+        if test_items is not None:
+            test = user.ab_items(test_items)[: opts.n_test]
+            sources.append(user.data_source(test_items))
+        else:
+            random.Random(opts.seed).shuffle(pool)
+            test, pool = pool[: opts.n_test], pool[opts.n_test :]
     else:
-        pool = list(data.persona_ab(name))
-        random.Random(opts.seed).shuffle(pool)
-        test, pool = pool[: opts.n_test], pool[opts.n_test :]
-        source = f"anthropic-evals/persona/{name}.jsonl"
-    # two-choice items only: p(matching) is defined against the one other answer
-    pool = [it for it in pool if it.matching[:3] in ("(A)", "(B)", "Yes", "No")]
+        try:
+            if kind == "caa":
+                pool = list(data.caa_ab(name, "generate"))
+                test = list(data.caa_ab(name, "test"))[: opts.n_test]
+                source = f"caa/generate/{name}/generate_dataset.json"
+            elif kind == "persona":
+                pool = list(data.persona_ab(name))
+                random.Random(opts.seed).shuffle(pool)
+                test, pool = pool[: opts.n_test], pool[opts.n_test :]
+                source = f"anthropic-evals/persona/{name}.jsonl"
+            else:
+                raise DataError(f"unknown steering data kind {kind!r}; expected 'caa' or 'persona'")
+        except DataError as err:
+            raise DataError(f"{err}; or give a JSONL file of A/B items (or items=...)") from None
+        sources = data_sources(source)
+    pool = [it for it in pool if _two_choice(it)]
     rng = random.Random(opts.seed + 1)
     rng.shuffle(pool)
-    select, extract_items = pool[: opts.n_select], pool[opts.n_select : opts.n_select + opts.n_extract]
+    select = pool[: opts.n_select]
+    extract_items = data.balance_answers(pool[opts.n_select :], opts.n_extract, f"{kind}:{name} extraction")
     pairs = Pairs(
         [ab_pair(it.question, it.matching, it.not_matching) for it in extract_items],
-        sources=_sources(source),
+        sources=sources,
         name=f"{kind}:{name}",
         position="answer",
     )
+    pairs.balance = data.matching_counts(extract_items)
     return pairs, select, test
 
 
@@ -162,7 +199,7 @@ def matched_residual(model, value_vec, resid_vec, inputs: dict | None = None):
     """
     from dataclasses import replace
 
-    from vsteer.steer import residual_change_norms
+    from vsteer.steering import residual_change_norms
 
     target = residual_change_norms(model, value_vec, inputs)
     dirs = {}
@@ -174,16 +211,12 @@ def matched_residual(model, value_vec, resid_vec, inputs: dict | None = None):
 def calibration_inputs(model, tokenizer, n: int = 8) -> dict:
     """A tokenized batch of neutral prompts (shipped IMDB openings) to calibrate residual sizes."""
     from vsteer import data
-    from vsteer.experiments.common import encode
-
-    batch = encode(tokenizer, data.neutral_prompts(n))
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
+    return encode_batch(tokenizer, data.neutral_prompts(n), device=model_device(model))
 
 
 def _extract_both(model, tokenizer, pairs, layers, opts, position=None):
     """Value and residual vectors from one set of pairs, all candidate layers."""
-    from vsteer.extract import extract_sites
+    from vsteer.extraction import extract_sites
 
     vecs = extract_sites(
         model, tokenizer, pairs, ("v", "resid"), layers, "mean_diff", position, opts.batch_size, opts.progress
@@ -201,15 +234,32 @@ def _band_layers(band: str, n_layers: int) -> list[int]:
 # A/B steering curves
 # ------------------------------------------------------------------------------------------------
 def ab_steering(
-    model, tokenizer, kind: str, name: str, opts: SteeringOptions | None = None
+    model,
+    tokenizer,
+    kind: str = "custom",
+    name: str = "",
+    opts: SteeringOptions | None = None,
+    items=None,
+    test_items=None,
 ) -> ExperimentResult:
-    """Curve of p(matching) vs scale for the value-site vector and the norm-matched residual one."""
+    """Curve of p(matching) vs scale for the value-site vector and the norm-matched residual one.
+
+    Data: ``kind="caa"`` with a shipped behaviour or ``kind="persona"`` with a shipped trait; or your own
+    A/B (Yes/No) items, ``{question, answer_matching_behavior, answer_not_matching_behavior}``, as
+    ``name`` = a JSONL path or ``items`` = a path, a ``datasets.Dataset`` or a list of ABItems
+    (``test_items`` likewise; by default ``opts.n_test`` items are held out of ``items``).
+    Every record carries the answer-token swing next to the effect (see :func:`reference_answer`).
+    """
     from vsteer.arch import get_arch
+    from vsteer.data.balance import matching_counts
 
     opts = opts or SteeringOptions()
     t0 = time.time()
     arch = get_arch(model)
-    pairs, select, test = _split_items(kind, name, opts)
+    pairs, select, test = _split_items(kind, name, opts, items, test_items)
+    name = pairs.name.partition(":")[2]  # a file's stem for your own file
+    # p(reference answer) = p(matching) where the reference answer matches, 1 - p(matching) elsewhere
+    ref_matches = np.array([reference_answer(it) == it.matching for it in test])
     all_layers = sorted({layer for band in opts.bands for layer in _band_layers(band, arch.n_layers)})
     v_all, r_all = _extract_both(model, tokenizer, pairs, all_layers, opts)
     calib = calibration_inputs(model, tokenizer)
@@ -258,21 +308,40 @@ def ab_steering(
                     "low": est.low,
                     "high": est.high,
                     "n": est.n,
+                    "p_a_or_yes": float(np.where(ref_matches, p, 1 - p).mean()),
                 }
             )
+    for row in records:
+        # effect and answer-token swing from -s to +s, side by side in every row
+        mirrored = -row["scale"] in opts.scales
+        p_hi = per_item[(row["site"], row["scale"])]
+        p_lo = per_item[(row["site"], -row["scale"])] if mirrored else None
+        row["effect"] = float((p_hi - p_lo).mean()) if mirrored else None
+        row["answer_swing"] = (
+            float(np.where(ref_matches, p_hi - p_lo, p_lo - p_hi).mean()) if mirrored else None
+        )
+    swing = {
+        site: paired_difference(
+            np.where(ref_matches, per_item[(site, k)], 1 - per_item[(site, k)]),
+            np.where(ref_matches, per_item[(site, -k)], 1 - per_item[(site, -k)]),
+            seed=opts.seed,
+        )
+        for site in ("v", "resid")
+    }
+    test_balance = {a: c["matching"] for a, c in matching_counts(test).items()}
     verdicts = []
     for site in ("v", "resid"):
         curve = [per_item[(site, s)].mean() for s in opts.scales]
         monotone = bool(np.all(np.diff(curve) >= 0))
         effect = paired_difference(per_item[(site, k)], per_item[(site, -k)], seed=opts.seed)
         verdicts.append(
-            Verdict(
+            finding(
+                "steering.ab_scale",
                 claim=f"{site}-site vector for {kind}:{name} raises p(matching) with scale",
                 measured=f"p(matching | +{k:g}) - p(matching | -{k:g}) on {effect.n} held-out items "
-                f"({'monotone' if monotone else 'not monotone'} over {list(opts.scales)})",
+                f"({'monotone' if monotone else 'not monotone'} over {list(opts.scales)}; side effect, "
+                f"answer-token swing p((A)/Yes) {swing[site]})",
                 effect=effect,
-                verdict=decide(effect, 0.0),
-                rule=rule_text(0.0, what="difference"),
                 command="vsteer run recipes/claims.yaml --only steering",
             )
         )
@@ -293,13 +362,18 @@ def ab_steering(
         searched,
         f"Value minus residual effect at matched norm: {diff}. Residual change norm per unit scale "
         f"(sum over layers): {change_norm:.3g}. Unsteered p(matching): {base.mean():.3f}.",
-        f"{len(pairs)} extraction pairs, {len(test)} test items; {time.time() - t0:.0f} s.",
+        f"Answer-token swing (side effect): p((A) or Yes | +{k:g}) - p((A) or Yes | -{k:g}), whichever "
+        f"answer matches: v {swing['v']}, resid {swing['resid']}. A vector that only "
+        "switches the answer token moves this and not the effect on a balanced test set; test items "
+        f"matching each answer: {test_balance}.",
+        f"{len(pairs)} extraction pairs, answer-balanced (matching/other per answer: {pairs.balance}), "
+        f"{len(test)} test items; {time.time() - t0:.0f} s.",
     ]
     return ExperimentResult(
         name=f"steering_ab_{kind}_{name}",
         title=f"Steering {kind}:{name}: p(matching) vs scale, value site vs residual at matched norm",
         records=records,
-        verdicts=verdicts,
+        findings=verdicts,
         meta={
             "kind": kind,
             "name": name,
@@ -310,8 +384,23 @@ def ab_steering(
             "vector": v.metadata(),
             "n_extract": len(pairs),
             "n_test": len(test),
+            "extraction_balance": pairs.balance,
+            "test_matching": test_balance,
+            "answer_swing": {site: e.to_dict() for site, e in swing.items()},
         },
-        columns=["site", "layers", "scale", "resid_change_norm", "p_matching", "low", "high", "n"],
+        columns=[
+            "site",
+            "layers",
+            "scale",
+            "resid_change_norm",
+            "p_matching",
+            "low",
+            "high",
+            "n",
+            "effect",
+            "answer_swing",
+            "p_a_or_yes",
+        ],
         notes=notes,
         plotter=_plot_curves,
     )
@@ -341,11 +430,9 @@ def _plot_curves(records, path):
 # sentiment of generated continuations
 # ------------------------------------------------------------------------------------------------
 def _generate(model, tokenizer, prompts, steering=None, scale=0.0, max_new_tokens=24) -> list[str]:
-    from vsteer.steer import steer
+    from vsteer.steering import steer
 
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    device = next(model.parameters()).device
-    enc = {k: t.to(device) for k, t in enc.items()}
+    enc = encode_batch(tokenizer, prompts, device=model_device(model))
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         if steering is None or scale == 0:
@@ -362,7 +449,7 @@ def sentiment_steering(
     """VADER compound sentiment of continuations vs scale, value site vs residual at matched norm."""
     from vsteer import data
     from vsteer.arch import get_arch
-    from vsteer.extract import sst2_pairs
+    from vsteer.extraction import sst2_pairs
     from vsteer.metrics import vader_scores
 
     opts = opts or SteeringOptions()
@@ -402,13 +489,12 @@ def sentiment_steering(
         curve = [per_item[(site, s)].mean() for s in opts.scales]
         effect = paired_difference(per_item[(site, k)], per_item[(site, -k)], seed=opts.seed)
         verdicts.append(
-            Verdict(
+            finding(
+                "steering.sentiment_scale",
                 claim=f"{site}-site SST-2 vector shifts the sentiment of continuations",
                 measured=f"VADER compound(+{k:g}) - compound(-{k:g}) over {effect.n} neutral prompts "
                 f"({'monotone' if np.all(np.diff(curve) >= 0) else 'not monotone'})",
                 effect=effect,
-                verdict=decide(effect, 0.0),
-                rule=rule_text(0.0, what="difference"),
                 command="vsteer run recipes/claims.yaml --only steering",
             )
         )
@@ -416,7 +502,7 @@ def sentiment_steering(
         name="steering_sentiment",
         title="Sentiment steering (SST-2 vector), VADER compound of greedy continuations vs scale",
         records=records,
-        verdicts=verdicts,
+        findings=verdicts,
         meta={
             "band": band,
             "scales": list(opts.scales),
@@ -469,7 +555,11 @@ def run_steering(
     sentiment: bool = True,
     opts: SteeringOptions | None = None,
 ) -> list[ExperimentResult]:
-    """The full effect evaluation: A/B curves for CAA behaviours and personas, and sentiment."""
+    """The full effect evaluation: A/B curves for CAA behaviours and personas, and sentiment.
+
+    ``behaviours`` and ``personas`` hold shipped names or paths to your own JSONL files of A/B items
+    (``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior``); for a
+    ``datasets.Dataset`` call :func:`ab_steering` with ``items=``."""
     opts = opts or SteeringOptions()
     results = [ab_steering(model, tokenizer, "caa", b, opts) for b in behaviours]
     results += [ab_steering(model, tokenizer, "persona", p, opts) for p in personas]

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vsteer.arch import ROLES, _base_layer, get_arch
+from vsteer.arch import ROLES, base_layer, get_arch
+from vsteer.encoding import encode_batch, pad_batch
 from vsteer.errors import DataError, ModelError, SiteError
-from vsteer.evaluate import Verdict, bootstrap, decide, paired_difference, rule_text
-from vsteer.experiments.common import encode, progress, require_items, rng
+from vsteer.evaluate import Finding, bootstrap, finding, paired_difference
+from vsteer.experiments.common import progress, require_items, rng
 from vsteer.experiments.result import ExperimentResult
 from vsteer.hooks import capture, intervene, replace
+from vsteer.models import model_device
 
 MATRICES = ("v", "k", "q", "o")
 # the activation a weight produces: W_O's output is the attention block output
@@ -45,8 +47,8 @@ def swap_weights(model: nn.Module, role: str, layer_a: int, layer_b: int):
     rows = arch.rows(role)
     moves = []
     for attr in ("weight", "bias"):
-        pa = getattr(_base_layer(arch.projection(a, role)), attr, None)
-        pb = getattr(_base_layer(arch.projection(b, role)), attr, None)
+        pa = getattr(base_layer(arch.projection(a, role)), attr, None)
+        pb = getattr(base_layer(arch.projection(b, role)), attr, None)
         if pa is None and pb is None:
             continue
         if pa is None or pb is None or pa.shape != pb.shape:
@@ -189,12 +191,11 @@ def run_swaps(
     require_items(prompts, "neutral prompts")
 
     windows = wikitext_windows(tokenizer, text, config.n_windows, config.window)
-    batches = [
-        _Batch("ppl", {"input_ids": w, "attention_mask": torch.ones_like(w)})
-        for w in windows.split(config.batch_size)
-    ]
+    device = model_device(model)
+    batches = [_Batch("ppl", pad_batch(w.tolist(), device=device)) for w in windows.split(config.batch_size)]
     for i in range(0, len(prompts), config.batch_size):
-        batches.append(_Batch("kl", encode(tokenizer, prompts[i : i + config.batch_size])))
+        enc = encode_batch(tokenizer, prompts[i : i + config.batch_size], device=device)
+        batches.append(_Batch("kl", enc))
 
     layers = sorted({layer for p in pairs for layer in p})
     sites = [(ACTIVATION_OF[m], layer) for m in config.matrices for layer in layers]
@@ -277,7 +278,7 @@ def run_swaps(
         name="swaps",
         title="Claim (a): swapping W_V between layers breaks the model, swapping W_K barely matters",
         records=records,
-        verdicts=verdicts,
+        findings=verdicts,
         meta=meta,
         columns=["kind", "matrix", "layer_a", "layer_b", "delta_log_ppl", "ppl_ratio", "kl"],
         notes=notes,
@@ -327,11 +328,10 @@ def _summary_markdown(summary) -> str:
     return "\n".join(lines)
 
 
-BARELY = math.log(1.10)
-BREAKS = math.log(2.0)
+# thresholds and ROPEs of the verdicts: vsteer/recipes/verdicts.yaml (swaps.*)
 
 
-def _verdicts(records, config, seed) -> tuple[list[Verdict], list[str]]:
+def _verdicts(records, config, seed) -> tuple[list[Finding], list[str]]:
     if "v" not in config.matrices or "k" not in config.matrices:
         return [], ["No verdict: the claim compares W_V and W_K swaps; both must be run."]
     cmd = "vsteer swap"
@@ -343,47 +343,43 @@ def _verdicts(records, config, seed) -> tuple[list[Verdict], list[str]]:
         k = _values(records, kind, "k", "delta_log_ppl")
         diff = paired_difference(v, k, seed=seed)
         out.append(
-            Verdict(
+            finding(
+                "swaps.v_vs_k_ppl",
                 claim=f"swapping V {kind} between layers hurts more than swapping K {kind}",
                 measured="mean over layer pairs of Δlog-perplexity(V swap) − Δlog-perplexity(K swap)",
                 effect=diff,
-                verdict=decide(diff, 0.0),
-                rule=rule_text(0.0, what="paired difference"),
                 command=cmd,
             )
         )
         if kind == "weights":
             ev = bootstrap(v, seed=seed)
             out.append(
-                Verdict(
+                finding(
+                    "swaps.wv_breaks",
                     claim="swapping W_V breaks the model (perplexity at least doubles on average)",
                     measured="mean Δlog-perplexity of W_V swaps",
                     effect=ev,
-                    verdict=decide(ev, BREAKS),
-                    rule=rule_text(BREAKS, what="mean Δlog-perplexity (log 2)"),
                     command=cmd,
                 )
             )
             ek = bootstrap(k, seed=seed)
             out.append(
-                Verdict(
-                    claim="swapping W_K barely matters (perplexity rises by less than 10% on average)",
+                finding(
+                    "swaps.wk_barely",
+                    claim="swapping W_K barely matters (perplexity changes by less than 10% on average)",
                     measured="mean Δlog-perplexity of W_K swaps",
                     effect=ek,
-                    verdict=decide(ek, BARELY, larger_supports=False),
-                    rule=rule_text(BARELY, larger_supports=False, what="mean Δlog-perplexity (log 1.1)"),
                     command=cmd,
                 )
             )
     kl_v, kl_k = _values(records, "weights", "v", "kl"), _values(records, "weights", "k", "kl")
     dkl = paired_difference(kl_v, kl_k, seed=seed)
     out.append(
-        Verdict(
+        finding(
+            "swaps.kl_v_vs_k",
             claim="swapping W_V moves the next-token distribution more than swapping W_K",
             measured="mean over layer pairs of KL(base‖V swap) − KL(base‖K swap) on neutral prompts",
             effect=dkl,
-            verdict=decide(dkl, 0.0),
-            rule=rule_text(0.0, what="paired difference"),
             command=cmd,
         )
     )

@@ -98,9 +98,9 @@ def steering_ops(model, vectors, scale: Scale = 1.0, positions="all", include_pa
 
     Vectors at the same site and layer are summed into one addition.
     """
-    from vsteer.hooks import _check_positions, add
+    from vsteer.hooks import add, check_positions
 
-    _check_positions(positions)
+    check_positions(positions)
     base = _row_scales(scale)
     totals: dict[tuple[str, int], torch.Tensor] = {}
     for vec, own in _entries(vectors):
@@ -219,7 +219,7 @@ def residual_change_norms(model, vector: SteeringVector, inputs: dict | None = N
 
     Closed form (``||W_O c||``) where the attention output enters the residual stream directly.
     Where a norm sits in between (Gemma 2/3), it is measured on ``inputs`` (a batch dict with
-    ``input_ids`` and ``attention_mask``, e.g. from :func:`vsteer.encoding.encode`): the mean over
+    ``input_ids`` and ``attention_mask``, e.g. from :func:`vsteer.encoding.encode_batch`): the mean over
     real tokens of ``||norm(a + W_O c) - norm(a)||``, with ``a`` the captured attention output.
     """
     from vsteer.arch import get_arch

@@ -33,11 +33,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from vsteer.encoding import pad_batch, pad_token_id, to_numpy, token_ids
 from vsteer.errors import DataError, VectorError
+from vsteer.models import model_device
 from vsteer.vectors import SteeringVector
 
 METHODS = ("mean_diff", "pca_diff", "logistic")
@@ -85,11 +88,7 @@ def _as_example(side) -> Example:
 def encode(tokenizer, side) -> tuple[list[int], int]:
     """Token ids of one side and the number of prompt tokens (the rest is the completion)."""
     ex = _as_example(side)
-    if isinstance(ex.prompt, str):
-        prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-    else:
-        text = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = token_ids(tokenizer, ex.prompt)  # a text, or messages through the chat template
     completion_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] if ex.completion else []
     ids = list(prompt_ids) + list(completion_ids)
     if not ids:
@@ -139,8 +138,7 @@ def collect(
 
     encoded = [encode(tokenizer, t) for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    pad, device = pad_token_id(tokenizer), model_device(model)
     names = [site] if isinstance(site, str) else list(site)
     sites = [(name, layer) for name in names for layer in layers]
     out: dict = {key: None for key in sites}
@@ -150,18 +148,12 @@ def collect(
 
         batches = tqdm(batches, desc=f"extracting {'+'.join(names)} at {len(layers)} layer(s)", unit="batch")
     for batch in batches:
-        width = max(len(encoded[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        weights = torch.zeros((len(batch), width))
+        inputs = pad_batch([encoded[i][0] for i in batch], pad, padding_side="right", device=device)
+        weights = torch.zeros(inputs["input_ids"].shape)
         for row, i in enumerate(batch):
             seq, n_prompt = encoded[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
             weights[row, : len(seq)] = _weights(position, len(seq), n_prompt)
-        acts = captured_forward(
-            model, sites, stop=True, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-        )
+        acts = captured_forward(model, sites, stop=True, use_cache=False, **inputs)
         index = torch.tensor(batch)
         for key in sites:
             x = acts[key].float()
@@ -198,7 +190,7 @@ def direction(pos: torch.Tensor, neg: torch.Tensor, method: str) -> torch.Tensor
     elif method == "logistic":
         from sklearn.linear_model import LogisticRegression
 
-        x = torch.cat([p, n]).numpy()
+        x = to_numpy(torch.cat([p, n]))
         y = np.r_[np.ones(len(p)), np.zeros(len(n))]
         scale = float(x.std()) or 1.0
         probe = LogisticRegression(C=1.0, max_iter=2000).fit(x / scale, y)
@@ -315,20 +307,28 @@ def ab_pair(question: str, matching: str, not_matching: str) -> tuple[list[dict]
     )
 
 
-def _sources(*names: str) -> list[dict]:
+def data_sources(*names: str) -> list[dict]:
     from vsteer import data
 
     return [{"path": name, "sha256": data.file_sha256(name)} for name in names]
 
 
-def caa_pairs(behaviour: str, split: str = "generate", limit: int | None = None) -> Pairs:
-    """CAA A/B items of ``behaviour`` as pairs answering with the matching vs the other letter."""
+def caa_pairs(
+    behaviour: str, split: str = "generate", limit: int | None = None, balanced: bool = True
+) -> Pairs:
+    """CAA A/B items of ``behaviour`` as pairs answering with the matching vs the other letter.
+
+    ``balanced`` (default): each item twice, once with its options swapped, so that "(A)" and "(B)"
+    match equally often and the letter's identity cancels in the mean difference
+    (:func:`vsteer.data.balance_answers`); ``limit`` counts pairs (rounded down to even).
+    """
     from vsteer import data
 
-    items = data.caa_ab(behaviour, split=split)[:limit]
+    items = data.caa_ab(behaviour, split=split)
+    items = data.balance_answers(items, limit, f"caa:{behaviour}") if balanced else items[:limit]
     return Pairs(
         [ab_pair(it.question, it.matching, it.not_matching) for it in items],
-        sources=_sources(
+        sources=data_sources(
             f"caa/{split}/{behaviour}/{'generate_dataset' if split == 'generate' else 'test_dataset_ab'}.json"
         ),
         name=f"caa:{behaviour}:{split}",
@@ -336,15 +336,22 @@ def caa_pairs(behaviour: str, split: str = "generate", limit: int | None = None)
     )
 
 
-def persona_pairs(trait: str, limit: int | None = None, offset: int = 0) -> Pairs:
-    """Anthropic persona statements (Yes/No) of ``trait`` as pairs answering matching vs not."""
+def persona_pairs(trait: str, limit: int | None = None, offset: int = 0, balanced: bool = True) -> Pairs:
+    """Anthropic persona statements (Yes/No) of ``trait`` as pairs answering matching vs not.
+
+    ``balanced`` (default): as many statements matching "Yes" as matching "No", so that the pairs are
+    not a Yes-vs-No token contrast; ``limit`` counts pairs (rounded down to even).
+    """
     from vsteer import data
 
     items = data.persona_ab(trait)[offset:]
-    items = items[:limit] if limit is not None else items
+    if balanced:
+        items = data.balance_answers(items, limit, f"persona:{trait}")
+    else:
+        items = items[:limit] if limit is not None else items
     return Pairs(
         [ab_pair(it.question, it.matching, it.not_matching) for it in items],
-        sources=_sources(f"anthropic-evals/persona/{trait}.jsonl"),
+        sources=data_sources(f"anthropic-evals/persona/{trait}.jsonl"),
         name=f"persona:{trait}",
         position="answer",
     )
@@ -358,7 +365,7 @@ def template_pairs(positive: str = "happy", negative: str = "sad", limit: int | 
     raw = data.persona_template_pairs(positive, negative)[:limit]
     return Pairs(
         [_pair_of(p) for p in raw],
-        sources=_sources("repeng/all_truncated_outputs.json"),
+        sources=data_sources("repeng/all_truncated_outputs.json"),
         name=f"template:{positive},{negative}",
         position="last",
     )
@@ -374,7 +381,7 @@ def sst2_pairs(split: str = "train", limit: int | None = None) -> Pairs:
     n = min(len(pos), len(neg)) if limit is None else min(len(pos), len(neg), limit)
     return Pairs(
         list(zip(pos[:n], neg[:n])),
-        sources=_sources(f"sst2/stsa.binary.{split}"),
+        sources=data_sources(f"sst2/stsa.binary.{split}"),
         name=f"sst2:{split}",
         position="mean",
     )
@@ -408,9 +415,7 @@ def _label_of(row) -> int:
 
 def pairs_from_spec(spec: str, limit: int | None = None) -> Pairs:
     """Pairs named on the command line: ``caa:BEHAVIOUR``, ``persona:TRAIT``, ``template:POS,NEG``,
-    ``sst2`` or a JSONL file with ``positive``/``negative`` fields."""
-    import json
-    from pathlib import Path
+    ``sst2`` or a JSONL file (see :func:`pairs_from_data`)."""
 
     kind, _, arg = spec.partition(":")
     if kind == "caa" and arg:
@@ -422,23 +427,37 @@ def pairs_from_spec(spec: str, limit: int | None = None) -> Pairs:
         return template_pairs(pos, neg or "sad", limit=limit)
     if kind == "sst2":
         return sst2_pairs(arg or "train", limit=limit)
-    path = Path(spec)
-    if path.is_file():
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append((row["positive"], row["negative"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(
-                    f"{spec}: line {i + 1} is not a JSON object with 'positive' and 'negative'"
-                ) from None
-        from vsteer.data import file_sha256
-
-        return Pairs(rows[:limit], sources=[{"path": str(path), "sha256": file_sha256(path)}], name=path.name)
+    if Path(spec).is_file():
+        return pairs_from_data(spec, limit=limit)
     raise DataError(
         f"unknown data {spec!r}; expected caa:BEHAVIOUR, persona:TRAIT, template:POS,NEG, sst2[:SPLIT] "
-        f"or a JSONL file of {{'positive', 'negative'}}"
+        f"or a JSONL file of {{positive, negative}}, {{question, answer_matching_behavior, "
+        f"answer_not_matching_behavior}} or {{text, label}} rows"
     )
+
+
+def pairs_from_data(data, limit: int | None = None, name: str | None = None) -> Pairs:
+    """Pairs from your own data (a JSONL path, a ``datasets.Dataset`` or a list of dicts), by schema
+    (see :mod:`vsteer.data.user`): ``positive``/``negative`` rows as given; A/B rows
+    (``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior``) answer-balanced like
+    :func:`caa_pairs`, read at the answer; ``text``/``label`` rows zipped positive vs negative, mean over
+    tokens, like :func:`sst2_pairs`."""
+    from vsteer.data import balance_answers, user
+
+    kind = user.schema_of(data)
+    label = name or (Path(data).name if isinstance(data, str | Path) else type(data).__name__)
+    source = [user.data_source(data)]
+    if kind == "contrast":
+        return Pairs(user.contrast_pairs(data)[:limit], sources=source, name=label)
+    if kind == "ab":
+        items = balance_answers(user.ab_items(data), limit, label)
+        pairs = [ab_pair(it.question, it.matching, it.not_matching) for it in items]
+        return Pairs(pairs, sources=source, name=label, position="answer")
+    if kind == "labelled":
+        rows = user.labelled_texts(data)
+        pos, neg = [t for t, y in rows if y == 1], [t for t, y in rows if y == 0]
+        n = min(len(pos), len(neg)) if limit is None else min(len(pos), len(neg), limit)
+        if n == 0:
+            raise DataError(f"{label}: labelled rows need both labels 0 and 1 to make pairs")
+        return Pairs(list(zip(pos[:n], neg[:n])), sources=source, name=label, position="mean")
+    raise DataError(f"{label}: {kind} rows are patching pairs, not contrastive data for extraction")

@@ -1,0 +1,241 @@
+"""``vsteer compare``: equal-budget arms, lr chosen on val only, statistics, ablation, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_train import char_tokenizer
+
+from vsteer.compare import load_compare_recipe, plan_budgets, run_compare, select_lr
+from vsteer.compare_eval import ablate, shift_effect
+from vsteer.data.compare_data import Item
+from vsteer.errors import DataError, RecipeError
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama and a character tokenizer saved as a model directory (what a user passes)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny_model("llama").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": f"great fun, loved it {i}!"} for i in range(24)])
+    ev = [{"text": f"loved it, great {i}", "label": 1} for i in range(10)]
+    ev += [{"text": f"awful, hated it {i}", "label": 0} for i in range(10)]
+    return train, _jsonl(tmp_path / "eval.jsonl", ev)
+
+
+def _recipe(tiny_dir, train, ev, **kw):
+    r = {
+        "name": "tiny",
+        "model": str(tiny_dir),
+        "task": "sft",
+        "data": {"source": "user", "train": str(train), "eval": str(ev)},
+        "arms": ["v", "qk", "all"],
+        "learning_rates": [1e-3, 3e-2],
+        "steps": 3,
+        "batch_size": 4,
+        "max_length": 32,
+        "seeds": [0, 1],
+        "checkpoints": [2],
+        "metrics": [],
+        "precision": "fp32",
+        "workers": 1,
+        "n_kl_windows": 2,
+        "kl_window": 16,
+    }
+    r.update(kw)
+    return r
+
+
+def test_compare_cli_on_user_jsonl_writes_report_results_and_frontier(tiny_dir, user_files, tmp_path):
+    import yaml
+
+    from vsteer.cli import main
+
+    recipe = tmp_path / "cmp.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(tiny_dir, *user_files)))
+    out = tmp_path / "out"
+    assert main(["compare", str(recipe), "--output", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["chosen_lr"]) == {"v", "qk", "all"}
+    assert results["precision"] == "fp32"
+    # every arm at one budget (within 2%), and the plans say so
+    params = [r["params"] for r in results["arms"] if r["arm"] != "base"]
+    assert max(params) <= 1.02 * results["budget"] and min(params) >= 0.98 * results["budget"]
+    assert {r["arm"] for r in results["frontier"]} == {"v", "qk", "all"}
+    assert {r["dropped"] for r in results["ablation"]} == {"q", "k", "v", "o", "mlp"}
+    assert (out / "frontier.png").stat().st_size > 0
+    assert "Learning-rate selection" in (out / "report.md").read_text()
+
+
+def test_lr_selection_never_looks_at_the_test_split(tiny_dir, user_files, tmp_path, monkeypatch):
+    """Scrambling the test split changes no chosen rate, and only chosen runs are ever scored on test."""
+    import vsteer.compare as compare
+
+    train, ev = user_files
+    val = _jsonl(tmp_path / "val.jsonl", [json.loads(x) for x in ev.read_text().splitlines()[::2]])
+    test_a = _jsonl(tmp_path / "test_a.jsonl", [json.loads(x) for x in ev.read_text().splitlines()[1::2]])
+    flipped = [{**json.loads(x), "label": 1 - json.loads(x)["label"]} for x in test_a.read_text().splitlines()]
+    test_b = _jsonl(tmp_path / "test_b.jsonl", [{**r, "text": r["text"][::-1]} for r in flipped])
+    scored = []
+    real_scores = compare._scores
+
+    def spy(model, ctx, split):
+        scored.append((split, ctx["data"].source["test"]))
+        return real_scores(model, ctx, split)
+
+    monkeypatch.setattr(compare, "_scores", spy)
+    chosen = []
+    for test in (test_a, test_b):
+        data = {"source": "user", "train": str(train), "val": str(val), "test": str(test)}
+        res = run_compare(load_compare_recipe(_recipe(tiny_dir, train, ev, data=data, seeds=[0])), progress=False)
+        chosen.append(res.chosen)
+        # test scores exist for the chosen rate of each arm only
+        assert {k for k in res.runs if k[0] == "eval"} == {("eval", a, 0) for a in res.spec.arms}
+    assert chosen[0] == chosen[1]
+    n_test = sum(1 for split, _ in scored if split == "test")
+    # per comparison: the base once, each arm's chosen run once, the ablation (5 types) once
+    assert n_test == 2 * (1 + 3 + 5)
+
+
+def test_select_lr_takes_the_best_val_metric_and_the_smaller_rate_on_ties():
+    assert select_lr({1e-3: 0.1, 3e-3: 0.3, 1e-2: 0.2}) == 3e-3
+    assert select_lr({1e-3: 0.2, 1e-2: 0.2}) == 1e-3
+
+
+def test_shift_effect_recovers_a_known_shift_and_resamples_pairs_whole():
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 300 + [0] * 300)
+    d = np.where(labels == 1, 0.1, 0.0) + rng.normal(0, 0.2, 600)
+    e = shift_effect(d, labels)
+    assert e.low < 0.1 < e.high and e.low > 0.05
+    # a pair-level common shift cancels: paired resampling gives a much narrower interval
+    common = rng.normal(0, 1.0, 300)
+    dp = np.concatenate([common + 0.1, common]) + rng.normal(0, 0.01, 600)
+    groups = list(range(300)) + list(range(300))
+    paired, unpaired = shift_effect(dp, labels, groups), shift_effect(dp, labels)
+    assert paired.high - paired.low < 0.2 * (unpaired.high - unpaired.low)
+    assert paired.low < 0.1 < paired.high
+
+
+def test_ablation_drops_one_projection_type_and_restores_it():
+    from vsteer.lora import add_adapter
+
+    model = add_adapter(make_tiny_model("gpt2"), "all", r=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_B" in n}
+    from vsteer.arch import get_arch
+
+    v_rows = get_arch(model.get_base_model()).rows("v")
+    with ablate(model, "v") as n:
+        assert n > 0
+        for name, p in model.named_parameters():
+            if "c_attn" in name and "lora_B" in name:
+                assert p[v_rows].abs().sum() == 0  # V rows of the fused projection dropped
+                keep = torch.ones(p.shape[0], dtype=torch.bool)
+                keep[v_rows] = False
+                assert torch.equal(p[keep], before[name][keep])  # Q and K rows kept
+            elif "lora_B" in name:
+                assert torch.equal(p, before[name])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            assert torch.equal(p, before[name])
+
+
+# ---- bad input: one clear line, nothing written ----------------------------------------------
+
+
+def test_an_arm_the_architecture_lacks_is_one_clear_error(tiny_dir, user_files):
+    model = make_tiny_model("llama")
+    for layer in model.model.layers:
+        layer.mlp = torch.nn.Identity()
+    spec = load_compare_recipe(_recipe(tiny_dir, *user_files))
+    with pytest.raises(RecipeError, match="arm 'all' does not exist on this model"):
+        plan_budgets(model, spec)
+
+
+def test_a_budget_no_arm_can_meet_is_one_clear_error(tiny_dir, user_files):
+    spec = load_compare_recipe(_recipe(tiny_dir, *user_files, budget=10))
+    with pytest.raises(RecipeError, match="budget 10 is below what arm"):
+        plan_budgets(make_tiny_model("llama"), spec)
+
+
+def test_a_metric_without_data_is_one_clear_error(tiny_dir, user_files):
+    train, _ = user_files
+    with pytest.raises(DataError, match="a metric without data"):
+        load_compare_recipe(_recipe(tiny_dir, train, None, data={"source": "user", "train": str(train)}))
+    with pytest.raises(RecipeError, match="metric 'vader'.*needs task: sft"):
+        load_compare_recipe(_recipe(tiny_dir, *user_files, task="dpo", metrics=["vader"]))
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([], "no rows"),
+        (['{"text": "fine", "label": 1}', "{not json"], r"eval.jsonl:2: not valid JSON"),
+        (['{"text": "fine", "label": 1}', '{"text": "", "label": 0}'], r"eval.jsonl:2: field 'text' must be a non-empty"),
+        (['{"text": "fine", "label": 1}', '{"text": "bad", "label": 7}'], r"eval.jsonl:2: 'label' must be 1"),
+    ],
+)
+def test_empty_or_malformed_rows_are_one_clear_error_and_nothing_is_overwritten(
+    tiny_dir, user_files, tmp_path, capsys, lines, message
+):
+    import re
+
+    import yaml
+
+    from vsteer.cli import main
+
+    train, _ = user_files
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text("\n".join(lines) + ("\n" if lines else ""))
+    recipe = tmp_path / "cmp.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(tiny_dir, train, bad)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("old report")
+    assert main(["compare", str(recipe), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert (out / "report.md").read_text() == "old report"
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
+def test_items_of_a_pair_stay_together_when_eval_is_split():
+    from vsteer.data.compare_data import split_items
+
+    items = [Item("p", f"c{i}", 1, i) for i in range(20)] + [Item("p", f"r{i}", 0, i) for i in range(20)]
+    val, test = split_items(items, 0.3, seed=0)
+    assert {i.group for i in val}.isdisjoint({i.group for i in test})
+    assert len(val) + len(test) == 40
+
+
+@pytest.mark.slow
+def test_positive_control_moves_style_on_the_embedded_model():
+    """SmolLM2, SFT on positive SST-2 sentences: the all-projection arm's held-out likelihood shift
+    of positive over negative sentences has an interval above zero."""
+    spec = load_compare_recipe(
+        "vsteer/recipes/compare_style_sft.yaml",
+        ["arms=[all]", "learning_rates=[0.003]", "seeds=[0]", "steps=16", "checkpoints=[8]",
+         "data.n_val=16", "data.n_test=100", "metrics=[]", "workers=1"],
+    )
+    res = run_compare(spec, progress=False)
+    e = res.effect("all")
+    assert e.low > 0, e

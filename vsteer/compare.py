@@ -1,0 +1,692 @@
+"""Fair adapter comparisons: arms at an equal parameter budget, one learning-rate grid, seeds.
+
+``vsteer compare RECIPE.yaml`` and the main job's ``adapters`` section run this. A comparison
+trains every *arm* (a role-named LoRA target: ``v``, ``qk``, ``o``, ``qkvo``, ``all`` = every
+attention and MLP projection, the positive control) on one task, at one effective trainable
+parameter budget (by default the smallest budget every arm can meet, and at least the ``v`` arm
+at rank ``rank``), then:
+
+1. **selection**: every arm trains with each learning rate of ``learning_rates`` on the first
+   seed; the rate with the largest primary metric on the **val** split is chosen per arm. The
+   test split is not built into any evaluation until the choice is made (:func:`select_lr`
+   sees val numbers only);
+2. **seeds**: the other seeds train at the chosen rate; every run is scored once on the **test**
+   split, and its per-item shifts are averaged over seeds before bootstrapping over items;
+3. **extras** on the first seed: a frontier (primary metric on val vs per-token KL to the base
+   on WikiText-2, over checkpoints), cost (WikiText-2 perplexity, MMLU A/B accuracy), VADER
+   sentiment of sampled continuations (SFT), and on the positive control the **projection
+   ablation**: the share of the test shift lost when the update of ``q``, ``k``, ``v``, ``o`` or
+   the MLP is dropped, with relative update norms.
+
+The primary metric is the likelihood shift of :func:`vsteer.compare_eval.shift_effect` (nats
+per token, relative to the untrained base, the negative control). Runs go to worker processes
+(``workers``, one thread each by default; on 2 cores two arms train side by side), and each
+finished run is a cached piece keyed by the content it was computed from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from vsteer.errors import DataError, RecipeError, VsteerError
+
+ARMS = ("v", "qk", "o", "qkvo", "all")
+CONTROL = "all"
+
+
+@dataclass
+class CompareSpec:
+    """One comparison. ``data.source``: a shipped task (``sst2-sentiment``, ``imdb-openings``) or
+    ``user`` with ``train`` and ``eval`` (or ``val`` + ``test``) JSONL paths."""
+
+    name: str = "compare"
+    model: str = "smollm2-135m-instruct"
+    task: str = "sft"
+    data: dict = field(default_factory=lambda: {"source": "sst2-sentiment"})
+    arms: list = field(default_factory=lambda: ["v", "qk", "all"])
+    budget: int | None = None  # effective params; None: the smallest every arm can meet (>= v at rank)
+    rank: int = 8
+    learning_rates: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    steps: int = 24
+    batch_size: int = 8
+    max_length: int = 64
+    warmup_steps: int = 0
+    beta: float = 0.1
+    precision: str = "bf16"
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    checkpoints: list = field(default_factory=lambda: [8, 16])
+    rope: list = field(default_factory=lambda: [-0.01, 0.01])
+    ablation: bool = True
+    metrics: list = field(default_factory=lambda: ["kl", "mmlu", "vader"])
+    n_kl_windows: int = 8
+    kl_window: int = 64
+    n_mmlu: int = 32
+    n_prompts: int = 24
+    max_new_tokens: int = 20
+    eval_batch_size: int = 32
+    workers: int = 2
+    threads: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_METRICS = ("kl", "mmlu", "vader")
+_TASKS = ("sft", "dpo")
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def load_compare_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = ()) -> CompareSpec:
+    """Read and validate a comparison recipe (YAML path or dict) before any model loads."""
+    base_dir = None
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        base_dir = path.parent
+    if not isinstance(raw, dict):
+        raise RecipeError("a comparison recipe is a YAML mapping")
+    raw.pop("description", None)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"override {item!r} is not key=value")
+        node, parts = raw, key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    fields = CompareSpec.__dataclass_fields__
+    for key in raw:
+        if key not in fields:
+            raise RecipeError(f"unknown comparison recipe key {key!r}; expected one of {', '.join(fields)}")
+    spec = CompareSpec(**raw)
+    _validate(spec, base_dir)
+    return spec
+
+
+def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
+    from vsteer.data.compare_data import SHIPPED_TASKS
+    from vsteer.lora import parse_targets
+
+    if spec.task not in _TASKS:
+        raise RecipeError(f"task must be one of {', '.join(_TASKS)}, got {spec.task!r}")
+    if not spec.arms or not isinstance(spec.arms, list):
+        raise RecipeError(f"arms must be a non-empty list such as [v, qk, all], got {spec.arms!r}")
+    for arm in spec.arms:
+        parse_targets(arm)
+    if len(set(spec.arms)) != len(spec.arms):
+        raise RecipeError(f"arms repeat an entry: {spec.arms}")
+    if spec.precision not in _PRECISIONS:
+        raise RecipeError(f"precision must be one of {', '.join(_PRECISIONS)}, got {spec.precision!r}")
+    if not spec.learning_rates or any(not isinstance(x, (int, float)) or x <= 0 for x in spec.learning_rates):
+        raise RecipeError(
+            f"learning_rates must be a non-empty list of positive numbers, got {spec.learning_rates!r}"
+        )
+    spec.learning_rates = [float(x) for x in spec.learning_rates]
+    if not spec.seeds or any(not isinstance(s, int) or s < 0 for s in spec.seeds):
+        raise RecipeError(f"seeds must be a non-empty list of ints >= 0, got {spec.seeds!r}")
+    for key in ("steps", "batch_size", "max_length", "rank", "workers", "threads", "eval_batch_size"):
+        v = getattr(spec, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RecipeError(f"{key} must be a positive int, got {v!r}")
+    if spec.budget is not None and (
+        isinstance(spec.budget, bool) or not isinstance(spec.budget, int) or spec.budget < 1
+    ):
+        raise RecipeError(f"budget must be a positive int of parameters or null, got {spec.budget!r}")
+    if any(not isinstance(c, int) or not 0 < c < spec.steps for c in spec.checkpoints):
+        raise RecipeError(
+            f"checkpoints must be steps between 0 and steps={spec.steps}, got {spec.checkpoints!r}"
+        )
+    if not (isinstance(spec.rope, list) and len(spec.rope) == 2 and spec.rope[0] <= 0 <= spec.rope[1]):
+        raise RecipeError(f"rope must be [low, high] around 0 (nats per token), got {spec.rope!r}")
+    for m in spec.metrics:
+        if m not in _METRICS:
+            raise RecipeError(f"unknown metric {m!r}; expected some of {', '.join(_METRICS)}")
+    if "vader" in spec.metrics and spec.task != "sft":
+        raise RecipeError(
+            "metric 'vader' scores sampled continuations for the style task; it needs task: sft"
+        )
+    d = spec.data
+    if not isinstance(d, dict) or "source" not in d:
+        raise RecipeError("data must be a mapping with a 'source' (sst2-sentiment, imdb-openings or user)")
+    source = d["source"]
+    if source in SHIPPED_TASKS:
+        if SHIPPED_TASKS[source] != spec.task:
+            raise RecipeError(
+                f"data source {source!r} is a {SHIPPED_TASKS[source]} task, but task is {spec.task!r}"
+            )
+    elif source == "user":
+        if "train" not in d:
+            raise DataError("data.train is required for data.source: user (a JSONL file of training rows)")
+        if "eval" not in d and not ("val" in d and "test" in d):
+            raise DataError(
+                "a metric without data: give data.eval (split into val/test) or both data.val and data.test"
+            )
+        for key in ("train", "eval", "val", "test"):
+            if (
+                key in d
+                and base_dir is not None
+                and not Path(d[key]).is_absolute()
+                and (base_dir / d[key]).is_file()
+            ):
+                d[key] = str(base_dir / d[key])
+    else:
+        raise RecipeError(f"unknown data source {source!r}; expected {', '.join(SHIPPED_TASKS)} or user")
+
+
+# ---- data and budgets ----------------------------------------------------------------------
+
+
+def build_data(spec: CompareSpec, tokenizer, seed: int = 0):
+    """The task's :class:`~vsteer.data.compare_data.CompareData` (train rows, val and test items)."""
+    from vsteer.data import compare_data as cd
+
+    d = spec.data
+    n_train = d.get("n_train", spec.steps * spec.batch_size)
+    if d["source"] == "sst2-sentiment":
+        return cd.sst2_sentiment(n_train, d.get("n_val", 64), d.get("n_test", 200), seed)
+    if d["source"] == "imdb-openings":
+        return cd.imdb_openings(
+            tokenizer, n_train, d.get("n_val", 40), d.get("n_test", 150), d.get("completion_tokens", 24), seed
+        )
+    data = cd.user_data(
+        d["train"], spec.task, d.get("eval"), d.get("val"), d.get("test"), d.get("val_fraction", 0.3), seed
+    )
+    if "n_train" in d:
+        data.train = data.train[: d["n_train"]]
+    return data
+
+
+def plan_budgets(model, spec: CompareSpec) -> tuple[int, dict]:
+    """(budget, {arm: AdapterPlan}): every arm at one effective parameter count (within 2%)."""
+    from vsteer.lora import plan_adapter, resolve_targets
+
+    minimum = {}
+    for arm in spec.arms:
+        try:
+            modules = resolve_targets(model, arm)
+        except (VsteerError, AttributeError) as err:
+            raise RecipeError(
+                f"arm {arm!r} does not exist on this model ({type(model).__name__}): {err}"
+            ) from None
+        if not modules:
+            raise RecipeError(f"arm {arm!r} matches no module of {type(model).__name__}")
+        minimum[arm] = sum(m.effective(1) for m in modules)
+    budget = spec.budget
+    if budget is None:
+        budget = max(sum(m.effective(spec.rank) for m in resolve_targets(model, "v")), *minimum.values())
+    too_big = [a for a, n in minimum.items() if n > budget * 1.02]
+    if too_big:
+        raise RecipeError(
+            f"budget {budget:,} is below what arm(s) {', '.join(too_big)} need at rank 1 "
+            f"({', '.join(f'{a}: {minimum[a]:,}' for a in too_big)}); raise budget or drop the arm"
+        )
+    plans = {}
+    for arm in spec.arms:
+        try:
+            plans[arm] = plan_adapter(model, arm, budget=budget)
+        except VsteerError as err:
+            raise RecipeError(f"arm {arm!r} cannot meet the budget {budget:,}: {err}") from None
+    return budget, plans
+
+
+def select_lr(val_effects: Mapping[float, float]) -> float:
+    """The learning rate with the largest val-split primary metric (ties: the smaller rate)."""
+    if not val_effects:
+        raise VsteerError("no validation results to select a learning rate from")
+    return max(sorted(val_effects), key=lambda lr: (val_effects[lr], -lr))
+
+
+# ---- worker side ---------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("VSTEER_PROGRESS", "0")
+    import logging
+
+    for name in ("transformers", "trl", "datasets", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _context(spec_dict: dict):
+    """Per process: the spec, tokenizer and data (built once), and WikiText windows."""
+    key = json.dumps(spec_dict, sort_keys=True, default=str)
+    if _WORKER.get("key") != key:
+        from vsteer.models import load_model
+
+        spec = CompareSpec(**spec_dict)
+        model, tok = load_model(spec.model)
+        _WORKER.clear()
+        _WORKER.update(key=key, spec=spec, tokenizer=tok, data=build_data(spec, tok))
+    return _WORKER
+
+
+def _fresh_model(ctx):
+    from vsteer.models import load_model
+
+    return load_model(ctx["spec"].model)[0]
+
+
+def _windows(ctx):
+    if "windows" not in ctx:
+        from vsteer import data
+        from vsteer.experiments.swaps import wikitext_windows
+
+        spec = ctx["spec"]
+        text = "\n".join(data.wikitext2_raw())
+        ctx["windows"] = wikitext_windows(ctx["tokenizer"], text, spec.n_kl_windows, spec.kl_window)
+    return ctx["windows"]
+
+
+def _base_kl_logp(ctx):
+    if "base_logp" not in ctx:
+        from vsteer.compare_eval import kl_and_ppl
+
+        ctx["base_logp"], _ = kl_and_ppl(_fresh_model(ctx), _windows(ctx), None, ctx["spec"].precision)
+    return ctx["base_logp"]
+
+
+def _scores(model, ctx, split: str):
+    from vsteer.compare_eval import item_logps
+
+    spec = ctx["spec"]
+    items = ctx["data"].val if split == "val" else ctx["data"].test
+    return item_logps(
+        model, ctx["tokenizer"], items, spec.max_length + 8, spec.eval_batch_size, spec.precision
+    )
+
+
+def base_job(spec_dict: dict) -> dict:
+    """The untrained base model's scores (negative control): val, test, cost metrics."""
+    cpu0 = time.process_time()
+    ctx = _context(spec_dict)
+    model = _fresh_model(ctx)
+    out = {"val": _scores(model, ctx, "val").tolist(), "test": _scores(model, ctx, "test").tolist()}
+    out.update(_cost(model, ctx, base=True))
+    out["cpu_s"] = time.process_time() - cpu0
+    return out
+
+
+def _cost(model, ctx, base: bool = False) -> dict:
+    from vsteer.compare_eval import kl_and_ppl, vader_of_samples
+
+    spec = ctx["spec"]
+    out = {}
+    kl, ppl = kl_and_ppl(model, _windows(ctx), _base_kl_logp(ctx), spec.precision)
+    out.update(kl=0.0 if base else kl, wikitext_ppl=ppl)
+    if "mmlu" in spec.metrics:
+        from vsteer import data
+        from vsteer.experiments.steering import p_matching
+
+        p = p_matching(model, ctx["tokenizer"], data.mmlu_ab()[: spec.n_mmlu], batch_size=16)
+        out["mmlu_acc"] = float((p > 0.5).mean())
+    if "vader" in spec.metrics:
+        from vsteer import data
+
+        prompts = data.neutral_prompts(spec.n_prompts)
+        out["vader"] = vader_of_samples(model, ctx["tokenizer"], prompts, spec.max_new_tokens, 0).tolist()
+    return out
+
+
+def train_job(spec_dict: dict, arm: str, lr: float, seed: int, budget: int, workdir: str) -> dict:
+    """Train one arm at one learning rate and seed into ``workdir``; score it on val."""
+    import torch
+    from transformers import TrainerCallback
+
+    from vsteer.train import train_from_recipe
+
+    cpu0 = time.process_time()
+    ctx = _context(spec_dict)
+    spec = ctx["spec"]
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    train_file = work / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in ctx["data"].train))
+    snaps = work / "snapshots"
+    snaps.mkdir(exist_ok=True)
+
+    class Snapshots(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in spec.checkpoints and model is not None:
+                sd = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                torch.save(sd, snaps / f"step-{state.global_step}.pt")
+
+    recipe = {
+        "name": "adapter",
+        "model": spec.model,
+        "method": spec.task,
+        "seed": seed,
+        "data": {"train": str(train_file), "eval": None, "eval_size": 0},
+        "adapter": {"targets": arm, "budget": budget, "r": spec.rank},
+        "training": {
+            "max_steps": spec.steps,
+            "batch_size": spec.batch_size,
+            "learning_rate": lr,
+            "lr_scheduler": "linear",
+            "warmup_steps": spec.warmup_steps,
+            "max_length": spec.max_length,
+            "beta": spec.beta,
+            "precision": spec.precision,
+            "eval_before": False,
+            "save_steps": 10**6,
+            "logging_steps": 10**6,
+            "num_threads": spec.threads,
+        },
+    }
+    result = train_from_recipe(
+        recipe, output_dir=work, model=_fresh_model(ctx), tokenizer=ctx["tokenizer"], callbacks=[Snapshots()]
+    )
+    train_file.unlink()
+    model = _load_adapter(ctx, work / "adapter")
+    return {
+        "arm": arm,
+        "lr": lr,
+        "seed": seed,
+        "train_loss": result.metrics.get("train_loss"),
+        "train_s": result.metrics.get("train_runtime"),
+        "threads": result.metrics.get("threads"),
+        "precision": spec.precision,
+        "effective_params": result.adapter.get("effective_params_measured"),
+        "trainable_params": result.adapter.get("trainable_params_measured"),
+        "val": _scores(model, ctx, "val").tolist(),
+        "cpu_s": time.process_time() - cpu0,  # this process's CPU time: the quiet-machine cost at 1 thread
+    }
+
+
+def _load_adapter(ctx, adapter_dir: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_fresh_model(ctx), str(adapter_dir)).eval()
+
+
+def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dict:
+    """Score a trained run on the test split; with ``extras`` also frontier and cost, with
+    ``ablation`` the projection ablation and update norms."""
+    import torch
+
+    from vsteer.compare_eval import PROJECTION_TYPES, ablate, kl_and_ppl, update_norms
+
+    cpu0 = time.process_time()
+    ctx = _context(spec_dict)
+    spec = ctx["spec"]
+    run = Path(run_dir)
+    model = _load_adapter(ctx, run / "adapter")
+    out = {"test": _scores(model, ctx, "test").tolist()}
+    if extras:
+        out.update(_cost(model, ctx))
+        final = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        params = dict(model.named_parameters())
+        frontier = []
+        for step in spec.checkpoints:
+            path = run / "snapshots" / f"step-{step}.pt"
+            if not path.is_file():
+                continue
+            state = torch.load(path, weights_only=True)
+            with torch.no_grad():
+                for name, tensor in state.items():
+                    target = (
+                        name if name in params else name.replace("base_model.model.", "base_model.model.", 1)
+                    )
+                    if target in params:
+                        params[target].copy_(tensor)
+            kl, _ = kl_and_ppl(model, _windows(ctx), _base_kl_logp(ctx), spec.precision)
+            frontier.append({"step": step, "kl": kl, "val": _scores(model, ctx, "val").tolist()})
+        with torch.no_grad():
+            for name, tensor in final.items():
+                params[name].copy_(tensor)
+        out["frontier"] = frontier
+    if ablation:
+        out["ablation"] = {}
+        for proj in PROJECTION_TYPES:
+            with ablate(model, proj) as n:
+                if n:
+                    out["ablation"][proj] = _scores(model, ctx, "test").tolist()
+        out["update_norms"] = update_norms(model)
+    out["cpu_s"] = time.process_time() - cpu0
+    return out
+
+
+# ---- orchestration -------------------------------------------------------------------------
+
+
+class _InlineExecutor:
+    """Runs jobs in this process, one after another (``workers: 1``)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def submit(self, fn, *args) -> Future:
+        import torch
+
+        f: Future = Future()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            f.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            f.set_exception(err)
+        finally:
+            torch.set_num_threads(previous)
+        return f
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def _executor(spec: CompareSpec):
+    if spec.workers <= 1:
+        return _InlineExecutor(spec.threads)
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(
+        max_workers=spec.workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(spec.threads,),
+    )
+
+
+def _inputs(spec: CompareSpec, model_key: dict, data_key: str, **extra) -> dict:
+    from vsteer.pieces import code_fingerprint, package_versions
+
+    relevant = {k: v for k, v in spec.to_dict().items() if k not in ("name", "workers", "arms", "seeds")}
+    return {
+        "spec": relevant,
+        "model": model_key,
+        "data": data_key,
+        "versions": package_versions(),
+        "code": code_fingerprint(["vsteer.compare", "vsteer.compare_eval", "vsteer.train"]),
+        **extra,
+    }
+
+
+def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None):
+    """Run a comparison (reusing finished runs from ``cache``: a :class:`vsteer.pieces.PieceCache`
+    or a directory for one); returns a :class:`CompareResult`. The recipe, model, budgets and data
+    are all checked before anything is written."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from vsteer.models import config_fingerprint, load_model, weights_fingerprint
+    from vsteer.pieces import PieceCache
+
+    t_start = time.perf_counter()
+    model, tokenizer = load_model(spec.model)
+    budget, plans = plan_budgets(model, spec)
+    data = build_data(spec, tokenizer)
+    if not data.train:
+        raise DataError("the training set is empty")
+    blob = json.dumps(
+        {"train": data.train, "val": [asdict(i) for i in data.val], "test": [asdict(i) for i in data.test]},
+        sort_keys=True,
+    )
+    data_key = hashlib.sha256(blob.encode()).hexdigest()
+    model_key = {"config": config_fingerprint(model.config), "weights": weights_fingerprint(model)}
+    del model
+    tmp_root = None
+    if isinstance(cache, (str, os.PathLike)):  # made only now: bad input above leaves no trace
+        cache = PieceCache(cache)
+    if cache is None:
+        tmp_root = tempfile.mkdtemp(prefix="vsteer-compare-")
+        cache = PieceCache(tmp_root)
+    spec_dict = spec.to_dict()
+    executor = _executor(spec)
+    pending: dict[Future, tuple] = {}
+    results: dict[tuple, dict] = {}
+    dirs: dict[tuple, Path] = {}
+    bar = tqdm(desc=f"compare {spec.name}", disable=not progress, total=0)
+
+    def submit(key: tuple, kind: str, inputs: dict, fn, *args, workdir: Path | None = None):
+        found = cache.get(kind, inputs)
+        bar.total += 1
+        if found is not None:
+            cache.hits.append(cache.path(kind, inputs).name)
+            results[key], dirs[key] = found["result"], cache.path(kind, inputs)
+            bar.update(1)
+            return None
+        fut = executor.submit(fn, *args) if workdir is None else executor.submit(fn, *args, str(workdir))
+        pending[fut] = (key, kind, inputs, workdir)
+        return fut
+
+    def finish(fut: Future):
+        key, kind, inputs, workdir = pending.pop(fut)
+        value = fut.result()
+
+        def compute(work: Path):
+            if workdir is not None:
+                for p in Path(workdir).iterdir():
+                    shutil.move(str(p), work / p.name)
+            return value
+
+        piece, where = cache.run(kind, inputs, compute)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        results[key], dirs[key] = piece["result"], where
+        bar.update(1)
+
+    def train(arm, lr, seed):
+        key = ("train", arm, lr, seed)
+        inputs = _inputs(spec, model_key, data_key, arm=arm, lr=lr, seed=seed, budget=budget)
+        work = Path(tempfile.mkdtemp(dir=cache.root, prefix=".job-"))
+        submit(key, "compare-train", inputs, train_job, spec_dict, arm, lr, seed, budget, workdir=work)
+
+    first = spec.seeds[0]
+    try:
+        submit(("base",), "compare-base", _inputs(spec, model_key, data_key), base_job, spec_dict)
+        for arm in spec.arms:
+            for lr in spec.learning_rates:
+                train(arm, lr, first)
+        chosen: dict[str, float] = {}
+        evaluated: set = set()
+        while True:
+            # decide what can be decided with the results so far, then wait for the next job
+            if ("base",) in results:
+                base_val = np.array(results[("base",)]["val"])
+                for arm in spec.arms:
+                    if arm in chosen or not all(
+                        ("train", arm, lr, first) in results for lr in spec.learning_rates
+                    ):
+                        continue
+                    chosen[arm] = select_lr(
+                        {
+                            lr: _val_effect(results[("train", arm, lr, first)]["val"], base_val, data.val)
+                            for lr in spec.learning_rates
+                        }
+                    )
+                    for seed in spec.seeds[1:]:
+                        train(arm, chosen[arm], seed)
+            for arm, lr in chosen.items():
+                for seed in spec.seeds:
+                    key = ("train", arm, lr, seed)
+                    if key in results and key not in evaluated:
+                        evaluated.add(key)
+                        extras = seed == first
+                        abl = extras and spec.ablation and arm == CONTROL
+                        inputs = _inputs(
+                            spec,
+                            model_key,
+                            data_key,
+                            arm=arm,
+                            lr=lr,
+                            seed=seed,
+                            budget=budget,
+                            extras=extras,
+                            ablation=abl,
+                        )
+                        submit(
+                            ("eval", arm, seed),
+                            "compare-eval",
+                            inputs,
+                            eval_job,
+                            spec_dict,
+                            str(dirs[key]),
+                            extras,
+                            abl,
+                        )
+            if not pending:
+                break
+            done = next(iter(pending)) if isinstance(executor, _InlineExecutor) else _wait_one(pending)
+            finish(done)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    executor.shutdown()
+    if tmp_root is not None:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    seconds = time.perf_counter() - t_start
+    return CompareResult(
+        spec, budget, {a: p.summary() for a, p in plans.items()}, data, results, chosen, seconds
+    )
+
+
+def _wait_one(pending) -> Future:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+    return next(iter(done))
+
+
+def _val_effect(val, base_val, items) -> float:
+    d = np.asarray(val) - base_val
+    labels = np.array([i.label for i in items])
+    return float(d[labels == 1].mean() - d[labels == 0].mean())
+
+
+from vsteer.compare_result import CompareResult  # noqa: E402  (the result object lives beside)

@@ -1,0 +1,425 @@
+"""What a comparison (:func:`vsteer.compare.run_compare`) measured: tables, findings, plot, files.
+
+Findings carry the measurements only; verdicts come from rules (:mod:`vsteer.verdicts`): the
+main job's rules live in ``vsteer/recipes/verdicts.yaml`` (``adapters.<task>.*``), a
+``vsteer compare`` recipe states its own region of practical equivalence (``rope``) and gets
+rules built from it (:meth:`CompareResult.rules`).
+
+If the positive control's interval does not lie wholly above the ROPE, the comparison is
+*underpowered*: it says so and draws no verdict from the other arms (a null there would not be
+evidence of no effect).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vsteer.compare_eval import preference_accuracy, share_removed, shift_effect
+from vsteer.evaluate import Estimate, Finding
+
+TASK_LABEL = {"sft": "style", "dpo": "alignment"}
+KINDS = ("control_moves", "v_moves", "v_vs_qk", "value_share")
+SHARE_ROPE = (-0.05, 0.05)
+
+
+def _est(e: Estimate) -> dict:
+    return {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
+
+
+@dataclass
+class CompareResult:
+    spec: object
+    budget: int
+    plans: dict
+    data: object
+    runs: dict
+    chosen: dict
+    seconds: float
+
+    # ---- numbers ---------------------------------------------------------------------------
+    @property
+    def first(self) -> int:
+        return self.spec.seeds[0]
+
+    def _labels(self, split: str):
+        items = self.data.val if split == "val" else self.data.test
+        groups = [i.group for i in items]
+        return np.array([i.label for i in items]), (groups if all(g is not None for g in groups) else None)
+
+    def _base(self, split: str) -> np.ndarray:
+        return np.array(self.runs[("base",)][split])
+
+    def test_shifts(self, arm: str) -> np.ndarray:
+        """``[n_seeds, n_test]`` per-item shift of the arm's log p relative to the base."""
+        base = self._base("test")
+        return np.array([np.array(self.runs[("eval", arm, s)]["test"]) - base for s in self.spec.seeds])
+
+    def effect(self, arm: str, minus: str | None = None) -> Estimate:
+        labels, groups = self._labels("test")
+        d = self.test_shifts(arm).mean(0)
+        if minus is not None:
+            d = d - self.test_shifts(minus).mean(0)
+        return shift_effect(d, labels, groups, seed=self.first)
+
+    def seed_effects(self, arm: str) -> list[float]:
+        labels, _ = self._labels("test")
+        return [float(d[labels == 1].mean() - d[labels == 0].mean()) for d in self.test_shifts(arm)]
+
+    def controlled(self) -> bool:
+        """Whether the positive control moved the primary metric beyond the ROPE."""
+        from vsteer.compare import CONTROL
+
+        if CONTROL not in self.spec.arms:
+            return True  # nothing to gate on; said in the notes
+        return self.effect(CONTROL).low > self.spec.rope[1]
+
+    def ablation(self) -> dict | None:
+        from vsteer.compare import CONTROL
+
+        ev = self.runs.get(("eval", CONTROL, self.first), {})
+        if "ablation" not in ev:
+            return None
+        labels, groups = self._labels("test")
+        base = self._base("test")
+        full = np.array(ev["test"]) - base
+        abl = {p: np.array(v) - base for p, v in ev["ablation"].items()}
+        return {
+            "shares": share_removed(full, abl, labels, groups, seed=self.first),
+            "norms": ev.get("update_norms", {}),
+        }
+
+    # ---- findings and rules ----------------------------------------------------------------
+    def findings(self, prefix: str | None = None, command: str = "") -> list[Finding]:
+        from vsteer.compare import CONTROL
+
+        task = TASK_LABEL[self.spec.task]
+        prefix = prefix or "compare"
+        arms, out = self.spec.arms, []
+        unit = "nats/token"
+        what = "test likelihood shift of target over contrast items vs the base"
+        n_seeds = len(self.spec.seeds)
+        if CONTROL in arms:
+            out.append(
+                Finding(
+                    f"{prefix}.control_moves",
+                    f"the positive control (all projections) moves {task}",
+                    f"{what}, {CONTROL} arm, mean of {n_seeds} seeds ({unit})",
+                    self.effect(CONTROL),
+                    command,
+                )
+            )
+        if not self.controlled():
+            return out  # underpowered: no verdict from the other arms
+        if "v" in arms:
+            out.append(
+                Finding(
+                    f"{prefix}.v_moves",
+                    f"a value-only LoRA shifts {task}",
+                    f"{what}, v arm, mean of {n_seeds} seeds ({unit})",
+                    self.effect("v"),
+                    command,
+                )
+            )
+        if "v" in arms and "qk" in arms:
+            out.append(
+                Finding(
+                    f"{prefix}.v_vs_qk",
+                    f"at equal budget, v-only shifts {task} more than qk-only",
+                    f"paired difference of shifts, v minus qk ({unit})",
+                    self.effect("v", "qk"),
+                    command,
+                )
+            )
+        abl = self.ablation()
+        if abl and "v_minus_next" in abl["shares"]:
+            out.append(
+                Finding(
+                    f"{prefix}.value_share",
+                    f"{task}: the value path carries the largest share of the positive control's gain",
+                    "share of the test shift removed by dropping v's update minus the largest other share",
+                    abl["shares"]["v_minus_next"],
+                    command,
+                )
+            )
+        return out
+
+    def rules(self, prefix: str = "compare") -> dict:
+        """Rules from the recipe's ROPE (``rope`` for shifts, ``SHARE_ROPE`` for ablation shares)."""
+        from vsteer.verdicts import Rule
+
+        rope = tuple(self.spec.rope)
+        out = {
+            f"{prefix}.{k}": Rule(0.0, True, rope, what="likelihood shift (nats/token)") for k in KINDS[:3]
+        }
+        out[f"{prefix}.value_share"] = Rule(0.0, True, SHARE_ROPE, what="share difference")
+        return out
+
+    # ---- tables ----------------------------------------------------------------------------
+    def arm_records(self) -> list[dict]:
+        rows = []
+        base_cost = self.runs[("base",)]
+        labels, _ = self._labels("test")
+        base_row = {"arm": "base", "lr": "-", "params": 0, "shift": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+        base_row.update(self._cost_cols(base_cost, None))
+        for arm in self.spec.arms:
+            e = self.effect(arm)
+            seeds = self.seed_effects(arm)
+            tr = self.runs[("train", arm, self.chosen[arm], self.first)]
+            row = {
+                "arm": arm,
+                "lr": self.chosen[arm],
+                "params": tr["effective_params"],
+                "shift": e.value,
+                "ci_low": e.low,
+                "ci_high": e.high,
+                "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else 0.0,
+                "seeds": " ".join(f"{s:+.3f}" for s in seeds),
+                "train_s": float(
+                    np.mean(
+                        [self.runs[("train", arm, self.chosen[arm], s)]["train_s"] for s in self.spec.seeds]
+                    )
+                ),
+            }
+            row.update(self._cost_cols(self.runs[("eval", arm, self.first)], base_cost))
+            rows.append(row)
+        return [base_row, *rows]
+
+    def _cost_cols(self, ev: dict, base: dict | None) -> dict:
+        out = {}
+        if "kl" in ev:
+            out["kl"] = ev["kl"]
+            out["wikitext_ppl"] = ev["wikitext_ppl"]
+        if "mmlu_acc" in ev:
+            out["mmlu_acc"] = ev["mmlu_acc"]
+        if "vader" in ev:
+            out["vader"] = float(np.mean(ev["vader"]))
+        if self.spec.task == "dpo" and "test" in ev:
+            out["pref_acc"] = preference_accuracy(np.array(ev["test"]), self.data.test)
+        return out
+
+    def selection_records(self) -> list[dict]:
+        from vsteer.compare import _val_effect
+
+        base_val = self._base("val")
+        rows = []
+        for arm in self.spec.arms:
+            for lr in self.spec.learning_rates:
+                r = self.runs[("train", arm, lr, self.first)]
+                rows.append(
+                    {
+                        "arm": arm,
+                        "lr": lr,
+                        "val_shift": _val_effect(r["val"], base_val, self.data.val),
+                        "train_loss": r["train_loss"],
+                        "chosen": "yes" if self.chosen[arm] == lr else "",
+                    }
+                )
+        return rows
+
+    def frontier_records(self) -> list[dict]:
+        from vsteer.compare import _val_effect
+
+        base_val = self._base("val")
+        rows = []
+        for arm in self.spec.arms:
+            ev = self.runs[("eval", arm, self.first)]
+            for pt in ev.get("frontier", []):
+                rows.append(
+                    {
+                        "arm": arm,
+                        "step": pt["step"],
+                        "kl": pt["kl"],
+                        "val_shift": _val_effect(pt["val"], base_val, self.data.val),
+                    }
+                )
+            tr = self.runs[("train", arm, self.chosen[arm], self.first)]
+            if "kl" in ev:
+                rows.append(
+                    {
+                        "arm": arm,
+                        "step": self.spec.steps,
+                        "kl": ev["kl"],
+                        "val_shift": _val_effect(tr["val"], base_val, self.data.val),
+                    }
+                )
+        return rows
+
+    def ablation_records(self) -> list[dict]:
+        abl = self.ablation()
+        if not abl:
+            return []
+        rows = []
+        for proj, e in abl["shares"].items():
+            if proj == "v_minus_next":
+                continue
+            rows.append(
+                {
+                    "dropped": proj,
+                    "share_removed": e.value,
+                    "ci_low": e.low,
+                    "ci_high": e.high,
+                    "rel_update_norm": abl["norms"].get(proj, float("nan")),
+                }
+            )
+        return rows
+
+    def notes(self) -> list[str]:
+        from vsteer.compare import CONTROL
+        from vsteer.experiments.result import records_to_markdown
+
+        s = self.spec
+        notes = [
+            f"Task {s.task} on {self.data.describe()}; every arm at an effective budget of {self.budget:,} trainable "
+            f"parameters ({'; '.join(self.plans.values())}); {s.steps} steps of {s.batch_size}, precision {s.precision}, "
+            f"{len(s.learning_rates)} learning rates {s.learning_rates} tried on seed {self.first} and chosen per arm on the val "
+            f"split, then seeds {s.seeds} at the chosen rate scored on the test split; ROPE {s.rope} nats/token, stated in the recipe. "
+            "Primary metric: per item, the arm's mean token log p minus the base's, target-label mean minus contrast-label mean "
+            "(so a shift in format that moves both labels cancels); per-item shifts averaged over seeds, 95% bootstrap over items"
+            + (" (pairs resampled whole)." if s.task == "dpo" else " (stratified by label)."),
+        ]
+        if CONTROL in s.arms and not self.controlled():
+            e = self.effect(CONTROL)
+            notes.append(
+                f"**Underpowered**: the positive control's shift {e} does not lie above the ROPE {s.rope}, so no verdict is drawn "
+                "from the other arms (that would not be evidence of no effect)."
+            )
+        elif CONTROL not in s.arms:
+            notes.append(
+                "No positive control among the arms: a null result cannot be told from an underpowered one."
+            )
+        notes += [
+            f"Learning-rate selection (val split, seed {self.first}):",
+            "",
+            records_to_markdown(self.selection_records()),
+            "",
+        ]
+        abl = self.ablation_records()
+        if abl:
+            notes += [
+                "Projection ablation of the positive control (seed %d, test split): share of its shift removed by dropping "
+                "one projection type's learned update, and its relative update norm ||ΔW||/||W||:".replace(
+                    "%d", str(self.first)
+                ),
+                "",
+                records_to_markdown(abl),
+                "",
+            ]
+        fr = self.frontier_records()
+        if fr:
+            notes += [
+                f"Frontier (val shift vs per-token KL(arm || base) on WikiText-2, over checkpoints; seed {self.first}):",
+                "",
+                records_to_markdown(fr),
+                "",
+            ]
+        return notes
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        eff = {a: _est(self.effect(a)) for a in self.spec.arms}
+        return {
+            "spec": self.spec.to_dict(),
+            "budget": self.budget,
+            "plans": self.plans,
+            "chosen_lr": self.chosen,
+            "effects": eff,
+            "seed_effects": {a: self.seed_effects(a) for a in self.spec.arms},
+            "controlled": self.controlled(),
+            "arms": self.arm_records(),
+            "selection": self.selection_records(),
+            "frontier": self.frontier_records(),
+            "ablation": self.ablation_records(),
+            "findings": [f.to_dict() for f in self.findings()],
+            "seconds": self.seconds,
+            "precision": self.spec.precision,
+        }
+
+    def to_experiment(self, name: str, title: str, prefix: str, command: str):
+        """The main job's view: an :class:`~vsteer.experiments.result.ExperimentResult`."""
+        from vsteer.experiments.result import ExperimentResult
+
+        return ExperimentResult(
+            name=name,
+            title=title,
+            records=self.arm_records(),
+            findings=self.findings(prefix, command),
+            meta={"compare": self.to_dict(), "seconds": self.seconds},
+            columns=None,
+            notes=self.notes(),
+            plotter=lambda recs, path: plot_frontier([(TASK_LABEL[self.spec.task], self)], path),
+        )
+
+    def write(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``report.md``, ``results.json`` and ``frontier.png`` into ``out_dir``."""
+        from vsteer.experiments.result import atomic_write, records_to_markdown
+        from vsteer.verdicts import judge
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rules = self.rules()
+        verdicts = [judge(f, rules) for f in self.findings()]
+        lines = [f"# Adapter comparison: {self.spec.name}", ""]
+        lines += [
+            f"- **{v.claim}**: {v.verdict} ({v.measured} = {v.effect}; rule: {v.rule})" for v in verdicts
+        ]
+        lines += [
+            "",
+            records_to_markdown(self.arm_records()),
+            "",
+            *self.notes(),
+            "![frontier](frontier.png)",
+            "",
+            f"Run time {self.seconds:.0f} s.",
+        ]
+        d = self.to_dict()
+        d["verdicts"] = [v.to_dict() if hasattr(v, "to_dict") else str(v) for v in verdicts]
+        atomic_write(out / "results.json", json.dumps(d, indent=2, default=str))
+        plot_frontier([(TASK_LABEL[self.spec.task], self)], out / "frontier.png")
+        return atomic_write(out / "report.md", "\n".join(lines) + "\n")
+
+
+def plot_frontier(results: list[tuple[str, CompareResult]], path) -> None:
+    """One panel per comparison: val shift vs KL over checkpoints, one line per arm; and the
+    ablation shares of the positive control when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"v": "tab:red", "qk": "tab:blue", "o": "tab:green", "qkvo": "tab:purple", "all": "black"}
+    n = len(results)
+    fig, axes = plt.subplots(2, n, figsize=(5 * n, 7), squeeze=False)
+    for j, (label, res) in enumerate(results):
+        ax = axes[0, j]
+        fr = res.frontier_records()
+        for arm in res.spec.arms:
+            pts = sorted((r["kl"], r["val_shift"]) for r in fr if r["arm"] == arm)
+            if pts:
+                ax.plot(*zip(*[(0.0, 0.0), *pts]), "o-", color=colours.get(arm, "gray"), label=arm)
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set_xlabel("per-token KL(arm || base), WikiText-2, nats")
+        ax.set_ylabel("val likelihood shift, nats/token")
+        ax.set_title(f"{label}: metric vs KL over checkpoints")
+        ax.legend(fontsize=8)
+        ax2 = axes[1, j]
+        ab = res.ablation_records()
+        if ab:
+            names = [r["dropped"] for r in ab]
+            vals = [r["share_removed"] for r in ab]
+            err = [
+                [r["share_removed"] - r["ci_low"] for r in ab],
+                [r["ci_high"] - r["share_removed"] for r in ab],
+            ]
+            ax2.bar(names, vals, yerr=err, color=[colours.get(x, "gray") for x in names])
+            ax2.set_ylabel("share of the control's shift removed")
+            ax2.set_title(f"{label}: projection ablation (positive control)")
+        else:
+            ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

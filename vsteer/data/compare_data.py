@@ -1,0 +1,280 @@
+"""Data for adapter comparisons (:mod:`vsteer.compare`): training rows plus held-out scored items.
+
+A comparison trains on ``train`` rows (TRL format: SFT ``{"text"}`` or ``{"prompt", "completion"}``,
+DPO ``{"prompt", "chosen", "rejected"}``) and scores *items*: ``(prompt, text, label, group)``
+where ``label`` 1 marks the target behaviour (a positive review, a chosen answer) and 0 its
+contrast, and ``group`` ties the two sides of a preference pair (``None`` for unpaired SFT texts).
+Held-out items are split into ``val`` (learning-rate selection) and ``test`` (the reported
+numbers), which share no row.
+
+Shipped tasks (nothing invented, sources in ``SOURCES.md``):
+
+* ``sst2-sentiment`` (SFT): train on positive SST-2 *train* sentences; val = SST-2 *dev*, test =
+  SST-2 *test* sentences, balanced positive/negative.
+* ``imdb-openings`` (DPO; the controlled-sentiment setting of Rafailov et al. 2023 §6.1): prompt
+  ``"Here is a movie review:"``, chosen = the first ``completion_tokens`` tokens of a positive
+  IMDB review, rejected = of a negative one; train pairs from the training reviews, val/test pairs
+  from the held-out reviews (:func:`vsteer.data.imdb_held_out`).
+
+User data: JSONL files (``.jsonl`` or ``.jsonl.gz``). ``train`` as above; ``eval`` (split into
+val/test) or ``val`` + ``test``: SFT rows ``{"text" | "completion", "label": 0|1, "prompt"?}``,
+DPO rows ``{"prompt", "chosen", "rejected"}``. Every bad row is reported with file and line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vsteer.errors import DataError
+
+IMDB_PROMPT = "Here is a movie review:"
+SHIPPED_TASKS = {"sst2-sentiment": "sft", "imdb-openings": "dpo"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One scored text: ``label`` 1 = target behaviour, 0 = contrast; ``group``: pair id or None."""
+
+    prompt: str
+    text: str
+    label: int
+    group: int | None = None
+
+
+@dataclass
+class CompareData:
+    """Training rows and the two held-out item sets of one comparison task."""
+
+    task: str  # "sft" | "dpo"
+    train: list[dict]
+    val: list[Item]
+    test: list[Item]
+    source: dict
+
+    def describe(self) -> str:
+        return (
+            f"{self.source.get('name', 'user data')}: {len(self.train)} train rows, "
+            f"{len(self.val)} val items, {len(self.test)} test items"
+        )
+
+
+# ---- shipped tasks -------------------------------------------------------------------------
+
+
+def _balanced(pairs: list[tuple[str, int]], n_per_label: int | None, seed: int) -> list[Item]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in (1, 0):
+        texts = [t for t, y in pairs if y == label]
+        if n_per_label is not None:
+            if n_per_label > len(texts):
+                raise DataError(f"asked for {n_per_label} items of label {label}, only {len(texts)} exist")
+            idx = np.sort(rng.choice(len(texts), size=n_per_label, replace=False))
+            texts = [texts[i] for i in idx]
+        out.extend(Item("", t, label) for t in texts)
+    return out
+
+
+def sst2_sentiment(n_train: int, n_val: int, n_test: int, seed: int = 0) -> CompareData:
+    """SFT toward positive sentiment: ``n_train`` positive train sentences, ``n_val``/``n_test``
+    sentences *per label* from SST-2 dev/test."""
+    from vsteer.data import sst2
+
+    positives = [s for s, y in sst2("train") if y == 1]
+    if n_train > len(positives):
+        raise DataError(f"n_train={n_train} exceeds the {len(positives)} positive SST-2 train sentences")
+    rng = np.random.default_rng(seed)
+    train = [{"text": positives[i]} for i in rng.permutation(len(positives))[:n_train]]
+    return CompareData(
+        "sft",
+        train,
+        _balanced(sst2("dev"), n_val, seed),
+        _balanced(sst2("test"), n_test, seed + 1),
+        {
+            "name": "sst2-sentiment",
+            "train": "sst2/stsa.binary.train (label 1)",
+            "val": "sst2 dev",
+            "test": "sst2 test",
+        },
+    )
+
+
+def _opening(tokenizer, text: str, n_tokens: int) -> str:
+    ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def imdb_openings(
+    tokenizer, n_train: int, n_val: int, n_test: int, completion_tokens: int = 24, seed: int = 0
+) -> CompareData:
+    """DPO toward positive review openings: ``n_train`` train pairs; ``n_val``/``n_test`` held-out
+    *pairs* (each pair gives one chosen and one rejected item with the same group id)."""
+    from vsteer.data import imdb
+
+    def pairs(split: str) -> list[tuple[str, str]]:
+        pos = [_opening(tokenizer, t, completion_tokens) for t, _ in imdb(1, split)]
+        neg = [_opening(tokenizer, t, completion_tokens) for t, _ in imdb(0, split)]
+        rng = np.random.default_rng(seed + (split == "eval"))
+        return list(
+            zip([pos[i] for i in rng.permutation(len(pos))], [neg[i] for i in rng.permutation(len(neg))])
+        )
+
+    train_pairs, held = pairs("train"), pairs("eval")
+    if n_train > len(train_pairs):
+        raise DataError(f"n_train={n_train} exceeds the {len(train_pairs)} IMDB training pairs")
+    if n_val + n_test > len(held):
+        raise DataError(f"n_val + n_test = {n_val + n_test} exceeds the {len(held)} held-out IMDB pairs")
+    train = [{"prompt": IMDB_PROMPT, "chosen": c, "rejected": r} for c, r in train_pairs[:n_train]]
+    return CompareData(
+        "dpo",
+        train,
+        _pair_items(held[:n_val], IMDB_PROMPT),
+        _pair_items(held[n_val : n_val + n_test], IMDB_PROMPT),
+        {"name": "imdb-openings", "completion_tokens": completion_tokens, "prompt": IMDB_PROMPT},
+    )
+
+
+def _pair_items(pairs, prompt: str | list[str], offset: int = 0) -> list[Item]:
+    out = []
+    for i, (c, r) in enumerate(pairs):
+        p = prompt if isinstance(prompt, str) else prompt[i]
+        out += [Item(p, c, 1, offset + i), Item(p, r, 0, offset + i)]
+    return out
+
+
+# ---- user files ----------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path, what: str) -> list[dict]:
+    """Rows of a JSONL file; one clear line for a missing file, a bad line or an empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what}: data file {str(path)!r} not found; expected a JSONL file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append((i, row))
+    if not rows:
+        raise DataError(f"{path}: no rows ({what} needs at least one)")
+    return rows
+
+
+def _text_field(path, i, row, names) -> str:
+    for name in names:
+        if name in row:
+            value = row[name]
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{path}:{i}: field {name!r} must be a non-empty string, got {value!r}")
+            return value
+    raise DataError(f"{path}:{i}: row lacks {' or '.join(map(repr, names))}; it has {sorted(row)}")
+
+
+def train_rows(path, task: str) -> list[dict]:
+    """Validated TRL training rows (SFT text/prompt-completion, DPO prompt-chosen-rejected)."""
+    out = []
+    for i, row in read_rows(path, "data.train"):
+        if task == "dpo":
+            out.append(
+                {
+                    "prompt": row.get("prompt", "")
+                    if isinstance(row.get("prompt", ""), str)
+                    else _bad(path, i, "prompt"),
+                    "chosen": _text_field(path, i, row, ("chosen",)),
+                    "rejected": _text_field(path, i, row, ("rejected",)),
+                }
+            )
+        elif "completion" in row:
+            out.append(
+                {"prompt": row.get("prompt", ""), "completion": _text_field(path, i, row, ("completion",))}
+            )
+        else:
+            out.append({"text": _text_field(path, i, row, ("text",))})
+    return out
+
+
+def _bad(path, i, name):
+    raise DataError(f"{path}:{i}: field {name!r} must be a string")
+
+
+def eval_items(path, task: str, what: str, offset: int = 0) -> list[Item]:
+    """Validated scored items of a user file (see the module docstring for the row schema)."""
+    items = []
+    for n, (i, row) in enumerate(read_rows(path, what)):
+        prompt = row.get("prompt", "")
+        if not isinstance(prompt, str):
+            _bad(path, i, "prompt")
+        if task == "dpo":
+            items += _pair_items(
+                [(_text_field(path, i, row, ("chosen",)), _text_field(path, i, row, ("rejected",)))],
+                prompt,
+                offset + n,
+            )
+        else:
+            label = row.get("label")
+            if label not in (0, 1) or isinstance(label, bool):
+                raise DataError(
+                    f"{path}:{i}: 'label' must be 1 (target style) or 0 (contrast), got {label!r}"
+                )
+            items.append(Item(prompt, _text_field(path, i, row, ("text", "completion")), label))
+    labels = {it.label for it in items}
+    if labels != {0, 1}:
+        raise DataError(
+            f"{path}: {what} needs items of both labels (1 = target, 0 = contrast), found {sorted(labels)}"
+        )
+    return items
+
+
+def split_items(items: list[Item], val_fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Split items (whole pairs together) into disjoint val and test sets, each with both labels."""
+    keys = sorted({it.group if it.group is not None else ("i", k) for k, it in enumerate(items)}, key=str)
+    rng = np.random.default_rng(seed)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    n_val = max(1, round(val_fraction * len(order)))
+    val_keys = set(order[:n_val])
+    key_of = [it.group if it.group is not None else ("i", k) for k, it in enumerate(items)]
+    val = [it for it, k in zip(items, key_of) if k in val_keys]
+    test = [it for it, k in zip(items, key_of) if k not in val_keys]
+    for part in (val, test):
+        if {it.label for it in part} != {0, 1}:
+            raise DataError(
+                f"data.eval has too few items to split into val and test with both labels ({len(items)} items)"
+            )
+    return val, test
+
+
+def user_data(
+    train: str,
+    task: str,
+    eval: str | None = None,
+    val: str | None = None,
+    test: str | None = None,
+    val_fraction: float = 0.3,
+    seed: int = 0,
+) -> CompareData:
+    """A comparison task from the user's JSONL files."""
+    rows = train_rows(train, task)
+    if val is not None and test is not None:
+        v, t = eval_items(val, task, "data.val"), eval_items(test, task, "data.test", offset=10**6)
+    elif eval is not None:
+        v, t = split_items(eval_items(eval, task, "data.eval"), val_fraction, seed)
+    else:
+        raise DataError(
+            "data needs held-out items: give data.eval (split into val/test) or both data.val and data.test"
+        )
+    return CompareData(
+        task, rows, v, t, {"name": "user", "train": str(train), "eval": eval, "val": val, "test": test}
+    )

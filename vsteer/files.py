@@ -1,0 +1,112 @@
+"""File utilities of the core: atomic writes with the permissions of a normal write, shipped recipes.
+
+Every file vsteer publishes (vectors, GGUF exports, reports, results, adapter metadata) goes
+through :func:`atomic_write`: readers see the old content or the new, never half a file, and
+the file gets the mode ``open(path, "w")`` would give under the process umask (``tempfile``
+creates its files mode 0600, which would leave published files readable by the owner only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from vsteer.errors import RecipeError
+
+__all__ = ["atomic_write", "umask", "share", "shipped_recipes", "resolve_recipe"]
+
+
+def umask() -> int:
+    """The process umask, e.g. ``0o022``.
+
+    Read from ``/proc/self/status`` where there is one: ``os.umask`` can only be read by
+    setting it, and another thread creating a file in between would get the wrong mode.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def share(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a directory, everything under it) the mode a normal write gives.
+
+    Directories get ``0o777 & ~umask``, files ``0o666 & ~umask``: what ``mkdir`` and
+    ``open(..., "w")`` create, unlike ``mkdtemp``/``mkstemp`` (owner only).
+    """
+    mask = umask()
+    path = Path(path)
+    if path.is_dir():
+        path.chmod(0o777 & ~mask)
+        for sub in path.rglob("*"):
+            if not sub.is_symlink():
+                sub.chmod((0o777 if sub.is_dir() else 0o666) & ~mask)
+    else:
+        path.chmod(0o666 & ~mask)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (bytes, or text written as UTF-8) to ``path`` atomically.
+
+    The temporary file lives in the same directory (so ``os.replace`` is a rename on one file
+    system), is flushed and fsync'ed before the rename, and gets mode ``0o666 & ~umask``.
+    Missing parent directories are created. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        payload = data.encode("utf-8")
+    elif isinstance(data, bytes | bytearray | memoryview):
+        payload = bytes(data)
+    else:
+        raise TypeError(f"atomic_write writes bytes or str, got {type(data).__name__}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def shipped_recipes() -> Path:
+    """The directory of the recipes shipped inside the package (``vsteer/recipes``)."""
+    from importlib.resources import files
+
+    return Path(str(files("vsteer") / "recipes"))
+
+
+def resolve_recipe(recipe: str | os.PathLike) -> Path:
+    """A recipe file: ``recipe`` itself if it is a file, else the shipped recipe of that name.
+
+    ``claims``, ``claims.yaml`` and ``recipes/claims.yaml`` all name the shipped
+    ``vsteer/recipes/claims.yaml`` when no such file exists relative to the working directory,
+    so the README's commands work from any directory and from an installed wheel.
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    parts = path.parts
+    if not path.is_absolute() and parts:
+        rel = Path(*parts[1:]) if parts[0] == "recipes" and len(parts) > 1 else path
+        for candidate in (shipped / rel, shipped / rel.with_name(rel.name + ".yaml")):
+            if candidate.is_file():
+                return candidate
+    names = sorted(p.stem for p in shipped.glob("*.yaml"))
+    raise RecipeError(
+        f"recipe {str(recipe)!r} not found (neither a file nor a shipped recipe); "
+        f"shipped recipes: {', '.join(names) or 'none'}"
+    )
