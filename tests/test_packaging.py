@@ -164,10 +164,10 @@ def test_no_public_name_of_the_package_hides_a_submodule():
     """``import vsteer.X as m`` must give the module X, never a function of the same name."""
     clashes = []
     for info in pkgutil.iter_modules(vsteer.__path__):
-        if info.name in vsteer.__all__:
+        module = importlib.import_module(f"vsteer.{info.name}")
+        if getattr(vsteer, info.name) is not module:
             clashes.append(info.name)
             continue
-        module = importlib.import_module(f"vsteer.{info.name}")
         exec_globals: dict = {}
         exec(f"import vsteer.{info.name} as m", exec_globals)
         if exec_globals["m"] is not module:

@@ -272,7 +272,7 @@ def test_every_shipped_profile_validates_and_smoke_is_smallest():
         load_profile(name)
     smoke, cpu = RunSpec(profile="smoke"), RunSpec(profile="cpu")
     assert section_options(smoke, "probes")["n_train"] < section_options(cpu, "probes")["n_train"]
-    assert section_options(smoke, "adapters")["sft_steps"] <= 2
+    assert section_options(smoke, "adapters")["sft"]["steps"] <= 2
 
 
 @pytest.fixture(autouse=True)
@@ -280,3 +280,41 @@ def _forget_fake_modules():
     yield
     for name in [m for m in sys.modules if m.split(".")[0] == "fakeexp"]:
         del sys.modules[name]
+
+
+def test_limits_state_the_adapter_training_of_this_run():
+    from vsteer.report import limits
+
+    meta = {
+        "model": "m",
+        "profile": "smoke",
+        "model_facts": {"n_params": 2_500_000_000, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2},
+        "config": {"adapters": {"tasks": ["sft", "dpo"], "sft": {"steps": 3, "seeds": [0, 1]}, "dpo": {}}},
+    }
+    text = limits(meta, [])
+    assert "2.5B parameters, 4 layers, 8 query heads, 2 key/value heads" in text
+    assert "SFT for 3 steps with seeds 0, 1; DPO for the recipe's steps" in text
+
+
+def test_reads_of_shipped_data_are_recorded_even_when_parsed_before():
+    from vsteer.data import sst2
+
+    sst2("dev")  # parsed and cached in this process before the piece starts
+    with track_reads() as reads:
+        sst2("dev")
+    assert list(reads) == ["data/sst2/stsa.binary.dev.gz"] and len(reads["data/sst2/stsa.binary.dev.gz"]) == 64
+
+
+def test_an_enclosing_piece_depends_on_the_files_a_cached_inner_piece_read(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("1")
+    monkeypatch.setattr(pieces, "tracked_roots", lambda: [data])
+    cache = PieceCache(tmp_path / "cache")
+    inner = lambda _work: {"a": (data / "a.txt").read_text()}  # noqa: E731
+    cache.run("inner", {}, inner)  # cached before the outer piece runs
+    outer, _ = cache.run("outer", {}, lambda _work: cache.run("inner", {}, inner)[0]["result"])
+    assert list(outer["reads"]) == ["data/a.txt"]
+    (data / "a.txt").write_text("2")
+    again, _ = cache.run("outer", {}, lambda _work: cache.run("inner", {}, inner)[0]["result"])
+    assert again["result"] == {"a": "2"}

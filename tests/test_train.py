@@ -365,7 +365,7 @@ def test_bf16_recipe_trains_under_bf16_autocast_and_records_it(tmp_path, sft_fil
     assert seen and set(seen) == {torch.bfloat16}
     run = meta["training_run"]
     assert (run["precision"], run["mixed_precision"], run["autocast"]) == ("bf16", "bf16", True)
-    assert run["weights_dtype"] == "float32" and run["optim"] == "adamw_torch"
+    assert run["weights_dtype"] == "float32" and run["optim"] == "adamw_torch_fused"
     assert result.metrics["precision"] == "bf16" and meta["metrics"]["mixed_precision"] == "bf16"
     import accelerate
     import peft
@@ -433,3 +433,9 @@ def test_training_is_quiet_by_default_and_progress_is_one_bar(tmp_path, sft_file
     out, err = capfd.readouterr()
     assert "'loss'" not in out and "Tokenizing" not in err
     assert "train bar" in err and err.count("4/4") >= 1 and "train tiny" not in err
+
+
+def test_verbose_training_shows_the_trainer_logs(tmp_path, sft_file, capfd):
+    _run(_recipe(sft_file, logging_steps=1), tmp_path, verbose=True)
+    out, err = capfd.readouterr()
+    assert "'loss'" in out + err

@@ -36,6 +36,9 @@ _PUBLIC = {
     "SITE_NAMES": "vsteer.sites",
     "Site": "vsteer.sites",
     "SteeringVector": "vsteer.vectors",
+    "Monitor": "vsteer.monitor",
+    "watch": "vsteer.monitor",
+    "monitor": "vsteer.monitor",
     "extract": "vsteer.extraction",
     "steer": "vsteer.steering",
     "per_row": "vsteer.steering",
@@ -53,6 +56,8 @@ def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'vsteer' has no attribute {name!r}")
+    if module == f"vsteer.{name}":  # a public module (vsteer.monitor.fit), not a function
+        return importlib.import_module(module)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

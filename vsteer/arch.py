@@ -1,17 +1,25 @@
 """Architecture specs: where each site lives in a model family.
 
-A spec is data. Adding a family means adding one :class:`ArchSpec` entry to
-``SPECS``; families whose decoder layers hold separate ``q_proj/k_proj/v_proj/o_proj``
-work without an entry through :func:`discover_spec`.
+A spec is data. Families listed in ``SPECS`` use their entry; every other family is found by
+structural discovery (:func:`discover_spec`): the decoder layers are the ``ModuleList`` whose
+blocks hold an attention module with projections under one of the names in
+``SEPARATE_NAMES``/``FUSED_NAMES``, and head counts and sizes are read from the projection
+weights (``o`` input = ``n_heads * head_dim``; ``v`` output = ``n_kv_heads * head_dim``).
+Adding a family is a data entry: a name pattern, a fused layout in ``FUSED_LAYOUTS``, or a
+reason in ``UNSUPPORTED`` for families without a value projection.
 
 Fused projections are described by ``qkv`` (module name) and ``qkv_layout``:
 
 ``"blocks"``
     rows ``[Q | K | V]``, Q has ``n_heads * head_dim`` rows, K and V ``n_kv_heads * head_dim``
-    (GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` with unequal blocks under GQA).
+    (GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` with unequal blocks under GQA, MPT ``Wqkv``).
 ``"per_head"``
-    rows interleaved per head: ``[q_h0 k_h0 v_h0 | q_h1 k_h1 v_h1 | ...]`` (GPT-NeoX
-    ``query_key_value``, which views its output as ``[heads, 3 * head_dim]``).
+    rows interleaved per head: ``[q_h0 k_h0 v_h0 | q_h1 k_h1 v_h1 | ...]`` (GPT-NeoX, BLOOM,
+    Persimmon ``query_key_value``, which view their output as ``[heads, 3 * head_dim]``).
+``"grouped"``
+    ``qkv_groups`` groups (default: one per key/value head), each ``[q heads of the group | k | v]``
+    in ``qkv_order`` (Falcon: one group per KV head, so MQA is ``blocks`` and MHA is
+    ``per_head``; CodeGen: 4 groups ordered ``q, v, k``).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ class ArchSpec:
     ``attn``/``mlp``: relative to a decoder layer. ``q``/``k``/``v``/``o``/``qkv``: relative to
     the attention module. ``mlp_targets``: LoRA target names inside the MLP.
     ``conv1d``: weights are stored ``[in, out]`` (GPT-2 ``Conv1D``).
+    ``qkv_groups``/``qkv_order``: the ``"grouped"`` layout (see the module docstring).
     """
 
     family: str
@@ -52,12 +61,19 @@ class ArchSpec:
     conv1d: bool = False
     final_norm: tuple[str, ...] = ("model.norm",)
     unembed: str = "lm_head"
+    qkv_groups: int | None = None
+    qkv_order: str = "qkv"
 
 
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "smollm3", "olmo", "olmo2", "granite")),
     ArchSpec("qwen2", ("qwen2", "qwen3")),
-    ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text", "gemma3")),
+    ArchSpec(
+        "gemma",
+        ("gemma", "gemma2", "gemma3_text", "gemma3"),
+        layers=("model.layers", "model.language_model.layers"),
+        final_norm=("model.norm", "model.language_model.norm"),
+    ),
     ArchSpec(
         "phi3",
         ("phi3",),
@@ -101,6 +117,81 @@ SPECS: tuple[ArchSpec, ...] = (
 )
 
 
+# --------------------------------------------------------------------------------------------
+# structural discovery: data tables
+# --------------------------------------------------------------------------------------------
+# (q, k, v, o) module names relative to the attention module, tried in order
+SEPARATE_NAMES: tuple[tuple[str, str, str, str], ...] = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT, BART family, XGLM, BioGPT, GPT-Neo, GPT-J
+    ("q_proj", "k_proj", "v_proj", "dense"),  # Phi-1/2
+    ("q_proj", "k_proj", "v_proj", "c_proj"),
+    ("self.query", "self.key", "self.value", "output.dense"),  # BERT family used as a causal LM
+    ("query", "key", "value", "dense"),
+    ("query_proj", "key_proj", "value_proj", "out_proj"),  # ProphetNet
+    ("q_lin", "k_lin", "v_lin", "out_lin"),
+    ("Wq", "Wk", "Wv", "dense"),  # CTRL
+    ("wq", "wk", "wv", "wo"),
+    ("project_q", "project_k", "project_v", "attention_out"),  # CPM-Ant
+    ("q", "k", "v", "o"),
+)
+# (fused qkv, o) module names relative to the attention module
+FUSED_NAMES: tuple[tuple[str, str], ...] = (
+    ("qkv_proj", "o_proj"),
+    ("c_attn", "c_proj"),  # GPT-2, GPT-BigCode, OpenAI GPT
+    ("query_key_value", "dense"),  # GPT-NeoX, BLOOM, Falcon, Persimmon, GPT-NeoX-Japanese
+    ("Wqkv", "out_proj"),  # MPT, DBRX
+    ("qkv_proj", "out_proj"),  # CodeGen
+    ("W_pack", "o_proj"),
+    ("qkv", "proj"),
+)
+# fused layouts that are not [Q | K | V] blocks, by model_type
+FUSED_LAYOUTS: dict[str, dict] = {
+    "gpt_neox": {"qkv_layout": "per_head"},
+    "bloom": {"qkv_layout": "per_head"},
+    "persimmon": {"qkv_layout": "per_head"},
+    "gpt_neox_japanese": {"qkv_layout": "per_head"},
+    "falcon": {"qkv_layout": "grouped"},
+    "codegen": {"qkv_layout": "grouped", "qkv_groups": 4, "qkv_order": "qvk"},
+}
+# MLP sites relative to a decoder layer: the module whose output is the MLP's contribution
+MLP_NAMES = (
+    "mlp",
+    "feed_forward",
+    "ffn",
+    "block_sparse_moe",
+    "moe",
+    "ff",
+    "feedforward",
+    "output.dense",  # BERT family: the second FFN linear (before the residual and LayerNorm)
+    "fc2",  # OPT, BART family, XGLM, BioGPT: the second FFN linear, directly in the layer
+    "ffn.fc2",
+)
+FINAL_NORM_NAMES = (
+    "norm",
+    "ln_f",
+    "final_layer_norm",
+    "final_layernorm",
+    "layer_norm",
+    "norm_f",
+    "final_norm",
+)
+# families without a per-head value projection of the attention input, by model_type; the
+# structural reasons below (latent attention, no attention) are found without an entry
+UNSUPPORTED: dict[str, str] = {
+    "xlnet": "two-stream relative attention keeps q/k/v as raw parameter tensors, not projection modules",
+    "reformer": "LSH attention shares one query-key projection and chunks values; no per-head v of the input",
+    "xlm": "no decoder-layer module: attentions and feed-forwards are separate lists, so there is no resid site",
+}
+_LATENT_NAMES = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_proj")
+_NO_ATTENTION_HINTS = {
+    "mamba": "state-space model (Mamba): no attention",
+    "rwkv": "recurrent model (RWKV): no attention",
+    "xlstm": "recurrent model (xLSTM): no attention",
+    "falcon_mamba": "state-space model (Mamba): no attention",
+}
+
+
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
@@ -119,46 +210,135 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(_text_config(config), "model_type", None) if config is not None else None
+
+
 def spec_for(model: nn.Module) -> ArchSpec:
     """The spec for ``model``, chosen by ``config.model_type`` (not the class name)."""
     model = unwrap(model)
-    config = getattr(model, "config", None)
-    model_type = getattr(_text_config(config), "model_type", None) if config is not None else None
+    model_type = _model_type(model)
     for spec in SPECS:
         if model_type in spec.model_types:
             return spec
     return discover_spec(model, model_type)
 
 
+def _match_attention(module: nn.Module) -> dict | None:
+    """Projection names of an attention module, or None if it has none of the known patterns."""
+    for q, k, v, o in SEPARATE_NAMES:
+        if all(_get(module, n) is not None for n in (q, k, v, o)):
+            return {"q": q, "k": k, "v": v, "o": o, "qkv": None}
+    for qkv, o in FUSED_NAMES:
+        if _get(module, qkv) is not None and _get(module, o) is not None:
+            return {"q": None, "k": None, "v": None, "o": o, "qkv": qkv}
+    return None
+
+
+def _find_attention(layer: nn.Module) -> tuple[str, dict] | None:
+    for name, module in layer.named_modules():
+        if name and not isinstance(module, nn.ModuleList | nn.ModuleDict):
+            names = _match_attention(module)
+            if names is not None:
+                return name, names
+    return None
+
+
+def _skip_tower(path: str) -> bool:
+    return any(w in path for w in ("vision", "visual", "audio", "image", "encoder.", "speech"))
+
+
 def discover_spec(model: nn.Module, model_type: str | None) -> ArchSpec:
-    """Find the layout of a family with separate ``q/k/v/o_proj`` projections structurally."""
-    for name, module in model.named_modules():
+    """Find where the sites live from the module tree (see the module docstring)."""
+    if model_type in UNSUPPORTED:
+        raise ModelError(f"unsupported architecture: model_type={model_type!r}: {UNSUPPORTED[model_type]}")
+    found = []
+    for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        first = module[0]
-        for attn_name, attn in first.named_modules():
-            if attn_name and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-                mlp = next((n for n in ("mlp", "feed_forward", "ffn") if hasattr(first, n)), "mlp")
-                return ArchSpec(
-                    family=f"discovered:{model_type}",
-                    model_types=(model_type or "",),
-                    layers=(name,),
-                    attn=attn_name,
-                    mlp=mlp,
-                    final_norm=("model.norm", "model.final_layernorm", "transformer.ln_f"),
-                )
-    raise ModelError(
-        f"unsupported architecture: model_type={model_type!r} has no value projection vsteer can find "
-        f"(no decoder layers with q_proj/k_proj/v_proj/o_proj); add an ArchSpec for it in vsteer/arch.py"
+        for layer in module:
+            hit = _find_attention(layer)
+            if hit is not None:
+                found.append((_skip_tower(path), path, layer, hit))
+                break
+    if not found:
+        raise ModelError(
+            f"unsupported architecture: model_type={model_type!r}: {_no_value_reason(model, model_type)}"
+        )
+    _, path, layer, (attn, names) = min(found, key=lambda f: f[0])
+    mlp = next((n for n in MLP_NAMES if _get(layer, n) is not None), "mlp")
+    mlp_module = _get(layer, mlp)
+    mlp_targets = tuple(
+        n
+        for n, m in (mlp_module.named_modules() if mlp_module is not None else ())
+        if n and _is_projection(m)
+    )
+    parent = path.rpartition(".")[0]
+    norm_prefix = f"{parent}." if parent else ""
+    final_norm = tuple(
+        f"{norm_prefix}{n}" for n in FINAL_NORM_NAMES if _get(model, f"{norm_prefix}{n}") is not None
+    )
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    unembed = next((n for n, m in model.named_modules() if out_emb is not None and m is out_emb), "lm_head")
+    probe = _get(layer, f"{attn}.{names['qkv'] or names['v']}")
+    layout = dict(FUSED_LAYOUTS.get(model_type or "", {})) if names["qkv"] else {}
+    return ArchSpec(
+        family=f"discovered:{model_type}",
+        model_types=(model_type or "",),
+        layers=(path,),
+        attn=attn,
+        mlp=mlp,
+        q=names["q"],
+        k=names["k"],
+        v=names["v"],
+        o=names["o"],
+        qkv=names["qkv"],
+        qkv_layout=layout.pop("qkv_layout", "blocks") if names["qkv"] else None,
+        mlp_targets=mlp_targets,
+        conv1d=type(probe).__name__ == "Conv1D",
+        final_norm=final_norm or ("model.norm",),
+        unembed=unembed,
+        **layout,
     )
 
 
+def _is_projection(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(module, nn.Embedding)
+
+
+def _no_value_reason(model: nn.Module, model_type: str | None) -> str:
+    """One line saying why a model has no value projection vsteer can use."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if names & set(_LATENT_NAMES):
+        return (
+            "multi-head latent attention: keys and values are decompressed from one shared latent "
+            "(kv_b_proj), there is no value projection of the attention input"
+        )
+    if model_type in _NO_ATTENTION_HINTS:
+        return _NO_ATTENTION_HINTS[model_type]
+    classes = " ".join(type(m).__name__.lower() for m in model.modules())
+    if "attention" not in classes and "attn" not in classes:
+        return "no attention modules (state-space or recurrent blocks only)"
+    return (
+        "no value projection vsteer can find (no decoder layers with one of the projection name "
+        "patterns in vsteer.arch.SEPARATE_NAMES / FUSED_NAMES); add a pattern or an ArchSpec in vsteer/arch.py"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# a spec resolved against a model
+# --------------------------------------------------------------------------------------------
 @dataclass
 class ModelArch:
     """A spec resolved against one model instance: head counts, modules, fused row indices.
 
     Shapes: ``weight(layer, "v")`` is ``[n_kv_heads * head_dim, d_model]`` in ``nn.Linear``
     convention whatever the storage; ``weight(layer, "o")`` is ``[d_model, n_heads * head_dim]``.
+    ``head_dim`` is the size of a value head (``v`` and ``z``); ``head_dims`` has the size per
+    role (a query head can be wider, e.g. with an output gate folded into ``q_proj``).
+    ``attention_layers``: layers that have attention (all of them except in hybrid models).
     """
 
     model: nn.Module
@@ -169,10 +349,26 @@ class ModelArch:
     head_dim: int
     d_model: int
     layer_modules: nn.ModuleList = field(repr=False)
+    head_dims: dict[str, int] = field(default_factory=dict)
+    attention_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for role in ("q", "k", "v", "z"):
+            self.head_dims.setdefault(role, self.head_dim)
+        if not self.attention_layers:
+            self.attention_layers = tuple(range(self.n_layers))
 
     @property
     def family(self) -> str:
         return self.spec.family
+
+    def site_shape(self, name: str) -> tuple[int, ...]:
+        """Per-token shape of a site: ``[heads, head_dim]`` for q/k/v/z, ``[d_model]`` otherwise."""
+        if name in ("q", "z"):
+            return (self.n_heads, self.head_dims[name])
+        if name in ("k", "v"):
+            return (self.n_kv_heads, self.head_dims[name])
+        return (self.d_model,)
 
     # modules -------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
@@ -187,11 +383,25 @@ class ModelArch:
     def layer(self, layer: int) -> nn.Module:
         return self.layer_modules[self.check_layer(layer)]
 
+    def has_attention(self, layer: int) -> bool:
+        return self.check_layer(layer) in self.attention_layers
+
     def attention(self, layer: int) -> nn.Module:
-        return self.layer(layer).get_submodule(self.spec.attn)
+        i = self.check_layer(layer)
+        if i not in self.attention_layers:
+            raise SiteError(
+                f"layer {i} of {self.family} has no attention (a hybrid model); attention layers: "
+                f"{list(self.attention_layers)}"
+            )
+        return self.layer_modules[i].get_submodule(self.spec.attn)
 
     def mlp(self, layer: int) -> nn.Module:
-        return self.layer(layer).get_submodule(self.spec.mlp)
+        module = _get(self.layer(layer), self.spec.mlp)
+        if module is None:
+            raise SiteError(
+                f"layer {self.check_layer(layer)} of {self.family} has no MLP at {self.spec.mlp!r}"
+            )
+        return module
 
     def is_fused(self, role: str) -> bool:
         return role in ("q", "k", "v") and getattr(self.spec, role) is None
@@ -233,23 +443,39 @@ class ModelArch:
 
     @cached_property
     def _rows(self) -> dict[str, torch.Tensor]:
-        h, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
+        h, hk = self.n_heads, self.n_kv_heads
         layout = self.spec.qkv_layout
         if layout == "blocks":
-            q = torch.arange(h * d)
-            k = torch.arange(h * d, h * d + hk * d)
-            v = torch.arange(h * d + hk * d, h * d + 2 * hk * d)
+            groups, order = 1, "qkv"
         elif layout == "per_head":
             if h != hk:
                 raise ModelError(f"{self.family}: per-head interleaved QKV needs n_heads == n_kv_heads")
-            base = (torch.arange(h) * 3 * d)[:, None] + torch.arange(d)[None, :]
-            q, k, v = base.flatten(), (base + d).flatten(), (base + 2 * d).flatten()
+            groups, order = h, "qkv"
+        elif layout == "grouped":
+            groups, order = self.spec.qkv_groups or hk, self.spec.qkv_order
         else:
             raise ModelError(f"{self.family}: unknown fused QKV layout {layout!r}")
-        return {"q": q, "k": k, "v": v}
+        if h % groups or hk % groups or sorted(order) != ["k", "q", "v"]:
+            raise ModelError(
+                f"{self.family}: fused QKV in {groups} groups of order {order!r} does not fit "
+                f"{h} query and {hk} key/value heads"
+            )
+        # rows per group and role; a role's rows are its heads in order across the groups
+        size = {r: self.n_heads_of(r) // groups * self.head_dims[r] for r in "qkv"}
+        group_width = sum(size.values())
+        offset, start = 0, {}
+        for r in order:
+            start[r] = offset
+            offset += size[r]
+        return {
+            r: (
+                (torch.arange(groups) * group_width + start[r])[:, None] + torch.arange(size[r])[None, :]
+            ).flatten()
+            for r in "qkv"
+        }
 
     def fused_width(self) -> int:
-        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        return sum(self.n_heads_of(r) * self.head_dims[r] for r in "qkv")
 
     # weights in Linear convention -----------------------------------------------------------
     def weight(self, layer: int, role: str) -> torch.Tensor:
@@ -299,6 +525,17 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
     return base_layer(module).weight
 
 
+def _in_out(module: nn.Module, conv1d: bool) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a projection from its weight."""
+    w = getattr(base_layer(module), "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ModelError(
+            f"unsupported architecture: projection {type(module).__name__} has no [out, in] weight matrix "
+            f"(a composite or custom projection)"
+        )
+    return (int(w.shape[0]), int(w.shape[1])) if conv1d else (int(w.shape[1]), int(w.shape[0]))
+
+
 def _int_attr(config, *names, default=None):
     for name in names:
         value = getattr(config, name, None)
@@ -309,6 +546,7 @@ def _int_attr(config, *names, default=None):
     return default
 
 
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_attention_heads_per_partition")
 _ARCH_CACHE_ATTR = "_vsteer_arch"
 
 
@@ -329,34 +567,94 @@ def get_arch(model: nn.Module) -> ModelArch:
             f"model_type={config.model_type!r} ({spec.family}): decoder layers not found at {list(spec.layers)}; "
             f"fix the ArchSpec in vsteer/arch.py"
         )
-    n_heads = _int_attr(config, "num_attention_heads", "n_head")
-    d_model = _int_attr(config, "hidden_size", "n_embd", "d_model")
-    head_dim = _int_attr(config, "head_dim", default=d_model // n_heads)
-    n_kv = _int_attr(config, "num_key_value_heads", "n_head_kv", default=n_heads)
+    attn_layers = tuple(i for i, layer in enumerate(layers) if _get(layer, spec.attn) is not None)
+    if not attn_layers:
+        raise ModelError(
+            f"unsupported architecture: {spec.family} has no attention at {spec.attn!r} in any decoder layer; "
+            f"add or fix its ArchSpec in vsteer/arch.py"
+        )
+    _check_projections(spec, layers[attn_layers[0]].get_submodule(spec.attn))
+    n_heads, head_dims, n_kv = _heads(spec, config, layers[attn_layers[0]].get_submodule(spec.attn))
     arch = ModelArch(
         model=base,
         spec=spec,
         n_layers=len(layers),
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        head_dim=head_dim,
-        d_model=d_model,
+        head_dim=head_dims["v"],
+        d_model=_int_attr(config, "hidden_size", "n_embd", "d_model"),
         layer_modules=layers,
+        head_dims=head_dims,
+        attention_layers=attn_layers,
     )
-    _check_projections(arch)
+    _check_uniform(arch)
     base.__dict__[_ARCH_CACHE_ATTR] = arch
     return arch
 
 
-def _check_projections(arch: ModelArch) -> None:
-    attn = arch.attention(0)
-    for role in ROLES:
-        name = arch.projection_name(role)
-        if _get(attn, name) is None:
+def _heads(spec: ArchSpec, config, attn: nn.Module) -> tuple[int, dict[str, int], int]:
+    """``(n_heads, head_dims per role, n_kv_heads)`` read from the projection weights.
+
+    The number of query heads comes from the attention module (or the config); the rest from
+    shapes: ``z`` (the input of ``o``) is ``n_heads * head_dim``, ``v`` is ``n_kv_heads * head_dim``.
+    """
+    holders = [attn] + [
+        m for n in (spec.q, spec.v) if n and "." in n and (m := _get(attn, n.rpartition(".")[0])) is not None
+    ]
+    n_heads = next(
+        (v for m in holders for a in _HEAD_ATTRS if isinstance(v := getattr(m, a, None), int) and v > 0), None
+    )
+    if n_heads is None:
+        n_heads = _int_attr(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    o_in, _ = _in_out(attn.get_submodule(spec.o), spec.conv1d)
+    if o_in % n_heads:
+        raise ModelError(
+            f"{spec.family}: output projection input {o_in} is not a multiple of {n_heads} heads"
+        )
+    d = o_in // n_heads
+    if spec.qkv is not None:
+        _, width = _in_out(attn.get_submodule(spec.qkv), spec.conv1d)
+        hk2, rest = divmod(width // d - n_heads, 2) if width % d == 0 else (0, 1)
+        if rest or hk2 < 1 or n_heads % hk2:
             raise ModelError(
-                f"unsupported architecture: {arch.family} has no {role} projection at "
-                f"{arch.spec.attn}.{name}; add or fix its ArchSpec in vsteer/arch.py"
+                f"{spec.family}: fused projection width {width} does not split into {n_heads} query heads "
+                f"and equal key/value heads of size {d}"
             )
+        return n_heads, {"q": d, "k": d, "v": d, "z": d}, hk2
+    _, v_out = _in_out(attn.get_submodule(spec.v), spec.conv1d)
+    _, q_out = _in_out(attn.get_submodule(spec.q), spec.conv1d)
+    _, k_out = _in_out(attn.get_submodule(spec.k), spec.conv1d)
+    if v_out % d or q_out % n_heads:
+        raise ModelError(
+            f"{spec.family}: value projection width {v_out} / query width {q_out} do not split into heads of size {d}"
+        )
+    n_kv = v_out // d
+    if k_out % n_kv:
+        raise ModelError(f"{spec.family}: key projection width {k_out} does not split into {n_kv} heads")
+    return n_heads, {"q": q_out // n_heads, "k": k_out // n_kv, "v": d, "z": d}, n_kv
+
+
+def _check_projections(spec: ArchSpec, attn: nn.Module) -> None:
+    for role in ROLES:
+        name = spec.qkv if (role != "o" and getattr(spec, role) is None) else getattr(spec, role)
+        if name is None or _get(attn, name) is None:
+            raise ModelError(
+                f"unsupported architecture: {spec.family} has no {role} projection at "
+                f"{spec.attn}.{name}; add or fix its ArchSpec in vsteer/arch.py"
+            )
+
+
+def _check_uniform(arch: ModelArch) -> None:
+    """Sites have one shape per model: every attention layer must have the same head sizes."""
+    first = None
+    for i in arch.attention_layers:
+        shapes = tuple(_in_out(arch.projection(i, r), arch.spec.conv1d) for r in ROLES)
+        if first is not None and shapes != first:
+            raise ModelError(
+                f"unsupported architecture: {arch.family} has attention layers with different head sizes "
+                f"(layer {arch.attention_layers[0]}: {first}, layer {i}: {shapes}); sites need one shape per model"
+            )
+        first = first or shapes
 
 
 def with_overrides(spec: ArchSpec, **changes) -> ArchSpec:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 
@@ -103,9 +105,7 @@ class Finding:
 
 def finding(rule_id: str, *, claim: str, measured: str, effect: Estimate, command: str = "") -> Finding:
     """A :class:`Finding`; ``rule_id`` must name a rule of the shipped rules file."""
-    from vsteer.verdicts import shipped_rules
-
-    if rule_id not in shipped_rules():
+    if rule_id not in _shipped_rule_ids():
         from vsteer.errors import RecipeError
 
         raise RecipeError(f"unknown verdict rule {rule_id!r}; add it to vsteer/recipes/verdicts.yaml")
@@ -114,13 +114,9 @@ def finding(rule_id: str, *, claim: str, measured: str, effect: Estimate, comman
     return Finding(rule_id, claim, measured, effect, command)
 
 
-# The verdict rule moved to vsteer.verdicts (kept out of cache keys); these names stay importable here.
-_MOVED = ("Rule", "Verdict", "decide", "rule_text", "judge", "judge_all", "load_rules", "holm", "p_value")
+@cache
+def _shipped_rule_ids() -> frozenset[str]:
+    # read here, not through vsteer.verdicts, so that the rules never become part of this module
+    import yaml
 
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from vsteer import verdicts
-
-        return getattr(verdicts, name)
-    raise AttributeError(f"module 'vsteer.evaluate' has no attribute {name!r}")
+    return frozenset(yaml.safe_load((Path(__file__).parent / "recipes" / "verdicts.yaml").read_text()) or {})

@@ -382,11 +382,7 @@ class _StopForward(Exception):
 # sites -> modules and hooks
 # --------------------------------------------------------------------------------------------
 def site_shape(arch: ModelArch, name: str) -> tuple[int, ...]:
-    if name in ("q", "z"):
-        return (arch.n_heads, arch.head_dim)
-    if name in ("k", "v"):
-        return (arch.n_kv_heads, arch.head_dim)
-    return (arch.d_model,)
+    return arch.site_shape(name)
 
 
 def _site_module(arch: ModelArch, site: Site) -> tuple[str, nn.Module]:
@@ -458,6 +454,20 @@ def _make_hook(arch: ModelArch, kind: str, entries: list[tuple[Site, Callable]],
     return hook
 
 
+def _token_major(hook, tracker: _Tracker):
+    """Some layers (OPT) run their MLP on ``[batch * seq, d]``: show the site as ``[batch, seq, d]``."""
+
+    def wrapped(module, args, output):
+        t = output[0] if isinstance(output, tuple) else output
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or tracker.step.seq_len == 0:
+            return hook(module, args, output)
+        new = hook(module, args, t.unflatten(0, (-1, tracker.step.seq_len)))
+        new = t if new is None else new.flatten(0, 1)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    return wrapped
+
+
 def _decoder_stack(arch: ModelArch) -> nn.Module:
     path = arch._layers_path.rpartition(".")[0]
     return arch.model.get_submodule(path) if path else arch.model
@@ -490,6 +500,8 @@ def _hooked(model: nn.Module, ops: Mapping, stop_token=None):
             entries = sorted(entries, key=lambda e: exec_key(e[0]))
             is_last = last is not None and any(s == last for s, _ in entries)
             hook = _make_hook(arch, kind, entries, tracker, stop_token if is_last else None)
+            if kind == "out" and any(s.name == "mlp" for s, _ in entries):
+                hook = _token_major(hook, tracker)
             if kind == "in":
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:

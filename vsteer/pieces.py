@@ -275,10 +275,11 @@ def track_reads() -> Iterator[dict[str, str]]:
 
 
 def _clear_data_caches() -> None:
-    mod = sys.modules.get("vsteer.data.readers")
-    for obj in vars(mod).values() if mod is not None else ():
-        if callable(getattr(obj, "cache_clear", None)):
-            obj.cache_clear()
+    for name, mod in list(sys.modules.items()):
+        if name == "vsteer.data" or name.startswith("vsteer.data."):
+            for obj in list(vars(mod).values()):
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()
 
 
 def _resolve_read(key: str) -> Path | None:
@@ -330,6 +331,9 @@ class PieceCache:
         found = self.get(kind, inputs)
         if found is not None:
             self.hits.append(final.name)
+            with _LOCK:  # an enclosing piece depends on what this cached one read
+                for t in _TRACKERS:
+                    t.update(found.get("reads", {}))
             return found, final
         self.misses.append(final.name)
         work = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{final.name}."))

@@ -78,7 +78,7 @@ SCHEMA: dict[str, tuple[tuple, object]] = {
     "training.beta": ((float,), 0.1),
     "training.num_threads": ((int, None), None),
     "training.precision": ((str,), "fp32"),  # fp32 | bf16 | fp16: autocast, on any launcher
-    "training.optim": ((str,), "adamw_torch"),  # a transformers OptimizerNames value
+    "training.optim": ((str,), "adamw_torch_fused"),  # a transformers OptimizerNames value (its default)
     "training.gradient_checkpointing": ((bool,), False),
 }
 PRECISIONS = ("fp32", "bf16", "fp16")

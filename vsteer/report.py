@@ -75,10 +75,15 @@ def limits(meta: Mapping, rows: list[tuple[str, Verdict]]) -> str:
     )
     adapters = meta.get("config", {}).get("adapters")
     if adapters:
-        seeds = adapters.get("seeds", [])
+        parts = []
+        for task in adapters.get("tasks", ("sft", "dpo")):
+            sizes = adapters.get(task) or {}
+            steps = sizes.get("steps", "the recipe's")
+            seeds = sizes.get("seeds")
+            seeds = f"seeds {', '.join(map(str, seeds))}" if seeds else "the recipe's seeds"
+            parts.append(f"{task.upper()} for {steps} steps with {seeds}")
         lines.append(
-            f"- Adapter arms are trained for {adapters.get('sft_steps')} SFT and {adapters.get('dpo_steps')} DPO "
-            f"steps with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); an arm that wins here may lose "
+            f"- Adapter arms are trained briefly ({'; '.join(parts)}); an arm that wins here may lose "
             "with longer training."
         )
     sections = set(meta.get("config", {}))

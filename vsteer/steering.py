@@ -126,16 +126,25 @@ def steering_ops(model, vectors, scale: Scale = 1.0, positions="all", include_pa
 
 
 @contextmanager
-def steer(model, vectors, scale: Scale = 1.0, positions="all", include_padding: bool = False):
+def steer(model, vectors, scale: Scale = 1.0, positions="all", include_padding: bool = False, when=None):
     """Add steering vectors for the duration of the context.
 
     ``vectors``: a :class:`SteeringVector`, a list of them, or ``(vector, scale)`` pairs (each
     vector is checked against ``model``). ``scale``: multiplies every vector; a number or one
-    number per batch row. ``positions``: see the module docstring.
+    number per batch row. ``positions``: see the module docstring. ``when``: a
+    :class:`~vsteer.monitor.Monitor`; only rows whose prompt it flags are steered (the others
+    get scale 0), and the context yields its :class:`~vsteer.monitor.Flags`
+    (see :func:`vsteer.monitor.gated`).
     """
     from vsteer.hooks import intervene
 
     ops = steering_ops(model, vectors, scale, positions, include_padding)
+    if when is not None:
+        from vsteer.monitor import gated
+
+        with gated(model, when, ops, positions) as flags:
+            yield flags
+        return
     if not ops:  # every scale is zero: nothing to add, logits stay bit-identical
         yield
         return

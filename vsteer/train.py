@@ -76,7 +76,9 @@ def _on_cpu(recipe: Recipe) -> bool:
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def training_arguments(recipe, output_dir, eval_only: bool = False, verbose: bool = False):
+def training_arguments(
+    recipe, output_dir, eval_only: bool = False, verbose: bool = False, log_precision: bool = True
+):
     """The ``trl.SFTConfig``/``trl.DPOConfig`` a recipe trains with (TRL validates every value).
 
     The recipe's ``training`` keys map onto TRL's fields (``batch_size`` is the global batch:
@@ -149,7 +151,7 @@ def training_arguments(recipe, output_dir, eval_only: bool = False, verbose: boo
         raise RecipeError(f"recipe training section rejected by trl.{cls.__name__}: {text}") from None
     wanted = _MIXED_PRECISION[precision]
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher is not None and launcher != wanted:
+    if log_precision and launcher is not None and launcher != wanted:
         level = logging.WARNING if launcher != "no" else logging.INFO
         _log.log(
             level,
@@ -163,7 +165,7 @@ def training_arguments(recipe, output_dir, eval_only: bool = False, verbose: boo
 
 
 def _trainer_config(recipe: Recipe, output_dir: Path, eval_only: bool = False, verbose: bool = False):
-    return training_arguments(recipe, output_dir, eval_only, verbose)
+    return training_arguments(recipe, output_dir, eval_only, verbose, log_precision=False)
 
 
 def _refuse_zero3(recipe: Recipe) -> None:
@@ -301,7 +303,7 @@ def quiet_libraries(verbose: bool = False):
     try:
         with warnings.catch_warnings():
             for module in ("transformers", "trl", "peft", "accelerate", "datasets", "torch"):
-                warnings.filterwarnings("ignore", module=module)
+                warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
             yield
     finally:
         transformers.logging.set_verbosity(tf_level)
@@ -362,9 +364,8 @@ def train_from_recipe(
     previous_threads = torch.get_num_threads()
     try:
         with quiet_libraries(verbose):
-            training_arguments(
-                recipe, partial, verbose=verbose
-            )  # bad training keys fail before the model loads
+            # bad training keys fail before the model loads; a launcher mismatch is logged here, once
+            training_arguments(recipe, partial, verbose=verbose)
             return _train(
                 recipe, data, root, final, partial, checkpoint, model, tokenizer, callbacks, verbose, progress
             )

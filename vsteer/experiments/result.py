@@ -104,4 +104,6 @@ class ExperimentResult:
         }
 
     def save_json(self, path: str | os.PathLike) -> Path:
-        return atomic_write(path, json.dumps(self.to_dict(), indent=2, default=str))
+        """The measurements and, for reading, the verdicts the shipped rules give them."""
+        data = {**self.to_dict(), "verdicts": [v.to_dict() for v in self.verdicts]}
+        return atomic_write(path, json.dumps(data, indent=2, default=str))

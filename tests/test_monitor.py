@@ -1,0 +1,240 @@
+"""Monitors (vsteer.monitor), watching generate, and conditional steering, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, make_tiny_model
+
+import vsteer
+from vsteer.encoding import pad_batch
+from vsteer.monitor import Monitor, MonitorError, fit, watch
+from vsteer.vectors import SteeringVector
+
+
+class WordTokenizer:
+    """Words -> ids by a hash (no special tokens), with a trivial chat template."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True, **_):
+        ids = [3 + sum(map(ord, w)) % (VOCAB - 3) for w in text.split()]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        return " ".join(m["content"] for m in messages) + (" answer:" if add_generation_prompt else "")
+
+
+TOK = WordTokenizer()
+POS = [f"{w} {i} alpha red fire danger" for i, w in enumerate("one two three four five six seven eight nine ten".split())]
+NEG = [f"{w} {i} calm blue water" for i, w in enumerate("one two three four five six seven eight nine ten".split())]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def mon(llama):
+    return fit(llama, TOK, POS, NEG, site="v", layers=[0], fpr=0.2, calibration=0.5, C=1.0)
+
+
+def _rows(seed=3, lengths=(5, 9, 3, 7)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _generate(model, rows, n=5, **steer_kw):
+    batch = pad_batch(rows, 0, "left")
+    kw = dict(max_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        if steer_kw:
+            with vsteer.steer(model, **steer_kw):
+                out = model.generate(**batch, **kw)
+        else:
+            out = model.generate(**batch, **kw)
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+def _vec(model, layers=(1, 2), size=4.0, site="v"):
+    from vsteer.arch import get_arch
+    from vsteer.hooks import site_shape
+
+    g = torch.Generator().manual_seed(0)
+    shape = site_shape(get_arch(model), site)
+    return SteeringVector.for_model(model, {lay: size * torch.randn(shape, generator=g) for lay in layers}, site)
+
+
+# ---- fitting, files, metadata -------------------------------------------------------------------
+def test_fit_separates_the_training_classes_and_calibrates_the_threshold(llama, mon):
+    scores = mon.score(llama, TOK, POS + NEG)
+    assert scores[:10].mean() > scores[10:].mean()
+    assert mon.fpr == 0.2 and mon.extra["n_calibration"] == [5, 5]
+    # at most floor(0.2 * 5) = 1 calibration negative lies above the threshold
+    assert mon.extra["calibration_fpr"] <= 0.2
+
+
+def test_save_load_round_trip_keeps_weights_threshold_and_metadata(llama, mon, tmp_path):
+    path = mon.save(tmp_path / "m.safetensors")
+    back = Monitor.load(path, llama, site="v")
+    assert back.layers == mon.layers and back.site == "v" and back.position == "last"
+    assert torch.equal(back.weights[0], mon.weights[0])
+    assert back.threshold == mon.threshold and back.bias == mon.bias
+    assert back.fingerprint == mon.fingerprint and back.data == mon.data
+    assert [d["role"] for d in back.data] == ["positive", "negative"] and len(back.data[0]["sha256"]) == 64
+    assert np.allclose(back.score(llama, TOK, POS[:3]), mon.score(llama, TOK, POS[:3]))
+
+
+def test_monitor_from_another_model_is_refused(mon, tmp_path):
+    path = mon.save(tmp_path / "m.safetensors")
+    with pytest.raises(MonitorError, match="fitted on model .*fingerprint"):
+        Monitor.load(path, make_tiny_model("gemma3"))
+
+
+def test_monitor_at_another_site_is_refused(llama, mon, tmp_path):
+    path = mon.save(tmp_path / "m.safetensors")
+    with pytest.raises(MonitorError, match="reads site 'v'; expected a monitor at site 'k'"):
+        Monitor.load(path, llama, site="k")
+
+
+def test_file_whose_site_disagrees_with_its_weights_is_refused(llama, mon, tmp_path):
+    from safetensors.torch import save_file
+
+    meta = {**mon.metadata(), "site": "q"}  # q has 4 heads, the weights are v-shaped (2 heads)
+    save_file({"layer.0": mon.weights[0]}, str(tmp_path / "m.safetensors"), metadata={"vsteer": json.dumps(meta)})
+    with pytest.raises(MonitorError, match="site 'q' has weights of shape"):
+        Monitor.load(tmp_path / "m.safetensors", llama)
+
+
+def test_nan_threshold_is_refused(mon, tmp_path):
+    with pytest.raises(MonitorError, match="threshold must be a finite number, got nan"):
+        Monitor(weights=mon.weights, bias=0.0, threshold=float("nan"))
+    from safetensors.torch import save_file
+
+    meta = {**mon.metadata(), "threshold": math.nan}
+    save_file({"layer.0": mon.weights[0]}, str(tmp_path / "m.safetensors"), metadata={"vsteer": json.dumps(meta)})
+    with pytest.raises(MonitorError, match="threshold must be a finite number"):
+        Monitor.load(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("side", ["positive", "negative"])
+def test_empty_positives_or_negatives_are_refused(llama, side):
+    pos, neg = ([], NEG) if side == "positive" else (POS, [])
+    with pytest.raises(MonitorError, match=f"needs {side} items"):
+        fit(llama, TOK, pos, neg, layers=[0])
+
+
+def test_calibration_split_too_small_for_the_fpr_is_refused(llama):
+    with pytest.raises(MonitorError, match="calibration split has 2 negatives; a false-positive rate of 0.01 needs at least 100"):
+        fit(llama, TOK, POS, NEG, layers=[0], fpr=0.01, calibration=0.25)
+
+
+# ---- per-row scores ---------------------------------------------------------------------------
+@pytest.mark.parametrize("position", ["last", "mean"])
+def test_left_padded_mixed_batch_scores_each_row_as_alone(llama, position):
+    m = fit(llama, TOK, POS, NEG, site="v", layers=[0, 2], position=position, fpr=None)
+    items = [POS[0], NEG[3], POS[7] + " and much longer words here now", NEG[1]]
+    batch = m.score(llama, TOK, items, batch_size=4)
+    alone = np.array([m.score(llama, TOK, [it])[0] for it in items])
+    assert np.allclose(batch, alone, atol=1e-4)
+
+
+def test_completion_position_reads_only_the_completion(llama):
+    m = fit(llama, TOK, POS, NEG, layers=[1], position="mean", fpr=None)
+    m.position = "completion"
+    from vsteer.extraction import Example
+
+    a = m.score(llama, TOK, [Example("same prompt here", "alpha red fire")])
+    b = m.score(llama, TOK, [Example("other prompt words", "alpha red fire")])
+    assert not np.allclose(a, b)  # causal attention: the prompt still shapes the completion
+    with pytest.raises(MonitorError, match="needs \\(prompt, completion\\) items"):
+        m.score(llama, TOK, ["plain text"])
+
+
+# ---- watching generate ------------------------------------------------------------------------
+@pytest.mark.parametrize("position", ["last", "mean"])
+def test_watch_scores_prompt_and_each_step_like_score_on_the_text_so_far(llama, position):
+    m = fit(llama, TOK, POS, NEG, site="k", layers=[0, 1], position=position, fpr=None)
+    rows = _rows()
+    batch = pad_batch(rows, 0, "left")
+    with torch.no_grad(), watch(llama, m) as flags:
+        out = llama.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    gen = out[:, batch["input_ids"].shape[1] :].tolist()
+    assert flags.scores.shape == (4, 4)  # prompt + 3 decoding steps (the last token is not fed back)
+    for i, r in enumerate(rows):
+        for t in range(4):
+            expected = m.score(llama, TOK, [r + gen[i][:t]])[0]
+            assert abs(float(flags.scores[i, t]) - expected) < 1e-4, (i, t)
+    assert flags.fired.shape == (4,)
+
+
+def test_watch_gives_each_row_of_a_batch_the_scores_it_gets_alone(llama, mon):
+    rows = _rows(seed=5)
+    batch = pad_batch(rows, 0, "left")
+    with torch.no_grad(), watch(llama, mon) as flags:
+        llama.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    together = flags.scores
+    for i, r in enumerate(rows):
+        with torch.no_grad(), watch(llama, mon) as one:
+            llama.generate(input_ids=torch.tensor([r]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.allclose(together[i], one.scores[0], atol=1e-4), i
+
+
+def test_watch_refuses_a_monitor_for_another_model(mon):
+    with pytest.raises(MonitorError, match="fitted on model"):
+        with watch(make_tiny_model("gemma3"), mon):
+            pass
+
+
+# ---- conditional steering ---------------------------------------------------------------------
+def _split_threshold(model, mon, rows):
+    """A copy of ``mon`` whose threshold lies between the rows' scores: some fire, some do not."""
+    from dataclasses import replace
+
+    s = np.sort(mon.score(model, TOK, rows))
+    m = replace(mon, threshold=float((s[1] + s[2]) / 2))
+    fired = m.score(model, TOK, rows) > m.threshold
+    assert fired.sum() == 2
+    return m, fired
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_conditional_steering_gives_each_row_the_output_it_gets_alone(llama, mon, positions):
+    rows = _rows()
+    m, fired = _split_threshold(llama, mon, rows)
+    vec = _vec(llama)
+    batch = _generate(llama, rows, vectors=vec, scale=1.0, positions=positions, when=m)
+    plain = _generate(llama, rows)
+    steered = _generate(llama, rows, vectors=vec, scale=1.0, positions=positions)
+    for i, r in enumerate(rows):
+        alone = _generate(llama, [r], vectors=vec, scale=1.0, positions=positions, when=m)
+        assert torch.equal(batch[i], alone[0]), f"row {i}"
+        assert torch.equal(batch[i], (steered if fired[i] else plain)[i]), f"row {i}"
+    assert not torch.equal(steered[fired], plain[fired])  # the steering changes the rows that fire
+
+
+def test_conditional_steering_yields_the_prompt_flags(llama, mon):
+    rows = _rows()
+    m, fired = _split_threshold(llama, mon, rows)
+    batch = pad_batch(rows, 0, "left")
+    with torch.no_grad(), vsteer.steer(llama, _vec(llama), 1.0, when=m) as flags:
+        llama.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert flags.prompt.tolist() == fired.tolist()
+
+
+def test_conditional_steering_of_the_prompt_before_the_monitor_layer_is_refused(llama):
+    m = fit(llama, TOK, POS, NEG, layers=[1], fpr=None)
+    with pytest.raises(MonitorError, match="cannot reach the prompt"):
+        with vsteer.steer(llama, _vec(llama, layers=(0, 2)), 1.0, when=m):
+            pass
+    with vsteer.steer(llama, _vec(llama, layers=(0, 2)), 1.0, positions="generated", when=m):
+        pass  # generated tokens come after the decision
+
+
+def test_public_names():
+    assert vsteer.monitor.fit is fit and vsteer.watch is watch and vsteer.Monitor is Monitor
