@@ -89,7 +89,9 @@ def test_lr_selection_never_looks_at_the_test_split(tiny_dir, user_files, tmp_pa
     train, ev = user_files
     val = _jsonl(tmp_path / "val.jsonl", [json.loads(x) for x in ev.read_text().splitlines()[::2]])
     test_a = _jsonl(tmp_path / "test_a.jsonl", [json.loads(x) for x in ev.read_text().splitlines()[1::2]])
-    flipped = [{**json.loads(x), "label": 1 - json.loads(x)["label"]} for x in test_a.read_text().splitlines()]
+    flipped = [
+        {**json.loads(x), "label": 1 - json.loads(x)["label"]} for x in test_a.read_text().splitlines()
+    ]
     test_b = _jsonl(tmp_path / "test_b.jsonl", [{**r, "text": r["text"][::-1]} for r in flipped])
     scored = []
     real_scores = compare._scores
@@ -102,7 +104,9 @@ def test_lr_selection_never_looks_at_the_test_split(tiny_dir, user_files, tmp_pa
     chosen = []
     for test in (test_a, test_b):
         data = {"source": "user", "train": str(train), "val": str(val), "test": str(test)}
-        res = run_compare(load_compare_recipe(_recipe(tiny_dir, train, ev, data=data, seeds=[0])), progress=False)
+        res = run_compare(
+            load_compare_recipe(_recipe(tiny_dir, train, ev, data=data, seeds=[0])), progress=False
+        )
         chosen.append(res.chosen)
         # test scores exist for the chosen rate of each arm only
         assert {k for k in res.runs if k[0] == "eval"} == {("eval", a, 0) for a in res.spec.arms}
@@ -190,7 +194,10 @@ def test_a_metric_without_data_is_one_clear_error(tiny_dir, user_files):
     [
         ([], "no rows"),
         (['{"text": "fine", "label": 1}', "{not json"], r"eval.jsonl:2: not valid JSON"),
-        (['{"text": "fine", "label": 1}', '{"text": "", "label": 0}'], r"eval.jsonl:2: field 'text' must be a non-empty"),
+        (
+            ['{"text": "fine", "label": 1}', '{"text": "", "label": 0}'],
+            r"eval.jsonl:2: field 'text' must be a non-empty",
+        ),
         (['{"text": "fine", "label": 1}', '{"text": "bad", "label": 7}'], r"eval.jsonl:2: 'label' must be 1"),
     ],
 )
@@ -233,8 +240,17 @@ def test_positive_control_moves_style_on_the_embedded_model():
     of positive over negative sentences has an interval above zero."""
     spec = load_compare_recipe(
         "vsteer/recipes/compare_style_sft.yaml",
-        ["arms=[all]", "learning_rates=[0.003]", "seeds=[0]", "steps=16", "checkpoints=[8]",
-         "data.n_val=16", "data.n_test=100", "metrics=[]", "workers=1"],
+        [
+            "arms=[all]",
+            "learning_rates=[0.003]",
+            "seeds=[0]",
+            "steps=16",
+            "checkpoints=[8]",
+            "data.n_val=16",
+            "data.n_test=100",
+            "metrics=[]",
+            "workers=1",
+        ],
     )
     res = run_compare(spec, progress=False)
     e = res.effect("all")

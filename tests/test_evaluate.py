@@ -101,7 +101,11 @@ def test_rules_that_cannot_be_judged_are_refused():
 def test_every_shipped_rule_has_a_rope_and_a_rationale_and_every_finding_a_rule():
     rules = shipped_rules()
     for rid, rule in rules.items():
-        assert rule.rope is not None and rule.rationale, rid
+        assert rule.rationale, rid
+        # the claim experiments' rules each carry a ROPE (a non-inferiority rule elsewhere may
+        # rest on its margin alone)
+        if rid.split(".")[0] in ("swaps", "probing", "patching", "basis", "steering"):
+            assert rule.rope is not None, rid
     used = set()
     for path in (Path(__file__).parents[1] / "vsteer" / "experiments").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -30,8 +30,14 @@ class WordTokenizer:
 
 
 TOK = WordTokenizer()
-POS = [f"{w} {i} alpha red fire danger" for i, w in enumerate("one two three four five six seven eight nine ten".split())]
-NEG = [f"{w} {i} calm blue water" for i, w in enumerate("one two three four five six seven eight nine ten".split())]
+POS = [
+    f"{w} {i} alpha red fire danger"
+    for i, w in enumerate("one two three four five six seven eight nine ten".split())
+]
+NEG = [
+    f"{w} {i} calm blue water"
+    for i, w in enumerate("one two three four five six seven eight nine ten".split())
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,9 @@ def _vec(model, layers=(1, 2), size=4.0, site="v"):
 
     g = torch.Generator().manual_seed(0)
     shape = site_shape(get_arch(model), site)
-    return SteeringVector.for_model(model, {lay: size * torch.randn(shape, generator=g) for lay in layers}, site)
+    return SteeringVector.for_model(
+        model, {lay: size * torch.randn(shape, generator=g) for lay in layers}, site
+    )
 
 
 # ---- fitting, files, metadata -------------------------------------------------------------------
@@ -106,7 +114,9 @@ def test_file_whose_site_disagrees_with_its_weights_is_refused(llama, mon, tmp_p
     from safetensors.torch import save_file
 
     meta = {**mon.metadata(), "site": "q"}  # q has 4 heads, the weights are v-shaped (2 heads)
-    save_file({"layer.0": mon.weights[0]}, str(tmp_path / "m.safetensors"), metadata={"vsteer": json.dumps(meta)})
+    save_file(
+        {"layer.0": mon.weights[0]}, str(tmp_path / "m.safetensors"), metadata={"vsteer": json.dumps(meta)}
+    )
     with pytest.raises(MonitorError, match="site 'q' has weights of shape"):
         Monitor.load(tmp_path / "m.safetensors", llama)
 
@@ -117,7 +127,9 @@ def test_nan_threshold_is_refused(mon, tmp_path):
     from safetensors.torch import save_file
 
     meta = {**mon.metadata(), "threshold": math.nan}
-    save_file({"layer.0": mon.weights[0]}, str(tmp_path / "m.safetensors"), metadata={"vsteer": json.dumps(meta)})
+    save_file(
+        {"layer.0": mon.weights[0]}, str(tmp_path / "m.safetensors"), metadata={"vsteer": json.dumps(meta)}
+    )
     with pytest.raises(MonitorError, match="threshold must be a finite number"):
         Monitor.load(tmp_path / "m.safetensors")
 
@@ -130,7 +142,10 @@ def test_empty_positives_or_negatives_are_refused(llama, side):
 
 
 def test_calibration_split_too_small_for_the_fpr_is_refused(llama):
-    with pytest.raises(MonitorError, match="calibration split has 2 negatives; a false-positive rate of 0.01 needs at least 100"):
+    with pytest.raises(
+        MonitorError,
+        match="calibration split has 2 negatives; a false-positive rate of 0.01 needs at least 100",
+    ):
         fit(llama, TOK, POS, NEG, layers=[0], fpr=0.01, calibration=0.25)
 
 
@@ -238,3 +253,22 @@ def test_conditional_steering_of_the_prompt_before_the_monitor_layer_is_refused(
 
 def test_public_names():
     assert vsteer.monitor.fit is fit and vsteer.watch is watch and vsteer.Monitor is Monitor
+
+
+# ---- the embedded model and the shipped data ------------------------------------------------------
+@pytest.mark.slow
+def test_value_monitor_separates_held_out_harmful_from_harmless_prompts_on_smollm2():
+    from vsteer.data import monitor_data as md
+    from vsteer.experiments.monitoring import auroc
+
+    model, tok = vsteer.load_model("smollm2-135m-instruct")
+    harm_tr, harm_te = md.split(md.advbench_goals()[:120], (0.5, 0.5), seed=0)
+    help_tr, help_te = md.split(md.helpful_requests()[:120], (0.5, 0.5), seed=1)
+    assert not set(harm_tr) & set(harm_te) and not set(help_tr) & set(help_te)
+
+    def chat(texts):
+        return [[{"role": "user", "content": t}] for t in texts]
+
+    mon = fit(model, tok, chat(harm_tr), chat(help_tr), site="v", layers=[10], fpr=None)
+    pos, neg = mon.score(model, tok, chat(harm_te)), mon.score(model, tok, chat(help_te))
+    assert auroc(pos, neg) > 0.9

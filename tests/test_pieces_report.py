@@ -302,7 +302,9 @@ def test_reads_of_shipped_data_are_recorded_even_when_parsed_before():
     sst2("dev")  # parsed and cached in this process before the piece starts
     with track_reads() as reads:
         sst2("dev")
-    assert list(reads) == ["data/sst2/stsa.binary.dev.gz"] and len(reads["data/sst2/stsa.binary.dev.gz"]) == 64
+    assert (
+        list(reads) == ["data/sst2/stsa.binary.dev.gz"] and len(reads["data/sst2/stsa.binary.dev.gz"]) == 64
+    )
 
 
 def test_an_enclosing_piece_depends_on_the_files_a_cached_inner_piece_read(tmp_path, monkeypatch):
@@ -318,3 +320,32 @@ def test_an_enclosing_piece_depends_on_the_files_a_cached_inner_piece_read(tmp_p
     (data / "a.txt").write_text("2")
     again, _ = cache.run("outer", {}, lambda _work: cache.run("inner", {}, inner)[0]["result"])
     assert again["result"] == {"a": "2"}
+
+
+def test_run_command_takes_device_dtype_and_rules(tmp_path, monkeypatch, capsys):
+    import vsteer.run as run_mod
+    from vsteer.cli import main
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FAKE_RULES)
+    seen = {}
+    monkeypatch.setattr(
+        run_mod, "run", lambda spec, **kw: seen.setdefault("spec", spec) and tmp_path / "report.md"
+    )
+    args = [
+        "run",
+        "claims",
+        "--set",
+        "profile=smoke",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "--rules",
+        str(rules),
+    ]
+    assert main(args) == 0
+    spec = seen["spec"]
+    assert (spec.device, spec.dtype, spec.rules, spec.profile) == ("cpu", "bfloat16", str(rules), "smoke")
+    assert main(["run", "claims", "--rules", str(tmp_path / "missing.yaml")]) == 2
+    assert "verdict rules file" in capsys.readouterr().err

@@ -126,6 +126,7 @@ SEPARATE_NAMES: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "out_proj"),  # OPT, BART family, XGLM, BioGPT, GPT-Neo, GPT-J
     ("q_proj", "k_proj", "v_proj", "dense"),  # Phi-1/2
     ("q_proj", "k_proj", "v_proj", "c_proj"),
+    ("q_proj", "k_proj", "v_proj", "Wo"),  # ModernBERT decoder
     ("self.query", "self.key", "self.value", "output.dense"),  # BERT family used as a causal LM
     ("query", "key", "value", "dense"),
     ("query_proj", "key_proj", "value_proj", "out_proj"),  # ProphetNet
@@ -166,6 +167,7 @@ MLP_NAMES = (
     "output.dense",  # BERT family: the second FFN linear (before the residual and LayerNorm)
     "fc2",  # OPT, BART family, XGLM, BioGPT: the second FFN linear, directly in the layer
     "ffn.fc2",
+    "mlp_block",  # RecurrentGemma
 )
 FINAL_NORM_NAMES = (
     "norm",
@@ -179,6 +181,11 @@ FINAL_NORM_NAMES = (
 # families without a per-head value projection of the attention input, by model_type; the
 # structural reasons below (latent attention, no attention) are found without an entry
 UNSUPPORTED: dict[str, str] = {
+    "cpmant": "prepends prompt-embedding tokens inside the model, so site positions are not input positions",
+    "prophetnet": "n-gram attention runs the main and predicting streams in one tensor (positions x (1 + ngram))",
+    "jetmoe": "mixture of attention heads: query and output projections are per-expert (JetMoeMoA), keys and values fused in kv_proj",
+    "deepseek_v4": "keys and values are one tensor from a shared projection (kv_proj) with a grouped low-rank output",
+    "hrm_text": "runs its layers several times per forward (recurrent cycles): a site has no single value per token",
     "xlnet": "two-stream relative attention keeps q/k/v as raw parameter tensors, not projection modules",
     "reformer": "LSH attention shares one query-key projection and chunks values; no per-head v of the input",
     "xlm": "no decoder-layer module: attentions and feed-forwards are separate lists, so there is no resid site",
@@ -238,7 +245,8 @@ def _match_attention(module: nn.Module) -> dict | None:
 
 def _find_attention(layer: nn.Module) -> tuple[str, dict] | None:
     for name, module in layer.named_modules():
-        if name and not isinstance(module, nn.ModuleList | nn.ModuleDict):
+        # linear attention (gated delta rule, lightning) also has q/k/v projections: not softmax heads
+        if name and "linear" not in name and not isinstance(module, nn.ModuleList | nn.ModuleDict):
             names = _match_attention(module)
             if names is not None:
                 return name, names
@@ -246,7 +254,7 @@ def _find_attention(layer: nn.Module) -> tuple[str, dict] | None:
 
 
 def _skip_tower(path: str) -> bool:
-    return any(w in path for w in ("vision", "visual", "audio", "image", "encoder.", "speech"))
+    return any(w in path for w in ("vision", "visual", "audio", "image", "speech"))
 
 
 def discover_spec(model: nn.Module, model_type: str | None) -> ArchSpec:
@@ -567,7 +575,8 @@ def get_arch(model: nn.Module) -> ModelArch:
             f"model_type={config.model_type!r} ({spec.family}): decoder layers not found at {list(spec.layers)}; "
             f"fix the ArchSpec in vsteer/arch.py"
         )
-    attn_layers = tuple(i for i, layer in enumerate(layers) if _get(layer, spec.attn) is not None)
+    # hybrid models: layers whose mixer (same name or not) lacks the projections have no attention
+    attn_layers = tuple(i for i, layer in enumerate(layers) if _has_projections(spec, _get(layer, spec.attn)))
     if not attn_layers:
         raise ModelError(
             f"unsupported architecture: {spec.family} has no attention at {spec.attn!r} in any decoder layer; "
@@ -632,6 +641,11 @@ def _heads(spec: ArchSpec, config, attn: nn.Module) -> tuple[int, dict[str, int]
     if k_out % n_kv:
         raise ModelError(f"{spec.family}: key projection width {k_out} does not split into {n_kv} heads")
     return n_heads, {"q": q_out // n_heads, "k": k_out // n_kv, "v": d, "z": d}, n_kv
+
+
+def _has_projections(spec: ArchSpec, attn: nn.Module | None) -> bool:
+    names = [spec.o] + ([spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v])
+    return attn is not None and all(n and _get(attn, n) is not None for n in names)
 
 
 def _check_projections(spec: ArchSpec, attn: nn.Module) -> None:

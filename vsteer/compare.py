@@ -53,6 +53,8 @@ class CompareSpec:
 
     name: str = "compare"
     model: str = "smollm2-135m-instruct"
+    device: str = "auto"  # auto: CUDA when available, else CPU
+    dtype: str = "float32"  # the weights' dtype; training autocasts to ``precision``
     task: str = "sft"
     data: dict = field(default_factory=lambda: {"source": "sst2-sentiment"})
     arms: list = field(default_factory=lambda: ["v", "qk", "all"])
@@ -64,7 +66,8 @@ class CompareSpec:
     max_length: int = 64
     warmup_steps: int = 0
     beta: float = 0.1
-    precision: str = "bf16"
+    precision: str = "bf16"  # training autocast
+    eval_precision: str = "fp32"  # scoring: bf16 rounding moves single items by up to ~0.1 nats/token
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     checkpoints: list = field(default_factory=lambda: [8, 16])
     rope: list = field(default_factory=lambda: [-0.01, 0.01])
@@ -134,8 +137,9 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
         parse_targets(arm)
     if len(set(spec.arms)) != len(spec.arms):
         raise RecipeError(f"arms repeat an entry: {spec.arms}")
-    if spec.precision not in _PRECISIONS:
-        raise RecipeError(f"precision must be one of {', '.join(_PRECISIONS)}, got {spec.precision!r}")
+    for key in ("precision", "eval_precision"):
+        if getattr(spec, key) not in _PRECISIONS:
+            raise RecipeError(f"{key} must be one of {', '.join(_PRECISIONS)}, got {getattr(spec, key)!r}")
     if not spec.learning_rates or any(not isinstance(x, (int, float)) or x <= 0 for x in spec.learning_rates):
         raise RecipeError(
             f"learning_rates must be a non-empty list of positive numbers, got {spec.learning_rates!r}"
@@ -289,7 +293,7 @@ def _context(spec_dict: dict):
         from vsteer.models import load_model
 
         spec = CompareSpec(**spec_dict)
-        model, tok = load_model(spec.model)
+        model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device)
         _WORKER.clear()
         _WORKER.update(key=key, spec=spec, tokenizer=tok, data=build_data(spec, tok))
     return _WORKER
@@ -298,7 +302,8 @@ def _context(spec_dict: dict):
 def _fresh_model(ctx):
     from vsteer.models import load_model
 
-    return load_model(ctx["spec"].model)[0]
+    spec = ctx["spec"]
+    return load_model(spec.model, dtype=spec.dtype, device=spec.device)[0]
 
 
 def _windows(ctx):
@@ -316,7 +321,7 @@ def _base_kl_logp(ctx):
     if "base_logp" not in ctx:
         from vsteer.compare_eval import kl_and_ppl
 
-        ctx["base_logp"], _ = kl_and_ppl(_fresh_model(ctx), _windows(ctx), None, ctx["spec"].precision)
+        ctx["base_logp"], _ = kl_and_ppl(_fresh_model(ctx), _windows(ctx), None, ctx["spec"].eval_precision)
     return ctx["base_logp"]
 
 
@@ -326,7 +331,7 @@ def _scores(model, ctx, split: str):
     spec = ctx["spec"]
     items = ctx["data"].val if split == "val" else ctx["data"].test
     return item_logps(
-        model, ctx["tokenizer"], items, spec.max_length + 8, spec.eval_batch_size, spec.precision
+        model, ctx["tokenizer"], items, spec.max_length + 8, spec.eval_batch_size, spec.eval_precision
     )
 
 
@@ -346,7 +351,7 @@ def _cost(model, ctx, base: bool = False) -> dict:
 
     spec = ctx["spec"]
     out = {}
-    kl, ppl = kl_and_ppl(model, _windows(ctx), _base_kl_logp(ctx), spec.precision)
+    kl, ppl = kl_and_ppl(model, _windows(ctx), _base_kl_logp(ctx), spec.eval_precision)
     out.update(kl=0.0 if base else kl, wikitext_ppl=ppl)
     if "mmlu" in spec.metrics:
         from vsteer import data
@@ -430,7 +435,8 @@ def train_job(spec_dict: dict, arm: str, lr: float, seed: int, budget: int, work
 def _load_adapter(ctx, adapter_dir: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(_fresh_model(ctx), str(adapter_dir)).eval()
+    model = _fresh_model(ctx)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).to(next(model.parameters()).device).eval()
 
 
 def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dict:
@@ -463,7 +469,7 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
                     )
                     if target in params:
                         params[target].copy_(tensor)
-            kl, _ = kl_and_ppl(model, _windows(ctx), _base_kl_logp(ctx), spec.precision)
+            kl, _ = kl_and_ppl(model, _windows(ctx), _base_kl_logp(ctx), spec.eval_precision)
             frontier.append({"step": step, "kl": kl, "val": _scores(model, ctx, "val").tolist()})
         with torch.no_grad():
             for name, tensor in final.items():
@@ -546,7 +552,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None):
     from vsteer.pieces import PieceCache
 
     t_start = time.perf_counter()
-    model, tokenizer = load_model(spec.model)
+    model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
     budget, plans = plan_budgets(model, spec)
     data = build_data(spec, tokenizer)
     if not data.train:

@@ -468,6 +468,18 @@ def _token_major(hook, tracker: _Tracker):
     return wrapped
 
 
+def _list_output(hook):
+    """Some blocks (OpenAI GPT) return a list, not a tuple: treat it as one."""
+
+    def wrapped(module, args, output):
+        if not isinstance(output, list):
+            return hook(module, args, output)
+        new = hook(module, args, tuple(output))
+        return None if new is None else list(new) if isinstance(new, tuple) else [new, *output[1:]]
+
+    return wrapped
+
+
 def _decoder_stack(arch: ModelArch) -> nn.Module:
     path = arch._layers_path.rpartition(".")[0]
     return arch.model.get_submodule(path) if path else arch.model
@@ -502,6 +514,8 @@ def _hooked(model: nn.Module, ops: Mapping, stop_token=None):
             hook = _make_hook(arch, kind, entries, tracker, stop_token if is_last else None)
             if kind == "out" and any(s.name == "mlp" for s, _ in entries):
                 hook = _token_major(hook, tracker)
+            if kind == "out" and any(s.name in ("resid", "attn") for s, _ in entries):
+                hook = _list_output(hook)
             if kind == "in":
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:

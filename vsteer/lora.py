@@ -149,7 +149,9 @@ def resolve_targets(
     fused_roles = [r for r in attn_roles if arch.is_fused(r)]
     out: list[TargetModule] = []
     for layer in layer_ids:
-        if fused_roles:
+        # hybrid models: attention roles exist only on the attention layers
+        skip_attn = layers is None and not arch.has_attention(layer)
+        if fused_roles and not skip_attn:
             module = arch.projection(layer, fused_roles[0])
             fin, fout = _features(module, arch.spec.conv1d)
             keep = None
@@ -161,7 +163,7 @@ def resolve_targets(
                 )
             )
         for role in attn_roles:
-            if role in fused_roles:
+            if role in fused_roles or skip_attn:
                 continue
             module = arch.projection(layer, role)
             fin, fout = _features(module, arch.spec.conv1d)

@@ -94,7 +94,9 @@ class Monitor:
         if self.site not in SITE_NAMES:
             raise MonitorError(f"unknown site {self.site!r}; expected one of {', '.join(SITE_NAMES)}")
         if self.position not in POSITIONS:
-            raise MonitorError(f"unknown position rule {self.position!r}; expected one of {', '.join(POSITIONS)}")
+            raise MonitorError(
+                f"unknown position rule {self.position!r}; expected one of {', '.join(POSITIONS)}"
+            )
         self.bias = _finite(self.bias, "monitor bias")
         self.threshold = _finite(self.threshold, "monitor threshold")
         if not isinstance(self.weights, dict) or not self.weights:
@@ -173,7 +175,9 @@ class Monitor:
         """``[len(items)]`` scores (NumPy float64) of texts, chat messages or ``(prompt, completion)``
         items, in left-padded batches; each row's score does not depend on its batch."""
         self.check(model)
-        feats = features(model, tokenizer, items, self.site, self.layers, self.position, batch_size, max_length)
+        feats = features(
+            model, tokenizer, items, self.site, self.layers, self.position, batch_size, max_length
+        )
         return self.score_features(feats).numpy()
 
     def flag(self, model, tokenizer, items: Sequence, **kw) -> np.ndarray:
@@ -204,8 +208,12 @@ class Monitor:
         """Write ``path`` (safetensors, tensors ``layer.N``, JSON metadata under ``vsteer``), atomically."""
         from safetensors.torch import save
 
-        tensors = {f"layer.{layer}": t.detach().float().cpu().contiguous() for layer, t in self.weights.items()}
-        return atomic_write(path, save(tensors, metadata={"vsteer": json.dumps(self.metadata(), default=str)}))
+        tensors = {
+            f"layer.{layer}": t.detach().float().cpu().contiguous() for layer, t in self.weights.items()
+        }
+        return atomic_write(
+            path, save(tensors, metadata={"vsteer": json.dumps(self.metadata(), default=str)})
+        )
 
     save_pretrained = save
 
@@ -230,7 +238,9 @@ class Monitor:
             meta = None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
-            raise MonitorError(f"{str(path)!r} is not a vsteer monitor (format {found!r}; expected {FORMAT!r})")
+            raise MonitorError(
+                f"{str(path)!r} is not a vsteer monitor (format {found!r}; expected {FORMAT!r})"
+            )
         weights = {}
         for name, t in tensors.items():
             prefix, _, layer = name.partition(".")
@@ -238,7 +248,9 @@ class Monitor:
                 raise MonitorError(f"{str(path)!r} has tensor {name!r}; expected names like 'layer.8'")
             weights[int(layer)] = t
         if sorted(weights) != sorted(meta.get("layers") or []):
-            raise MonitorError(f"{str(path)!r}: metadata layers {meta.get('layers')} disagree with tensors {sorted(weights)}")
+            raise MonitorError(
+                f"{str(path)!r}: metadata layers {meta.get('layers')} disagree with tensors {sorted(weights)}"
+            )
         threshold = meta.get("threshold")
         mon = cls(
             weights=weights,
@@ -258,7 +270,9 @@ class Monitor:
         if model is not None or site is not None:
             if model is None:
                 if site != mon.site:
-                    raise MonitorError(f"monitor reads site {mon.site!r}; expected a monitor at site {site!r}")
+                    raise MonitorError(
+                        f"monitor reads site {mon.site!r}; expected a monitor at site {site!r}"
+                    )
             else:
                 mon.check(model, site)
         return mon
@@ -352,7 +366,9 @@ def features(
                 w[row, width - len(ids) :] = _weights(position, len(ids), n_prompt)
             acts = captured_forward(model, sites, stop=True, use_cache=False, **batch)
             for name in names:
-                stacked = torch.stack([acts[(name, layer)].float() for layer in layers], dim=2)  # [b, seq, L, *shape]
+                stacked = torch.stack(
+                    [acts[(name, layer)].float() for layer in layers], dim=2
+                )  # [b, seq, L, *shape]
                 ww = w.to(stacked.device).reshape(w.shape + (1,) * (stacked.dim() - 2))
                 feats = (stacked * ww).sum(1).cpu()
                 if name not in out:
@@ -503,7 +519,9 @@ def fit(
         neg_scores = mon.score_features(fn[neg_cal]).numpy()
         mon.threshold = calibrated_threshold(neg_scores, fpr)
         if len(pos_cal):
-            mon.extra["calibration_tpr"] = float((mon.score_features(fp[pos_cal]).numpy() > mon.threshold).mean())
+            mon.extra["calibration_tpr"] = float(
+                (mon.score_features(fp[pos_cal]).numpy() > mon.threshold).mean()
+            )
         mon.extra["calibration_fpr"] = float((neg_scores > mon.threshold).mean())
     return mon
 

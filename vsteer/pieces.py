@@ -267,8 +267,8 @@ def track_reads() -> Iterator[dict[str, str]]:
     try:
         yield reads
     finally:
-        with _LOCK:
-            _TRACKERS.remove(reads)
+        with _LOCK:  # by identity: two trackers may hold equal dicts
+            del _TRACKERS[next(i for i, t in enumerate(_TRACKERS) if t is reads)]
         for key in list(reads):
             path = _resolve_read(key)
             reads[key] = file_digest(path) if path is not None else ""

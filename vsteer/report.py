@@ -78,10 +78,15 @@ def limits(meta: Mapping, rows: list[tuple[str, Verdict]]) -> str:
         parts = []
         for task in adapters.get("tasks", ("sft", "dpo")):
             sizes = adapters.get(task) or {}
-            steps = sizes.get("steps", "the recipe's")
+            steps = sizes.get("steps")
+            steps = f"{steps} step{'s' * (steps != 1)}" if steps is not None else "the recipe's steps"
             seeds = sizes.get("seeds")
-            seeds = f"seeds {', '.join(map(str, seeds))}" if seeds else "the recipe's seeds"
-            parts.append(f"{task.upper()} for {steps} steps with {seeds}")
+            seeds = (
+                f"seed{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds))}"
+                if seeds
+                else "the recipe's seeds"
+            )
+            parts.append(f"{task.upper()} for {steps} with {seeds}")
         lines.append(
             f"- Adapter arms are trained briefly ({'; '.join(parts)}); an arm that wins here may lose "
             "with longer training."

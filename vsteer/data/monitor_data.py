@@ -93,7 +93,11 @@ def split(items, fractions=(0.5, 0.5), seed: int = 0) -> list[list]:
     perm = np.random.default_rng(seed).permutation(len(items))
     out, start = [], 0
     for i, f in enumerate(fractions):
-        stop = len(items) if i == len(fractions) - 1 and abs(sum(fractions) - 1) < 1e-9 else start + int(round(f * len(items)))
+        stop = (
+            len(items)
+            if i == len(fractions) - 1 and abs(sum(fractions) - 1) < 1e-9
+            else start + int(round(f * len(items)))
+        )
         out.append([items[j] for j in sorted(perm[start:stop])])
         start = stop
     return out
@@ -146,7 +150,10 @@ def build(shared: str | Path) -> list[Path]:
     with open(shared / "jbb-behaviors/behaviors.csv", newline="", encoding="utf-8") as f:
         put(
             FILES["jbb"],
-            [{"goal": r["Goal"], "behavior": r["Behavior"], "category": r["Category"]} for r in csv.DictReader(f)],
+            [
+                {"goal": r["Goal"], "behavior": r["Behavior"], "category": r["Category"]}
+                for r in csv.DictReader(f)
+            ],
         )
 
     def jsonl_gz(path):
@@ -171,7 +178,11 @@ def build(shared: str | Path) -> list[Path]:
         if c[0][1] != j[0][1] or not c[1][1] or not j[1][1] or c[1][1] == j[1][1]:
             continue
         pairs.append(
-            {"prompt": c[0][1], "chosen": _truncate(c[1][1], REPLY_CHARS), "rejected": _truncate(j[1][1], REPLY_CHARS)}
+            {
+                "prompt": c[0][1],
+                "chosen": _truncate(c[1][1], REPLY_CHARS),
+                "rejected": _truncate(j[1][1], REPLY_CHARS),
+            }
         )
         if len(pairs) == N_PAIRS:
             break

@@ -63,7 +63,9 @@ def _overrides(values: dict) -> list[str]:
     return out
 
 
-def specs(config: AdapterComparisonConfig, model_name: str) -> dict:
+def specs(
+    config: AdapterComparisonConfig, model_name: str, device: str = "auto", dtype: str = "float32"
+) -> dict:
     """``{task: CompareSpec}`` of the section (validated, before anything runs)."""
     from vsteer.compare import load_compare_recipe
 
@@ -73,7 +75,9 @@ def specs(config: AdapterComparisonConfig, model_name: str) -> dict:
             raise RecipeError(f"adapters.tasks: unknown task {task!r}; expected some of {', '.join(TASKS)}")
         recipe = shipped_recipe(config.sft_recipe if task == "sft" else config.dpo_recipe)
         extra = dict(config.sft if task == "sft" else config.dpo)
-        out[task] = load_compare_recipe(recipe, [*_overrides(extra), f"model={model_name}"])
+        out[task] = load_compare_recipe(
+            recipe, [*_overrides(extra), f"model={model_name}", f"device={device}", f"dtype={dtype}"]
+        )
     return out
 
 
@@ -83,6 +87,8 @@ def run_adapter_comparison(
     seed: int = 0,
     cache=None,
     progress: bool = True,
+    device: str = "auto",
+    dtype: str = "float32",
 ):
     """Run the section's comparisons (finished runs reused from ``cache``); one ExperimentResult."""
     from vsteer.compare import run_compare
@@ -91,7 +97,7 @@ def run_adapter_comparison(
 
     config = config or AdapterComparisonConfig()
     results = {}
-    for task, spec in specs(config, model_name).items():
+    for task, spec in specs(config, model_name, device, dtype).items():
         results[task] = run_compare(spec, cache=cache, progress=progress)
     records, findings, notes, meta = [], [], [], {"config": config.to_dict(), "model": model_name}
     for task, res in results.items():

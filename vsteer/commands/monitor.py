@@ -1,0 +1,182 @@
+"""``vsteer monitor fit``, ``vsteer monitor score``, ``vsteer monitor eval``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from vsteer.commands import add_device_args, load_model_from_args
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BUILTIN = ("advbench", "jbb", "helpful")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("monitor", help="value-site monitors: fit, score, evaluate (docs/monitoring.md)")
+    msub = p.add_subparsers(dest="monitor_command", required=True)
+
+    f = msub.add_parser("fit", help="fit a linear monitor on positive vs negative texts")
+    f.add_argument("--model", default=DEFAULT_MODEL)
+    f.add_argument(
+        "--positive",
+        required=True,
+        help=f"texts to flag: {', '.join(BUILTIN)}, a .txt (one per line) or .jsonl file",
+    )
+    f.add_argument("--negative", required=True, help="texts to pass, same forms")
+    f.add_argument("--site", default="v", help="v, k, q, z, attn, mlp or resid (default v)")
+    f.add_argument("--layers", default=None, help="e.g. 10 or 8,12 (default: the middle layer)")
+    f.add_argument("--position", default="last", help="last or mean (default last)")
+    f.add_argument(
+        "--fpr", type=float, default=0.01, help="false-positive rate of the threshold (default 0.01)"
+    )
+    f.add_argument("--calibration", type=float, default=0.25, help="share of items held out to calibrate")
+    f.add_argument("--limit", type=int, default=None, help="at most this many items per class")
+    f.add_argument("--raw", action="store_true", help="no chat template: score the texts as they are")
+    f.add_argument("--seed", type=int, default=0)
+    add_device_args(f)
+    f.add_argument("-o", "--output", required=True, help="where to write the monitor (.safetensors)")
+    f.set_defaults(func=_fit)
+
+    s = msub.add_parser("score", help="score texts with a monitor (one JSON line per text)")
+    s.add_argument("monitor", help="a monitor .safetensors file")
+    s.add_argument("text", nargs="*", help="texts to score (or --file)")
+    s.add_argument("--file", default=None, help="a .txt (one per line) or .jsonl file of texts")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--raw", action="store_true", help="no chat template")
+    add_device_args(s)
+    s.set_defaults(func=_score)
+
+    e = msub.add_parser("eval", help="the monitoring experiment: sites vs bag of words, conditional steering")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a MonitorOptions field, e.g. n_prompt=80",
+    )
+    e.add_argument(
+        "-o", "--output", default="reports/monitoring", help="directory for report.md, results.json, roc.png"
+    )
+    add_device_args(e)
+    e.set_defaults(func=_eval)
+
+
+def _read_texts(spec: str, limit: int | None = None) -> tuple[list[str], list[dict]]:
+    """Texts and their sources from a builtin name or a file."""
+    from pathlib import Path
+
+    from vsteer.errors import DataError
+
+    if spec in BUILTIN:
+        from vsteer.data import monitor_data as md
+
+        texts = {
+            "advbench": md.advbench_goals,
+            "helpful": md.helpful_requests,
+            "jbb": lambda: [r["goal"] for r in md.jbb_goals()],
+        }[spec]()
+        src = md.sources({"advbench": "advbench", "jbb": "jbb", "helpful": "helpful"}[spec])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"{spec!r} is neither a file nor one of {', '.join(BUILTIN)}")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            texts = []
+            for i, line in enumerate(lines):
+                row = json.loads(line)
+                key = next((k for k in ("text", "prompt", "goal") if k in row), None)
+                if key is None:
+                    raise DataError(
+                        f"{spec}:{i + 1}: expected a 'text', 'prompt' or 'goal' field, got {sorted(row)}"
+                    )
+                texts.append(row[key])
+        else:
+            texts = lines
+        from vsteer.data.readers import file_sha256
+
+        src = [{"path": str(path), "sha256": file_sha256(path)}]
+    return texts[:limit], src
+
+
+def _wrap(texts, raw: bool):
+    return texts if raw else [[{"role": "user", "content": t}] for t in texts]
+
+
+def _fit(args) -> int:
+    from vsteer.monitor import fit
+
+    pos, pos_src = _read_texts(args.positive, args.limit)
+    neg, neg_src = _read_texts(args.negative, args.limit)
+    model, tok = load_model_from_args(args)
+    layers = (
+        [int(x) for x in args.layers.split(",")] if args.layers and "-" not in args.layers else args.layers
+    )
+    mon = fit(
+        model,
+        tok,
+        _wrap(pos, args.raw),
+        _wrap(neg, args.raw),
+        site=args.site,
+        layers=layers,
+        position=args.position,
+        fpr=args.fpr,
+        calibration=args.calibration,
+        seed=args.seed,
+        sources=pos_src + neg_src,
+    )
+    mon.extra["chat"] = not args.raw
+    mon.save(args.output)
+    print(
+        f"{mon!r} -> {args.output} (calibration TPR {mon.extra.get('calibration_tpr')}, FPR {mon.extra.get('calibration_fpr')})"
+    )
+    return 0
+
+
+def _score(args) -> int:
+    from vsteer.monitor import Monitor
+
+    texts = list(args.text)
+    if args.file:
+        texts += _read_texts(args.file)[0]
+    if not texts:
+        print("vsteer monitor score: give texts or --file", file=sys.stderr)
+        return 2
+    model, tok = load_model_from_args(args)
+    mon = Monitor.load(args.monitor, model)
+    scores = mon.score(model, tok, _wrap(texts, args.raw))
+    for text, s in zip(texts, scores, strict=True):
+        print(json.dumps({"text": text, "score": round(float(s), 4), "flagged": bool(s > mon.threshold)}))
+    return 0
+
+
+def _eval(args) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    import yaml
+
+    from vsteer.errors import RecipeError
+    from vsteer.experiments.monitoring import MonitorOptions, monitoring
+    from vsteer.files import atomic_write
+
+    names = {f.name for f in fields(MonitorOptions)}
+    kw = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise RecipeError(
+                f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(names))}"
+            )
+        v = yaml.safe_load(value)
+        kw[key] = tuple(v) if isinstance(v, list) and key in ("sites", "traits") else v
+    model, tok = load_model_from_args(args)
+    res = monitoring(model, tok, MonitorOptions(**kw))
+    out = Path(args.output)
+    md = res.to_markdown(max_rows=None)
+    atomic_write(out / "report.md", md + "\n")
+    res.save_json(out / "results.json")
+    res.plot(out / "roc.png")
+    print(md)
+    return 0
