@@ -236,18 +236,20 @@ def test_items_of_a_pair_stay_together_when_eval_is_split():
 
 @pytest.mark.slow
 def test_positive_control_moves_style_on_the_embedded_model():
-    """SmolLM2, SFT on positive SST-2 sentences: the all-projection arm's held-out likelihood shift
-    of positive over negative sentences has an interval above zero."""
+    """SmolLM2, 24 SFT steps of 8 positive SST-2 sentences (bf16): the all-projection arm's
+    likelihood shift of 150 held-out positive over 150 negative SST-2 test sentences has an
+    interval above zero (measured: +0.153 [0.030, 0.270] nats/token)."""
     spec = load_compare_recipe(
         "vsteer/recipes/compare_style_sft.yaml",
         [
             "arms=[all]",
             "learning_rates=[0.003]",
             "seeds=[0]",
-            "steps=16",
-            "checkpoints=[8]",
+            "steps=24",
+            "checkpoints=[]",
+            "ablation=false",
             "data.n_val=16",
-            "data.n_test=100",
+            "data.n_test=150",
             "metrics=[]",
             "workers=1",
         ],

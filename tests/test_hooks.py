@@ -270,16 +270,9 @@ def test_bad_input_gives_one_clear_line(llama, ops, message):
 
 def test_unsupported_architecture_names_model_type_and_what_is_missing():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        is_decoder=True,
-    )
-    model = transformers.BertLMHeadModel(config)
-    with pytest.raises(vsteer.ModelError, match="model_type='bert' has no value projection") as err:
+    config = transformers.MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4)
+    model = transformers.MambaForCausalLM(config)
+    with pytest.raises(vsteer.ModelError, match="model_type='mamba': state-space model") as err:
         vsteer.get_arch(model)
     assert "\n" not in str(err.value)
 

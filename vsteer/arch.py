@@ -146,6 +146,12 @@ FUSED_NAMES: tuple[tuple[str, str], ...] = (
     ("W_pack", "o_proj"),
     ("qkv", "proj"),
 )
+# (q, fused kv, o): multi-head latent attention decompresses per-head keys and values from a
+# shared latent with one projection, ``[k_nope_h0 v_h0 | k_nope_h1 v_h1 | ...]``
+FUSED_KV_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("q_b_proj", "kv_b_proj", "o_proj"),  # DeepSeek-V2/V3, MiniCPM3, GLM-4 MoE lite
+    ("q_proj", "kv_b_proj", "o_proj"),
+)
 # fused layouts that are not [Q | K | V] blocks, by model_type
 FUSED_LAYOUTS: dict[str, dict] = {
     "gpt_neox": {"qkv_layout": "per_head"},
@@ -185,6 +191,7 @@ UNSUPPORTED: dict[str, str] = {
     "prophetnet": "n-gram attention runs the main and predicting streams in one tensor (positions x (1 + ngram))",
     "jetmoe": "mixture of attention heads: query and output projections are per-expert (JetMoeMoA), keys and values fused in kv_proj",
     "deepseek_v4": "keys and values are one tensor from a shared projection (kv_proj) with a grouped low-rank output",
+    "hy_v4": "hyper-connections: the residual stream holds several streams per token, not one [d_model] vector",
     "hrm_text": "runs its layers several times per forward (recurrent cycles): a site has no single value per token",
     "xlnet": "two-stream relative attention keeps q/k/v as raw parameter tensors, not projection modules",
     "reformer": "LSH attention shares one query-key projection and chunks values; no per-head v of the input",
@@ -237,6 +244,9 @@ def _match_attention(module: nn.Module) -> dict | None:
     for q, k, v, o in SEPARATE_NAMES:
         if all(_get(module, n) is not None for n in (q, k, v, o)):
             return {"q": q, "k": k, "v": v, "o": o, "qkv": None}
+    for q, kv, o in FUSED_KV_NAMES:
+        if all(_get(module, n) is not None for n in (q, kv, o)):
+            return {"q": q, "k": None, "v": None, "o": o, "qkv": kv}
     for qkv, o in FUSED_NAMES:
         if _get(module, qkv) is not None and _get(module, o) is not None:
             return {"q": None, "k": None, "v": None, "o": o, "qkv": qkv}
@@ -291,6 +301,8 @@ def discover_spec(model: nn.Module, model_type: str | None) -> ArchSpec:
     unembed = next((n for n, m in model.named_modules() if out_emb is not None and m is out_emb), "lm_head")
     probe = _get(layer, f"{attn}.{names['qkv'] or names['v']}")
     layout = dict(FUSED_LAYOUTS.get(model_type or "", {})) if names["qkv"] else {}
+    if names["qkv"] and names["q"]:  # latent attention: K and V fused per head
+        layout = {"qkv_layout": "grouped", "qkv_order": "kv"}
     return ArchSpec(
         family=f"discovered:{model_type}",
         model_types=(model_type or "",),
@@ -321,8 +333,8 @@ def _no_value_reason(model: nn.Module, model_type: str | None) -> str:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     if names & set(_LATENT_NAMES):
         return (
-            "multi-head latent attention: keys and values are decompressed from one shared latent "
-            "(kv_b_proj), there is no value projection of the attention input"
+            "latent attention (kv_b_proj) without a query or output projection under a known name "
+            "(vsteer.arch.FUSED_KV_NAMES)"
         )
     if model_type in _NO_ATTENTION_HINTS:
         return _NO_ATTENTION_HINTS[model_type]
@@ -463,13 +475,14 @@ class ModelArch:
             groups, order = self.spec.qkv_groups or hk, self.spec.qkv_order
         else:
             raise ModelError(f"{self.family}: unknown fused QKV layout {layout!r}")
-        if h % groups or hk % groups or sorted(order) != ["k", "q", "v"]:
+        fused = [r for r in "qkv" if self.is_fused(r)]
+        if h % groups or hk % groups or sorted(order) != sorted(fused):
             raise ModelError(
                 f"{self.family}: fused QKV in {groups} groups of order {order!r} does not fit "
                 f"{h} query and {hk} key/value heads"
             )
         # rows per group and role; a role's rows are its heads in order across the groups
-        size = {r: self.n_heads_of(r) // groups * self.head_dims[r] for r in "qkv"}
+        size = {r: self.n_heads_of(r) // groups * self.head_dims[r] for r in fused}
         group_width = sum(size.values())
         offset, start = 0, {}
         for r in order:
@@ -479,11 +492,11 @@ class ModelArch:
             r: (
                 (torch.arange(groups) * group_width + start[r])[:, None] + torch.arange(size[r])[None, :]
             ).flatten()
-            for r in "qkv"
+            for r in fused
         }
 
     def fused_width(self) -> int:
-        return sum(self.n_heads_of(r) * self.head_dims[r] for r in "qkv")
+        return sum(self.n_heads_of(r) * self.head_dims[r] for r in "qkv" if self.is_fused(r))
 
     # weights in Linear convention -----------------------------------------------------------
     def weight(self, layer: int, role: str) -> torch.Tensor:
@@ -621,6 +634,14 @@ def _heads(spec: ArchSpec, config, attn: nn.Module) -> tuple[int, dict[str, int]
             f"{spec.family}: output projection input {o_in} is not a multiple of {n_heads} heads"
         )
     d = o_in // n_heads
+    if spec.qkv is not None and spec.q is not None:  # latent attention: one K and V head per query head
+        _, width = _in_out(attn.get_submodule(spec.qkv), spec.conv1d)
+        _, q_out = _in_out(attn.get_submodule(spec.q), spec.conv1d)
+        if width % n_heads or width // n_heads <= d or q_out % n_heads:
+            raise ModelError(
+                f"{spec.family}: fused key/value width {width} does not split into {n_heads} heads"
+            )
+        return n_heads, {"q": q_out // n_heads, "k": width // n_heads - d, "v": d, "z": d}, n_heads
     if spec.qkv is not None:
         _, width = _in_out(attn.get_submodule(spec.qkv), spec.conv1d)
         hk2, rest = divmod(width // d - n_heads, 2) if width % d == 0 else (0, 1)
@@ -644,8 +665,8 @@ def _heads(spec: ArchSpec, config, attn: nn.Module) -> tuple[int, dict[str, int]
 
 
 def _has_projections(spec: ArchSpec, attn: nn.Module | None) -> bool:
-    names = [spec.o] + ([spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v])
-    return attn is not None and all(n and _get(attn, n) is not None for n in names)
+    names = [n for n in (spec.o, spec.qkv, spec.q, spec.k, spec.v) if n]
+    return attn is not None and all(_get(attn, n) is not None for n in names)
 
 
 def _check_projections(spec: ArchSpec, attn: nn.Module) -> None:

@@ -63,9 +63,11 @@ def item_logps(model, tokenizer, items, max_length: int = 128, batch_size: int =
         batch = pad_batch([seqs[i] for i in idx], pad, padding_side="right", device=device)
         with _autocast(model, precision):
             logits = model(**batch, use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        logits = logits[:, :-1].float()
         tok = batch["input_ids"][:, 1:]
-        lp = logp.gather(-1, tok[..., None])[..., 0]
+        # log p(token) = logit - logsumexp: no [batch, seq, vocab] log-softmax copy
+        lp = logits.gather(-1, tok[..., None])[..., 0] - torch.logsumexp(logits, -1)
+        del logits
         for row, i in enumerate(idx):
             s, n = starts[i], len(seqs[i])
             out[i] = float(lp[row, s - 1 : n - 1].mean())

@@ -468,6 +468,18 @@ def _token_major(hook, tracker: _Tracker):
     return wrapped
 
 
+def _drop_unit_axis(hook):
+    """Latent attention (DeepSeek) runs kv_b_proj on ``[batch, 1, seq, rank]``: show ``[batch, seq, ...]``."""
+
+    def wrapped(module, args, output):
+        if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[1] != 1:
+            return hook(module, args, output)
+        new = hook(module, args, output.squeeze(1))
+        return None if new is None else new.unsqueeze(1)
+
+    return wrapped
+
+
 def _list_output(hook):
     """Some blocks (OpenAI GPT) return a list, not a tuple: treat it as one."""
 
@@ -514,6 +526,8 @@ def _hooked(model: nn.Module, ops: Mapping, stop_token=None):
             hook = _make_hook(arch, kind, entries, tracker, stop_token if is_last else None)
             if kind == "out" and any(s.name == "mlp" for s, _ in entries):
                 hook = _token_major(hook, tracker)
+            if kind == "out" and arch.spec.q and arch.spec.qkv:
+                hook = _drop_unit_axis(hook)
             if kind == "out" and any(s.name in ("resid", "attn") for s, _ in entries):
                 hook = _list_output(hook)
             if kind == "in":
