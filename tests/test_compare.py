@@ -234,6 +234,32 @@ def test_items_of_a_pair_stay_together_when_eval_is_split():
     assert len(val) + len(test) == 40
 
 
+@pytest.mark.parametrize("profile", ["cpu", "full", "smoke"])
+def test_every_profile_gives_valid_comparisons_and_verdict_arms_have_three_seeds(profile):
+    from pathlib import Path
+
+    import yaml
+
+    from vsteer.experiments.adapters import AdapterComparisonConfig, specs
+
+    root = Path(__file__).resolve().parent.parent / "vsteer" / "recipes" / "profiles"
+    block = yaml.safe_load((root / f"{profile}.yaml").read_text())["adapters"]
+    for task, spec in specs(AdapterComparisonConfig(**block), "smollm2-135m-instruct").items():
+        assert spec.task == task
+        if profile != "smoke":
+            assert {"v", "qk", "all"} <= set(spec.arms) and len(spec.seeds) >= 3
+
+
+def test_the_main_job_rules_exist_for_every_finding_kind():
+    from vsteer.compare_result import KINDS
+    from vsteer.verdicts import shipped_rules
+
+    rules = shipped_rules()
+    for label in ("style", "alignment"):
+        for kind in KINDS:
+            assert f"adapters.{label}.{kind}" in rules
+
+
 @pytest.mark.slow
 def test_positive_control_moves_style_on_the_embedded_model():
     """SmolLM2, 24 SFT steps of 8 positive SST-2 sentences (bf16): the all-projection arm's

@@ -272,3 +272,28 @@ def test_value_monitor_separates_held_out_harmful_from_harmless_prompts_on_smoll
     mon = fit(model, tok, chat(harm_tr), chat(help_tr), site="v", layers=[10], fpr=None)
     pos, neg = mon.score(model, tok, chat(harm_te)), mon.score(model, tok, chat(help_te))
     assert auroc(pos, neg) > 0.9
+
+
+# ---- command line -------------------------------------------------------------------------------
+def test_cli_reads_builtin_sets_and_jsonl_files_and_names_a_bad_row(tmp_path):
+    from vsteer.commands.monitor import _read_texts
+    from vsteer.errors import DataError
+
+    texts, src = _read_texts("advbench", limit=3)
+    assert len(texts) == 3 and src[0]["path"] == "monitor/advbench/goals.jsonl"
+    good = tmp_path / "t.jsonl"
+    good.write_text('{"text": "a"}\n{"prompt": "b"}\n')
+    assert _read_texts(str(good))[0] == ["a", "b"]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "a"}\n{"other": 1}\n')
+    with pytest.raises(DataError, match="b.jsonl:2: expected a 'text', 'prompt' or 'goal' field"):
+        _read_texts(str(bad))
+
+
+def test_cli_has_fit_score_and_eval():
+    from vsteer.cli import build_parser
+
+    parser = build_parser()
+    for cmd in ("fit", "score", "eval"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["monitor", cmd, "--help"])

@@ -174,6 +174,7 @@ MLP_NAMES = (
     "fc2",  # OPT, BART family, XGLM, BioGPT: the second FFN linear, directly in the layer
     "ffn.fc2",
     "mlp_block",  # RecurrentGemma
+    "shared_transformer.feed_forward",  # Zamba2 hybrid layers
 )
 FINAL_NORM_NAMES = (
     "norm",

@@ -92,14 +92,23 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def load_compare_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = ()) -> CompareSpec:
-    """Read and validate a comparison recipe (YAML path or dict) before any model loads."""
+    """Read and validate a comparison recipe before any model loads: a YAML path, the name of a
+    shipped recipe (``compare_style_sft``), or a dict; ``overrides`` are ``key=value`` (dotted keys
+    reach into ``data``)."""
     base_dir = None
     if isinstance(source, Mapping):
         raw = copy.deepcopy(dict(source))
     else:
         path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe {str(path)!r} does not exist")
+        shipped = Path(__file__).resolve().parent / "recipes"
+        for candidate in (path, shipped / path.name, shipped / f"{path.name}.yaml"):
+            if candidate.is_file():  # a file, else a recipe shipped in vsteer/recipes (by name)
+                path = candidate
+                break
+        else:
+            raise RecipeError(
+                f"recipe {str(path)!r} does not exist (neither a file nor shipped in vsteer/recipes)"
+            )
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

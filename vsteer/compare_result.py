@@ -280,7 +280,9 @@ class CompareResult:
             f"split, then seeds {s.seeds} at the chosen rate scored on the test split; ROPE {s.rope} nats/token, stated in the recipe. "
             "Primary metric: per item, the arm's mean token log p minus the base's, target-label mean minus contrast-label mean "
             "(so a shift in format that moves both labels cancels); per-item shifts averaged over seeds, 95% bootstrap over items"
-            + (" (pairs resampled whole)." if s.task == "dpo" else " (stratified by label)."),
+            + (" (pairs resampled whole)." if s.task == "dpo" else " (stratified by label).")
+            + f" Training precision {s.precision}, scoring precision {s.eval_precision}.",
+            "",
         ]
         if CONTROL in s.arms and not self.controlled():
             e = self.effect(CONTROL)
@@ -288,10 +290,12 @@ class CompareResult:
                 f"**Underpowered**: the positive control's shift {e} does not lie above the ROPE {s.rope}, so no verdict is drawn "
                 "from the other arms (that would not be evidence of no effect)."
             )
+            notes.append("")
         elif CONTROL not in s.arms:
             notes.append(
                 "No positive control among the arms: a null result cannot be told from an underpowered one."
             )
+            notes.append("")
         notes += [
             f"Learning-rate selection (val split, seed {self.first}):",
             "",

@@ -47,6 +47,7 @@ import torch
 
 from vsteer.errors import VsteerError
 from vsteer.files import atomic_write
+from vsteer.hooks import Operation
 from vsteer.sites import SITE_NAMES
 
 FORMAT = "vsteer.monitor/1"
@@ -657,34 +658,30 @@ def watch(model, monitor: Monitor):
 # ----------------------------------------------------------------------------------------------
 # conditional steering (vsteer.steer(..., when=monitor))
 # ----------------------------------------------------------------------------------------------
-class _Gated:
-    """A steering operation applied only to the rows whose prompt fired (per-row select)."""
+class Gated(Operation):
+    """A steering operation applied only to the rows whose prompt fired: a per-row select between
+    the steered and the unsteered tensor, so a row that does not fire is bit-identical to no steering.
 
-    def __init__(self, op, gate: dict):
+    ``gate["rows"]``: ``[batch]`` bool, set by the monitor at the prompt (absent: steer no row).
+    """
+
+    def __init__(self, op: Operation, gate: dict):
         self.op, self.gate = op, gate
 
-    def as_operation(self):
-        from vsteer.hooks import Operation
+    def bind(self, site, shape):
+        inner, gate = self.op.bind(site, shape), self.gate
 
-        op, gate = self.op, self.gate
+        def fn(x, step):
+            rows = gate.get("rows")
+            if rows is None or not bool(rows.any()):
+                return None
+            new = inner(x, step)
+            if new is None:
+                return None
+            m = rows.to(x.device).reshape((-1,) + (1,) * (x.dim() - 1))
+            return torch.where(m, new, x)
 
-        class Gated(Operation):
-            def bind(self, site, shape):
-                inner = op.bind(site, shape)
-
-                def fn(x, step):
-                    rows = gate.get("rows")
-                    if rows is None or not bool(rows.any()):
-                        return None
-                    new = inner(x, step)
-                    if new is None:
-                        return None
-                    m = rows.to(x.device).reshape((-1,) + (1,) * (x.dim() - 1))
-                    return torch.where(m, new, x)
-
-                return fn
-
-        return Gated()
+        return fn
 
 
 @contextmanager
@@ -723,6 +720,6 @@ def gated(model, monitor: Monitor, ops: dict, positions="all"):
     for key, op in state.ops().items():
         merged.setdefault(key, []).append(op)
     for key, op in ops.items():
-        merged.setdefault(as_site(key), []).append(_Gated(op, gate).as_operation())
+        merged.setdefault(as_site(key), []).append(Gated(op, gate))
     with intervene(model, merged):
         yield flags

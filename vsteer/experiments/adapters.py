@@ -105,8 +105,8 @@ def run_adapter_comparison(
         for row in res.arm_records():
             records.append({"task": label, **row})
         recipe = config.sft_recipe if task == "sft" else config.dpo_recipe
-        findings += res.findings(f"adapters.{label}", f"vsteer compare vsteer/recipes/{Path(recipe).name}")
-        notes += [f"**{label}** ({task.upper()}, {res.seconds:.0f} s):", *res.notes()]
+        findings += res.findings(f"adapters.{label}", f"vsteer compare {Path(recipe).stem}")
+        notes += [f"**{label}** ({task.upper()}, {res.seconds:.0f} s):", "", *res.notes()]
         meta[label] = res.to_dict()
     pairs = [(_LABEL[t], r) for t, r in results.items()]
     columns = [

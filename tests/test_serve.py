@@ -1,0 +1,322 @@
+"""`vsteer serve`: the official openai client against a real server on 127.0.0.1, on a tiny random model.
+
+The model is conftest's tiny llama with a word-level tokenizer built here; three value-site
+vectors and two value-only LoRA adapters (random, non-zero B) are saved to disk and loaded by
+name, as `vsteer serve --vectors DIR --adapters DIR` does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from conftest import VOCAB, make_tiny_model
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from vsteer.serve import Engine, Limits, create_app, find_adapters, load_vectors  # noqa: E402
+from vsteer.vectors import SteeringVector  # noqa: E402
+
+KEY = "test-key-123"
+BODY_LIMIT = 64 * 1024  # small enough that the refused body fits the socket buffers
+WORDS = ["user", "assistant", "system", ":", "hello", "world", "tell", "me", "a", "story", "about", "the"]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer with VOCAB entries and a plain chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS + [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]:
+        vocab[w] = len(vocab)
+    assert len(vocab) == VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.padding_side = "left"
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
+    return fast
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("serve")
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # peaked logits: no near-ties for greedy decoding to trip on
+    tok = tiny_tokenizer()
+    vdir, adir = root / "vectors", root / "adapters"
+    vdir.mkdir()
+    g = torch.Generator().manual_seed(7)
+    for name in ("happy", "calm", "formal"):
+        dirs = {layer: torch.randn(2, 8, generator=g) for layer in (0, 1, 2)}  # v site: [kv_heads, head_dim]
+        SteeringVector.for_model(model, dirs, site="v", method="random").save(vdir / f"{name}.safetensors")
+    other = SteeringVector.for_model(model, {0: torch.randn(2, 8, generator=g)}, site="v")
+    other.fingerprint = "0123456789abcdef"  # made for some other model
+    other.save(vdir / "foreign.safetensors")
+    for i, name in enumerate(("kind-v", "terse-v")):
+        torch.manual_seed(100 + i)
+        base = make_tiny_model("llama")
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        peft_model.save_pretrained(adir / name)
+    engine = Engine(
+        model, tok, "tiny-llama", vectors=load_vectors(vdir), adapters=find_adapters(adir), max_batch=16
+    ).start()
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, api_key=KEY, limits=Limits(max_body_bytes=BODY_LIMIT)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):  # bounded wait for startup
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+    yield {"client": client, "engine": engine, "url": f"http://127.0.0.1:{port}", "port": port}
+    server.should_exit = True
+    thread.join(10)
+    engine.stop()
+    assert not thread.is_alive()
+
+
+def chat(client, model="tiny-llama", steering=None, content="hello world tell me a story", **kw):
+    extra = {"steering": steering} if steering is not None else None
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=kw.pop("max_tokens", 8),
+        temperature=0,
+        extra_body=extra,
+        **kw,
+    )
+
+
+def test_models_and_vectors_listed(served):
+    models = served["client"].models.list()
+    by_id = {m.id: m for m in models.data}
+    assert set(by_id) == {"tiny-llama", "kind-v", "terse-v"}
+    assert by_id["kind-v"].model_extra["parent"] == "tiny-llama"
+    assert by_id["tiny-llama"].model_extra["parent"] is None
+    status, body = _http(served["url"] + "/v1/steering/vectors", headers={"Authorization": f"Bearer {KEY}"})
+    rows = {v["name"]: v for v in body["data"]}
+    assert {n for n, v in rows.items() if v["compatible"]} == {"happy", "calm", "formal"}
+    assert not rows["foreign"]["compatible"] and "fingerprint" in rows["foreign"]["reason"]
+    assert _http(served["url"] + "/health")[1]["status"] == "ok"
+
+
+def test_chat_completion_steering_and_adapter(served):
+    client = served["client"]
+    plain = chat(client)
+    assert plain.choices[0].message.role == "assistant"
+    assert plain.usage.completion_tokens >= 1 and plain.model == "tiny-llama"
+    assert plain.model_extra["vsteer"]["steering"] == [] and plain.model_extra["vsteer"]["adapter"] is None
+    steering = [{"vector": "happy", "scale": 8.0, "positions": "all"}]
+    steered = chat(client, steering=steering)
+    info = steered.model_extra["vsteer"]
+    assert info["steering"] == steering and len(info["fingerprint"]) == 16
+    assert info["fingerprint"] != plain.model_extra["vsteer"]["fingerprint"]
+    assert steered.choices[0].message.content != plain.choices[0].message.content
+    adapted = chat(client, model="kind-v")
+    assert adapted.model == "kind-v" and adapted.model_extra["vsteer"]["adapter"] == "kind-v"
+    assert adapted.choices[0].message.content != plain.choices[0].message.content
+    # same request, same answer and fingerprint (greedy)
+    again = chat(client, steering=steering)
+    assert again.choices[0].message.content == steered.choices[0].message.content
+    assert again.model_extra["vsteer"]["fingerprint"] == info["fingerprint"]
+
+
+def test_completion_and_streaming(served):
+    client = served["client"]
+    done = client.completions.create(model="tiny-llama", prompt="hello world", max_tokens=6, temperature=0)
+    assert done.choices[0].finish_reason in ("stop", "length") and done.choices[0].text
+    stream = client.completions.create(
+        model="tiny-llama", prompt="hello world", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == done.choices[0].text
+    steering = [{"vector": "calm", "scale": -6.0, "positions": "generated"}]
+    whole = chat(client, model="terse-v", steering=steering)
+    parts, finish = [], None
+    for c in chat(client, model="terse-v", steering=steering, stream=True):
+        assert c.object == "chat.completion.chunk" and c.model_extra["vsteer"]["adapter"] == "terse-v"
+        parts.append(c.choices[0].delta.content or "")
+        finish = c.choices[0].finish_reason or finish
+    assert "".join(parts) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+
+
+def test_sampling_is_seeded(served):
+    client = served["client"]
+    kw = dict(model="tiny-llama", prompt="tell me", max_tokens=8, temperature=1.5, seed=3)
+    a = client.completions.create(**kw).choices[0].text
+    b = client.completions.create(**kw).choices[0].text
+    assert a == b
+
+
+MIX = [
+    ("tiny-llama", None),
+    ("tiny-llama", [{"vector": "happy", "scale": 6.0, "positions": "all"}]),
+    ("kind-v", [{"vector": "calm", "scale": -4.0, "positions": "generated"}]),
+    ("terse-v", [{"vector": "formal", "scale": 5.0, "positions": "prompt"}]),
+    ("kind-v", None),
+    (
+        "tiny-llama",
+        [{"vector": "happy", "scale": 3.0}, {"vector": "formal", "scale": -3.0, "positions": "all"}],
+    ),
+    ("terse-v", None),
+    ("tiny-llama", [{"vector": "calm", "scale": 9.0, "positions": "all"}]),
+]
+PROMPTS = ["hello world", "tell me a story", "a story about the world", "hello", "the world tell me"]
+
+
+def test_concurrent_mixed_batch_equals_alone(served):
+    client, engine = served["client"], served["engine"]
+    jobs = [(*MIX[i % len(MIX)], PROMPTS[i % len(PROMPTS)], 4 + i % 5) for i in range(16)]
+
+    def one(job):
+        model, steering, content, max_tokens = job
+        r = chat(client, model=model, steering=steering, content=content, max_tokens=max_tokens)
+        return r.choices[0].message.content, r.model_extra["vsteer"]["fingerprint"]
+
+    alone = [one(job) for job in jobs]
+    assert len({a for a, _ in alone}) >= 6, "the mix must produce different outputs to prove anything"
+    # hold the engine so the 16 requests queue up and decode as one batch (after the first)
+    before, sent = engine.batches_run, engine.submitted
+    engine._lock.acquire()
+    try:
+        pool = cf.ThreadPoolExecutor(16)
+        futures = [pool.submit(one, job) for job in jobs]
+        for _ in range(1000):  # bounded: all 16 submitted (the worker holds a few, blocked on the lock)
+            if engine.submitted - sent >= 16:
+                break
+            time.sleep(0.01)
+        assert engine.submitted - sent == 16
+        time.sleep(0.1)  # let the worker finish collecting its first batch
+    finally:
+        engine._lock.release()
+    together = [f.result(timeout=120) for f in futures]
+    pool.shutdown()
+    assert together == alone
+    assert engine.max_rows_seen >= 8 and engine.batches_run - before <= 2
+
+
+BAD = [
+    # (route, body, status, words in the message)
+    ("chat", {"steering": [{"vector": "nope", "scale": 1}]}, 404, "no steering vector named 'nope'"),
+    ("chat", {"steering": [{"vector": "../../etc/passwd", "scale": 1}]}, 400, "looks like a path"),
+    ("chat", {"steering": [{"vector": "/tmp/x.safetensors"}]}, 400, "looks like a path"),
+    ("chat", {"steering": [{"vector": "happy", "scale": "NaN"}]}, 400, "scale must be a finite number"),
+    ("chat", {"steering": [{"vector": "happy", "scale": 1e6}]}, 400, "out of range"),
+    ("chat", {"steering": [{"vector": "happy", "positions": "middle"}]}, 400, "positions must be one of"),
+    ("chat", {"steering": [{"vector": "foreign"}]}, 400, "does not fit this model"),
+    ("chat", {"steering": [{"vector": "happy", "file": "x"}]}, 400, "unknown keys"),
+    ("chat", {"steering": {"vector": "happy"}}, 400, "steering must be a list"),
+    ("chat", {"steering": [{"vector": "happy"}] * 9}, 400, "at most 8 allowed"),
+    ("chat", {"model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
+    ("chat", {"messages": []}, 400, "messages must be a non-empty list"),
+    ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role must be one of"),
+    ("chat", {"max_tokens": -1}, 400, "max_tokens must be an integer in [1, 512]"),
+    ("chat", {"max_tokens": 100000}, 400, "max_tokens must be an integer in [1, 512]"),
+    ("chat", {"temperature": 7}, 400, "temperature must be a number in [0, 2]"),
+    ("chat", {"n": 3}, 400, "n must be 1"),
+    ("completion", {"prompt": ""}, 400, "prompt must be a non-empty string"),
+    ("completion", {"prompt": "hi", "echo": True}, 400, "echo is not supported"),
+]
+
+
+class _Reply:
+    def __init__(self, status, body):
+        self.status_code, self._body = status, body
+        self.text = json.dumps(body)
+
+    def json(self):
+        return self._body
+
+
+def _http(url, data=None, headers=None):
+    """(status, parsed JSON) of one plain HTTP request, errors included."""
+    req = urllib.request.Request(
+        url, data=data, headers=headers or {}, method="POST" if data is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _post(url, route, body, key=KEY, raw=None):
+    path = "/v1/chat/completions" if route == "chat" else "/v1/completions"
+    base = {"model": "tiny-llama", "max_tokens": 4}
+    base.update(
+        {"messages": [{"role": "user", "content": "hello"}]} if route == "chat" else {"prompt": "hello"}
+    )
+    base.update(body)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    data = raw if raw is not None else json.dumps(base).encode()
+    return _Reply(*_http(url + path, data=data, headers=headers))
+
+
+@pytest.mark.parametrize("route,body,status,words", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_input_refused(served, route, body, status, words):
+    r = _post(served["url"], route, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and "\n" not in err["message"]
+    assert chat(served["client"], max_tokens=2).choices[0].message.content is not None  # still serving
+
+
+def test_bad_transport_refused(served):
+    url = served["url"]
+    r = _post(url, "chat", {}, key="wrong-key")
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    r = _post(url, "chat", {}, raw=b'{"model": "tiny-llama", "messages": [')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = _post(
+        url, "chat", {}, raw=b'{"model": "tiny-llama", "steering": [{"vector": "happy", "scale": NaN}]}'
+    )
+    assert r.status_code == 400
+    r = _post(url, "chat", {}, raw=b"[1, 2]")
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = _post(url, "chat", {}, raw=b'{"x": "' + b"a" * (BODY_LIMIT + 10) + b'"}')
+    assert r.status_code == 413 and f"at most {BODY_LIMIT} allowed" in r.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as exc:
+        chat(served["client"], steering=[{"vector": "missing", "scale": 1.0}])
+    assert "no steering vector named 'missing'" in str(exc.value)
+    assert chat(served["client"], max_tokens=2).choices  # still serving

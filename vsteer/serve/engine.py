@@ -1,0 +1,431 @@
+"""The batching scheduler behind ``vsteer serve``: one worker thread, one model, continuous batching.
+
+Requests queue up. Between decoding steps the worker admits what is waiting (up to
+``max_batch`` rows): it prefills the new prompts (left-padded) into their own KV cache, then
+pads and concatenates that cache onto the running batch's, so new rows join without waiting
+for the others; a row that finishes (EOS, ``max_tokens``, client gone) leaves the batch and
+its cache at once. Each row carries its own steering (per-row scales of a ``[batch, ...]``
+vector through the hook layer; a row outside a vector's group gets scale 0, which adds
+exactly nothing) and its own adapter (PEFT's mixed-adapter batches, ``adapter_names=``).
+``positions``: a prefill holds only prompt tokens and a decoding step only generated ones,
+so each forward applies the entries whose rule covers its tokens. Position ids come from the
+attention mask, so a padded row sees the positions it has alone: greedy outputs of a row
+equal the same request served by itself.
+
+Caches with sliding-window layers (Gemma 3) are not padded and merged: there new requests
+wait until the running batch has finished (static batching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vsteer.errors import VectorError
+from vsteer.vectors import SteeringVector
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests already."""
+
+
+@dataclass
+class Steer:
+    """One steering entry of a request, resolved: a preloaded vector by name."""
+
+    vector: str
+    scale: float
+    positions: str  # "generated" | "prompt" | "all"
+
+
+@dataclass
+class Request:
+    """A validated generation request; events go to ``emit(kind, payload)`` from the worker thread.
+
+    Events: ``("delta", text)``, ``("done", {"finish_reason", "completion_tokens", "text"})``,
+    ``("error", message)``.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    adapter: str | None = None
+    steering: list[Steer] = field(default_factory=list)
+    emit: object = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+
+def vector_digest(vec: SteeringVector) -> str:
+    """sha256 (16 hex) of a vector's site, layers and float32 tensors: what a fingerprint names."""
+    h = hashlib.sha256(vec.site.encode())
+    for layer, t in vec.directions.items():
+        h.update(str(layer).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Engine:
+    """Owns the model, the preloaded vectors and adapters, and the worker thread.
+
+    ``vectors``: ``{name: SteeringVector}``; those that do not fit the model are kept out and
+    listed in ``incompatible`` (``{name: reason}``). ``adapters``: ``{name: PEFT directory}``.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_name: str,
+        vectors: dict[str, SteeringVector] | None = None,
+        adapters: dict[str, str | Path] | None = None,
+        max_batch: int = 16,
+        max_queue: int = 256,
+    ):
+        self.base = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.vectors: dict[str, SteeringVector] = {}
+        self.digests: dict[str, str] = {}
+        self.incompatible: dict[str, str] = {}
+        for name, vec in sorted((vectors or {}).items()):
+            try:
+                vec.check(model)
+            except VectorError as exc:
+                self.incompatible[name] = str(exc)
+                continue
+            self.vectors[name] = vec
+            self.digests[name] = vector_digest(vec)
+        self.adapters: dict[str, str] = {}  # public name -> PEFT adapter name
+        self.model = model
+        if adapters:
+            from peft import PeftModel
+
+            for i, (name, path) in enumerate(sorted(adapters.items())):
+                internal = f"adapter{i}"  # PEFT names become module keys: no dots or dashes
+                if i == 0:
+                    self.model = PeftModel.from_pretrained(model, str(path), adapter_name=internal)
+                else:
+                    self.model.load_adapter(str(path), adapter_name=internal)
+                self.adapters[name] = internal
+            self.model.eval()
+        self.device = next(model.parameters()).device
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos = set(eos)
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        self._queue: queue.Queue[Request] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # held for each scheduler iteration (tests hold it to queue requests)
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+        self.submitted = 0
+        self.joins = 0  # requests that joined a batch already decoding
+        self.max_rows_seen = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="vsteer-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, req: Request) -> None:
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"server queue is full ({self.max_queue} requests waiting); retry later")
+        self._queue.put(req)
+        self.submitted += 1
+
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def _loop(self) -> None:
+        active: list[_Row] = []
+        state: dict = {}
+        while not self._stop.is_set():
+            if not active:
+                try:
+                    first = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                fresh = [first]
+            else:
+                fresh = []
+            with self._lock:
+                try:
+                    active = self._iteration(active, fresh, state)
+                except Exception as exc:  # one bad batch must not kill the server
+                    for row in active + [_Row(r) for r in fresh]:
+                        _emit(row.req, "error", f"generation failed: {type(exc).__name__}: {exc}")
+                    active, state = [], {}
+        for row in active:
+            _emit(row.req, "error", "server is shutting down")
+
+    # --- fingerprint ---------------------------------------------------------------------------
+    def fingerprint(self, adapter: str | None, steering: list[Steer]) -> str:
+        """sha256 (16 hex) of the base model, adapter and steering entries (with vector digests)."""
+        cfg = {
+            "model": self.model_name,
+            "adapter": adapter,
+            "steering": [
+                {
+                    "vector": s.vector,
+                    "digest": self.digests[s.vector],
+                    "scale": s.scale,
+                    "positions": s.positions,
+                }
+                for s in steering
+            ],
+        }
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- one batch -----------------------------------------------------------------------------
+    def _ops(self, reqs: list[Request], kinds: tuple[str, ...]) -> dict:
+        """Hook operations for one forward: one add per vector and layer, with per-row scales.
+
+        Only entries whose ``positions`` is in ``kinds`` apply; a row outside a group gets scale
+        0, which adds exactly nothing.
+        """
+        from vsteer.steering import steering_ops
+
+        n = len(reqs)
+        groups: dict[str, torch.Tensor] = {}
+        for row, r in enumerate(reqs):
+            for s in r.steering:
+                if s.positions not in kinds:
+                    continue
+                scales = groups.setdefault((s.vector, s.positions), torch.zeros(n))
+                scales[row] += s.scale
+        ops: dict = {}
+        for (name, positions), scales in sorted(groups.items()):
+            for key, op in steering_ops(
+                self.base, [(self.vectors[name], scales)], positions=positions
+            ).items():
+                ops.setdefault(key, []).append(op)
+        return ops
+
+    def _admit(self, fresh: list[Request], n_active: int) -> list[Request]:
+        """Waiting requests that fit the batch (with ``fresh``, those already taken from the queue)."""
+        while n_active + len(fresh) < self.max_batch:
+            try:
+                fresh.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return [r for r in fresh if not r.cancelled.is_set()]
+
+    @torch.no_grad()
+    def _iteration(self, active: list[_Row], fresh: list[Request], state: dict) -> list[_Row]:
+        """Admit waiting requests (prefill, merge into the running cache), then one decoding step.
+
+        ``state``: the running batch's ``cache``, ``mask`` ``[rows, T]`` and last ``positions``
+        ``[rows, 1]``, row-aligned with ``active``.
+        """
+        # rows join only where the cache can be padded and concatenated (plain, non-sliding layers)
+        if not active or state.get("mergeable", False):
+            fresh = self._admit(fresh, len(active))
+        if fresh:
+            self.batches_run += 1
+            if active:
+                self.joins += len(fresh)
+            rows, new = self._prefill(fresh)
+            if active:
+                _merge(state, new)
+            else:
+                state.clear()
+                state.update(new)
+            active = active + rows
+            active, state = _drop_finished(active, state)
+        if not active:
+            return active
+        self.max_rows_seen = max(self.max_rows_seen, len(active))
+        n = len(active)
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((n, 1))], dim=1)
+        state["positions"] = state["positions"] + 1
+        ids = torch.tensor([row.pending for row in active], device=self.device)[:, None]
+        logits = self._forward(
+            [row.req for row in active],
+            ("generated", "all"),
+            ids,
+            state["mask"],
+            state["positions"],
+            state["cache"],
+        )
+        for i, row in enumerate(active):
+            self._advance(row, logits[i])
+        return _drop_finished(active, state)[0]
+
+    def _prefill(self, reqs: list[Request]) -> tuple[list[_Row], dict]:
+        """Run the prompts of ``reqs`` (left-padded) into a fresh cache; pick each row's first token."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        n = len(reqs)
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, r in enumerate(reqs):
+            ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[row, width - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # position ids from the mask: a padded row sees the positions it has alone
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.base.config)
+        logits = self._forward(reqs, ("prompt", "all"), ids, mask, positions, cache)
+        rows = [_Row(r) for r in reqs]
+        for i, row in enumerate(rows):
+            self._advance(row, logits[i])
+        mergeable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        return rows, {"cache": cache, "mask": mask, "positions": positions[:, -1:], "mergeable": mergeable}
+
+    def _forward(self, reqs, kinds: tuple[str, ...], ids, mask, positions, cache) -> torch.Tensor:
+        """Last-token logits ``[rows, vocab]`` of one forward, each row with its steering and adapter.
+
+        ``kinds``: the position rules that apply to these tokens (a prefill is all prompt, a
+        decoding step all generated), so each group's op covers every (non-padding) token.
+        """
+        from vsteer.hooks import intervene
+
+        extra = {}
+        if self.adapters:
+            extra["adapter_names"] = [self.adapters[r.adapter] if r.adapter else BASE for r in reqs]
+        ops = self._ops(reqs, kinds)
+        with intervene(self.base, ops) if ops else nullcontext():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **extra,
+            )
+        return out.logits[:, -1, :].float()
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        """Pick the row's next token from ``logits``, emit its text, finish it on EOS or length."""
+        r = row.req
+        if r.cancelled.is_set():
+            row.done = True  # the client left: its row leaves the batch
+            return
+        if row.gen is None and r.seed is not None:
+            row.gen = torch.Generator(device=logits.device).manual_seed(r.seed)
+        tok = _pick(logits, r.temperature, r.top_p, row.gen)
+        row.pending = tok
+        finish = None
+        if tok in self.eos:
+            finish = "stop"
+        else:
+            row.ids.append(tok)
+            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            # hold back an incomplete multi-byte character until it completes
+            if not text.endswith("\ufffd") and len(text) > len(row.text):
+                _emit(r, "delta", text[len(row.text) :])
+                row.text = text
+            if len(row.ids) >= r.max_tokens:
+                finish = "length"
+        if finish is not None:
+            row.done = True
+            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            if len(text) > len(row.text):
+                _emit(r, "delta", text[len(row.text) :])
+            _emit(r, "done", {"finish_reason": finish, "completion_tokens": len(row.ids), "text": text})
+
+    def generate(self, req: Request, timeout: float = 300.0) -> dict:
+        """Run one request through the queue and wait for it (for benchmarks and tests)."""
+        box: queue.Queue = queue.Queue()
+        req.emit = lambda kind, payload: box.put((kind, payload))
+        self.submit(req)
+        deadline = time.monotonic() + timeout
+        while True:
+            kind, payload = box.get(timeout=max(0.01, deadline - time.monotonic()))
+            if kind == "done":
+                return payload
+            if kind == "error":
+                raise RuntimeError(payload)
+
+
+@dataclass
+class _Row:
+    """A request in the running batch: its tokens so far, emitted text, sampler, next input token."""
+
+    req: Request
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    pending: int = 0
+    done: bool = False
+    gen: torch.Generator | None = None
+
+
+def _merge(state: dict, new: dict) -> None:
+    """Append ``new``'s rows to the running batch: left-pad the shorter cache (masked out) and concatenate."""
+    cache, other = state["cache"], new["cache"]
+    t_old, t_new = state["mask"].shape[1], new["mask"].shape[1]
+    width = max(t_old, t_new)
+
+    def pad(x: torch.Tensor, t: int, dim: int) -> torch.Tensor:
+        if t == width:
+            return x
+        shape = list(x.shape)
+        shape[dim] = width - t
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    for mine, theirs in zip(cache.layers, other.layers):
+        mine.keys = torch.cat([pad(mine.keys, t_old, -2), pad(theirs.keys, t_new, -2)], dim=0)
+        mine.values = torch.cat([pad(mine.values, t_old, -2), pad(theirs.values, t_new, -2)], dim=0)
+    state["mask"] = torch.cat([pad(state["mask"], t_old, 1), pad(new["mask"], t_new, 1)], dim=0)
+    state["positions"] = torch.cat([state["positions"], new["positions"]], dim=0)
+
+
+def _drop_finished(active: list[_Row], state: dict) -> tuple[list[_Row], dict]:
+    """Remove finished rows from the batch and its cache, so they cost nothing more."""
+    keep = [i for i, row in enumerate(active) if not row.done]
+    if len(keep) == len(active):
+        return active, state
+    if keep:
+        idx = torch.tensor(keep, device=state["mask"].device)
+        state["cache"].batch_select_indices(idx)
+        state["mask"] = state["mask"][idx]
+        state["positions"] = state["positions"][idx]
+    else:
+        state.clear()
+    return [active[i] for i in keep], state
+
+
+def _emit(req: Request, kind: str, payload) -> None:
+    if req.emit is not None:
+        req.emit(kind, payload)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen) -> int:
+    """Greedy at temperature 0; else nucleus sampling with the request's own generator."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))

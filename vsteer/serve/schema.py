@@ -1,0 +1,234 @@
+"""Request validation for ``vsteer serve``: a JSON body in, a :class:`~vsteer.serve.engine.Request` out.
+
+Every problem raises :class:`ApiError` with its HTTP status and one line naming the field, the
+value and what was expected (OpenAI's error shape: ``{"error": {"message", "type", "param",
+"code"}}``). Steering names a preloaded vector; anything that looks like a file path is refused
+before any lookup.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from vsteer.serve.engine import Request, Steer
+
+POSITIONS = ("generated", "prompt", "all")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        kind = {
+            401: "authentication_error",
+            404: "not_found_error",
+            413: "request_too_large",
+            429: "rate_limit_error",
+        }.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 512
+    max_prompt_tokens: int = 4096
+    max_body_bytes: int = 1 << 20
+    max_steering: int = 8
+    max_scale: float = 100.0
+
+
+def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+    ):
+        raise ApiError(400, f"{key} must be {kind}, got {value!r}", key)
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ApiError(400, f"{key} must be {kind} in [{lo:g}, {hi:g}], got {value!r}", key)
+    return value
+
+
+def check_name(value, what: str, param: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{what} must be a non-empty string, got {value!r}", param)
+    if "/" in value or "\\" in value or ".." in value or value.startswith(".") or "~" in value:
+        raise ApiError(400, f"{what} {value!r} looks like a path; name a preloaded {what} instead", param)
+    if not NAME.match(value):
+        raise ApiError(400, f"{what} {value!r} is not a valid name (letters, digits, '_', '.', '-')", param)
+    return value
+
+
+def parse_steering(raw, engine, limits: Limits) -> list[Steer]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ApiError(
+            400,
+            f"steering must be a list of {{vector, scale, positions}}, got {type(raw).__name__}",
+            "steering",
+        )
+    if len(raw) > limits.max_steering:
+        raise ApiError(
+            400, f"steering has {len(raw)} entries; at most {limits.max_steering} allowed", "steering"
+        )
+    out = []
+    for i, item in enumerate(raw):
+        param = f"steering[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(
+                400, f"{param} must be an object {{vector, scale, positions}}, got {item!r:.60}", param
+            )
+        unknown = sorted(set(item) - {"vector", "scale", "positions"})
+        if unknown:
+            raise ApiError(
+                400, f"{param} has unknown keys {unknown}; expected vector, scale, positions", param
+            )
+        name = check_name(item.get("vector"), "vector", f"{param}.vector")
+        if name in engine.incompatible:
+            raise ApiError(
+                400,
+                f"vector {name!r} does not fit this model: {engine.incompatible[name]}",
+                f"{param}.vector",
+            )
+        if name not in engine.vectors:
+            known = ", ".join(engine.vectors) or "none loaded"
+            raise ApiError(404, f"no steering vector named {name!r}; available: {known}", f"{param}.vector")
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ApiError(400, f"{param}.scale must be a finite number, got {scale!r}", f"{param}.scale")
+        if abs(scale) > limits.max_scale:
+            raise ApiError(
+                400,
+                f"{param}.scale {scale!r} is out of range [-{limits.max_scale:g}, {limits.max_scale:g}]",
+                f"{param}.scale",
+            )
+        positions = item.get("positions", "generated")
+        if positions not in POSITIONS:
+            raise ApiError(
+                400,
+                f"{param}.positions must be one of {', '.join(POSITIONS)}, got {positions!r}",
+                f"{param}.positions",
+            )
+        out.append(Steer(name, float(scale), positions))
+    return out
+
+
+def parse_adapter(model, engine) -> str | None:
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, f"model must be a non-empty string, got {model!r}", "model")
+    if model == engine.model_name:
+        return None
+    if model in engine.adapters:
+        return model
+    known = ", ".join([engine.model_name, *engine.adapters])
+    raise ApiError(404, f"the model {model!r} does not exist; available: {known}", "model", "model_not_found")
+
+
+def _common(body: dict, engine, limits: Limits, prompt_ids: list[int], default_max: int) -> Request:
+    for key in ("n", "best_of"):
+        if body.get(key) not in (None, 1):
+            raise ApiError(400, f"{key} must be 1 (one choice per request), got {body.get(key)!r}", key)
+    if body.get("stop") not in (None, [], ""):
+        raise ApiError(400, "stop sequences are not supported yet; stop at the model's end token", "stop")
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError(400, f"stream must be true or false, got {body.get('stream')!r}", "stream")
+    adapter = parse_adapter(body.get("model"), engine)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, default_max, 1, limits.max_tokens, integer=True)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
+    seed = _number(body, "seed", None, 0, 2**63 - 1, integer=True)
+    steering = parse_steering(body.get("steering"), engine, limits)
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise ApiError(
+            400,
+            f"prompt has {len(prompt_ids)} tokens; at most {limits.max_prompt_tokens} allowed",
+            "messages",
+        )
+    if not prompt_ids:
+        raise ApiError(400, "prompt is empty after tokenisation", "prompt")
+    return Request(
+        prompt_ids=prompt_ids,
+        max_tokens=int(max_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=seed,
+        adapter=adapter,
+        steering=steering,
+    )
+
+
+def _content(msg, i: int) -> str:
+    content = msg.get("content")
+    if isinstance(content, list):  # OpenAI content parts: text only
+        parts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise ApiError(
+                    400, f"messages[{i}].content parts must be {{type: text, text}}", f"messages[{i}].content"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    if not isinstance(content, str):
+        raise ApiError(
+            400, f"messages[{i}].content must be a string, got {content!r:.60}", f"messages[{i}].content"
+        )
+    return content
+
+
+def parse_chat(body, engine, limits: Limits) -> Request:
+    body = _object(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
+    clean = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            role = msg.get("role") if isinstance(msg, dict) else msg
+            raise ApiError(
+                400,
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r:.40}",
+                f"messages[{i}].role",
+            )
+        clean.append({"role": msg["role"], "content": _content(msg, i)})
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return _common(body, engine, limits, list(ids), default_max=limits.max_tokens)
+
+
+def parse_completion(body, engine, limits: Limits) -> Request:
+    body = _object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, f"prompt must be a non-empty string, got {prompt!r:.60}", "prompt")
+    if body.get("echo"):
+        raise ApiError(400, "echo is not supported", "echo")
+    ids = engine.tokenizer(prompt)["input_ids"]
+    return _common(body, engine, limits, list(ids), default_max=min(16, limits.max_tokens))
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
