@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -87,9 +90,21 @@ def served(tmp_path_factory):
                 if "lora_B" in n:
                     p.normal_(0, 0.5)
         peft_model.save_pretrained(adir / name)
+    model.save_pretrained(root / "model")  # for the real `vsteer serve` process (before PEFT wraps it)
+    tok.save_pretrained(root / "model")
     engine = Engine(
         model, tok, "tiny-llama", vectors=load_vectors(vdir), adapters=find_adapters(adir), max_batch=16
     ).start()
+    # every row's next-token logits, by request id: batched rows must match their solo runs
+    # closely, not only in the greedy text (a tiny random model's argmax forgives a lot)
+    trace: dict[str, list[torch.Tensor]] = {}
+    advance = engine._advance
+
+    def traced(row, logits):
+        trace.setdefault(row.req.id, []).append(logits.detach().clone())
+        return advance(row, logits)
+
+    engine._advance = traced
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(
@@ -107,7 +122,14 @@ def served(tmp_path_factory):
         time.sleep(0.05)
     assert server.started, "server did not start"
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
-    yield {"client": client, "engine": engine, "url": f"http://127.0.0.1:{port}", "port": port}
+    yield {
+        "client": client,
+        "engine": engine,
+        "trace": trace,
+        "root": root,
+        "url": f"http://127.0.0.1:{port}",
+        "port": port,
+    }
     server.should_exit = True
     thread.join(10)
     engine.stop()
@@ -210,10 +232,10 @@ def test_concurrent_mixed_batch_equals_alone(served):
     def one(job):
         model, steering, content, max_tokens = job
         r = chat(client, model=model, steering=steering, content=content, max_tokens=max_tokens)
-        return r.choices[0].message.content, r.model_extra["vsteer"]["fingerprint"]
+        return r.choices[0].message.content, r.model_extra["vsteer"]["fingerprint"], r.id.split("-", 1)[1]
 
     alone = [one(job) for job in jobs]
-    assert len({a for a, _ in alone}) >= 6, "the mix must produce different outputs to prove anything"
+    assert len({a[0] for a in alone}) >= 6, "the mix must produce different outputs to prove anything"
     # hold the engine so the 16 requests queue up and decode as one batch (after the first)
     before, sent = engine.batches_run, engine.submitted
     engine._lock.acquire()
@@ -230,7 +252,8 @@ def test_concurrent_mixed_batch_equals_alone(served):
         engine._lock.release()
     together = [f.result(timeout=120) for f in futures]
     pool.shutdown()
-    assert together == alone
+    assert [t[:2] for t in together] == [a[:2] for a in alone]
+    _same_logits(served["trace"], [a[2] for a in alone], [t[2] for t in together])
     assert engine.max_rows_seen >= 8 and engine.batches_run - before <= 2
 
 
@@ -319,4 +342,205 @@ def test_bad_transport_refused(served):
     with pytest.raises(openai.NotFoundError) as exc:
         chat(served["client"], steering=[{"vector": "missing", "scale": 1.0}])
     assert "no steering vector named 'missing'" in str(exc.value)
+    assert chat(served["client"], max_tokens=2).choices  # still serving
+
+
+def test_rows_join_and_leave_a_running_batch(served):
+    """Continuous batching: requests join while another decodes, finish first, and match alone."""
+    from vsteer.serve.schema import parse_chat
+
+    engine = served["engine"]
+
+    def request(content, model="tiny-llama", steering=None, max_tokens=6):
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0}
+        return parse_chat({**body, "max_tokens": max_tokens, "steering": steering}, engine, Limits())
+
+    specs = [
+        ("hello world", "tiny-llama", None, 40),
+        ("tell me a story", "kind-v", [{"vector": "calm", "scale": 5.0, "positions": "all"}], 5),
+        ("the world", "terse-v", [{"vector": "happy", "scale": -4.0, "positions": "generated"}], 7),
+    ]
+    solo = [request(*spec) for spec in specs]
+    alone = [engine.generate(r) for r in solo]
+    assert alone[0]["finish_reason"] == "length", "the long row must run its 40 tokens"
+    events: list[tuple[int, str, object]] = []
+    lock = threading.Lock()
+
+    def sink(i):
+        def emit(kind, payload):
+            with lock:
+                events.append((i, kind, payload))
+
+        return emit
+
+    reqs = [request(*spec) for spec in specs]
+    for i, r in enumerate(reqs):
+        r.emit = sink(i)
+    joins = engine.joins
+    engine.submit(reqs[0])
+    for _ in range(2000):  # bounded: the long row is decoding
+        if sum(1 for i, k, _ in events if i == 0 and k == "delta") >= 3:
+            break
+        time.sleep(0.005)
+    with engine._lock:  # between two decoding steps
+        assert not any(k == "done" for _, k, _ in events)
+        engine.submit(reqs[1])
+        engine.submit(reqs[2])
+    for _ in range(4000):
+        if sum(1 for _, k, _ in events if k == "done") == 3:
+            break
+        time.sleep(0.005)
+    done = [(i, p) for i, k, p in events if k == "done"]
+    assert len(done) == 3
+    assert engine.joins - joins == 2
+    assert [i for i, _ in done][-1] == 0, "the short rows finish while the long one still decodes"
+    assert [p for _, p in sorted(done)] == alone
+    _same_logits(served["trace"], [r.id for r in solo], [r.id for r in reqs])
+
+
+def _same_logits(trace, alone_ids, together_ids):
+    for a, b in zip(alone_ids, together_ids):
+        la, lb = torch.stack(trace[a]), torch.stack(trace[b])
+        assert la.shape == lb.shape
+        assert torch.allclose(la, lb, atol=1e-4, rtol=0), f"max diff {(la - lb).abs().max():.2e}"
+
+
+def test_real_vsteer_serve_process(served):
+    """`vsteer serve` as its own process: same answers as the in-process server on the same weights."""
+    root, port = served["root"], _free_port()
+    cmd = [sys.executable, "-m", "vsteer.cli", "serve", "--model", str(root / "model"), "--device", "cpu"]
+    cmd += ["--vectors", str(root / "vectors"), "--adapters", str(root / "adapters")]
+    cmd += ["--port", str(port), "--api-key", KEY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # bounded wait (60 s) for the model to load and the port to open
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if _http(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        models = client.models.list().data
+        base = models[0].id
+        assert {m.id for m in models[1:]} == {"kind-v", "terse-v"}
+        assert all(m.model_extra["parent"] == base for m in models[1:])
+        steering = [{"vector": "formal", "scale": 6.0, "positions": "all"}]
+        for model, steer in ((base, None), (base, steering), ("kind-v", steering)):
+            theirs = chat(client, model=model, steering=steer).choices[0].message.content
+            ours = chat(served["client"], model=model if model != base else "tiny-llama", steering=steer)
+            assert theirs == ours.choices[0].message.content
+        text = "".join(c.choices[0].delta.content or "" for c in chat(client, model=base, stream=True))
+        assert text == chat(client, model=base).choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_playground_page_is_served_without_outside_resources(served):
+    req = urllib.request.Request(served["url"] + "/")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200 and r.headers["content-type"].startswith("text/html")
+        page = r.read().decode()
+    assert "/v1/chat/completions" in page and "/v1/steering/vectors" in page and "steering" in page
+    assert "http://" not in page and "https://" not in page and " src=" not in page  # no CDN, one file
+
+
+@pytest.mark.slow
+def test_real_model_mixed_batch_equals_alone(tmp_path):
+    """The embedded SmolLM2: a mixed batch (vectors, adapter, base) gives each row its solo answer."""
+    from peft import LoraConfig, get_peft_model
+
+    from vsteer.arch import get_arch
+    from vsteer.hooks import site_shape
+    from vsteer.models import load_model
+    from vsteer.serve.schema import parse_chat
+
+    model, tok = load_model("smollm2-135m-instruct", device="cpu")
+    arch = get_arch(model)
+    g = torch.Generator().manual_seed(0)
+    vec = SteeringVector.for_model(
+        model, {layer: torch.randn(site_shape(arch, "v"), generator=g) for layer in range(8, 16)}, site="v"
+    )
+    other, _ = load_model("smollm2-135m-instruct", device="cpu")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(other, LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "arm")
+    engine = Engine(
+        model, tok, "smollm2-135m-instruct", vectors={"rand": vec}, adapters={"arm": tmp_path / "arm"}
+    )
+    engine.start()
+    try:
+        bodies = [
+            {"model": m, "steering": s, "messages": [{"role": "user", "content": c}]}
+            for m, s, c in [
+                ("smollm2-135m-instruct", None, "Tell me about the sea."),
+                ("smollm2-135m-instruct", [{"vector": "rand", "scale": 2.0, "positions": "all"}], "Hi!"),
+                ("arm", None, "What is a good breakfast?"),
+                ("arm", [{"vector": "rand", "scale": -2.0}], "Tell me about the sea."),
+            ]
+        ]
+        limits = Limits()
+        make = lambda b: parse_chat({**b, "temperature": 0, "max_tokens": 6}, engine, limits)  # noqa: E731
+        alone = [engine.generate(make(b)) for b in bodies]
+        assert len({a["text"] for a in alone}) == len(alone)
+        with cf.ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda b: engine.generate(make(b)), bodies))
+        assert together == alone
+    finally:
+        engine.stop()
+
+
+def test_full_queue_is_refused_with_429(served):
+    engine = served["engine"]
+    limit = engine.max_queue
+    engine.max_queue = 0
+    try:
+        r = _post(served["url"], "chat", {})
+    finally:
+        engine.max_queue = limit
+    assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
+    assert chat(served["client"], max_tokens=2).choices
+
+
+def test_client_that_disconnects_mid_stream_frees_its_row(served):
+    import http.client
+
+    body = {
+        "model": "tiny-llama",
+        "prompt": "hello world",
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=30)
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    assert resp.status == 200
+    first = resp.readline().decode()
+    rid = json.loads(first[len("data: ") :])["id"].split("-", 1)[1]
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+    conn.close()
+    trace = served["trace"]
+    steps = -1
+    for _ in range(400):  # bounded: the row stops decoding soon after the disconnect
+        time.sleep(0.02)
+        if len(trace[rid]) == steps:
+            break
+        steps = len(trace[rid])
+    time.sleep(0.2)
+    assert len(trace[rid]) == steps < 400, "the row went on decoding after its client left"
     assert chat(served["client"], max_tokens=2).choices  # still serving

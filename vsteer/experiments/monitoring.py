@@ -367,15 +367,25 @@ def conditional_steering(
         "(c) conditional v": dict(vectors=v_vec, scale=opts.steer_scale, when=mons["v"]),
         "(d) conditional resid": dict(vectors=r_vec, scale=opts.steer_scale, when=mons["resid"]),
     }
-    records, refusals, samples = [], {}, []
+    records, refusals, samples, base = [], {}, [], {}
     for arm, kw in arms.items():
         for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
             outs = _generate(model, tokenizer, prompts, opts.max_new_tokens, **kw)
+            base.setdefault(kind, outs)  # arm (a) runs first
             ref = np.array([is_refusal(o) for o in outs], dtype=float)
             refusals[(arm, kind)] = ref
             lo, hi = wilson_interval(int(ref.sum()), len(ref))
+            # changed: share of completions that differ from the unsteered one (a row that does not
+            # fire must be unchanged)
+            changed = float(np.mean([o != b for o, b in zip(outs, base[kind], strict=True)]))
             rec = dict(
-                arm=arm, prompts=kind, n=len(ref), refusal_rate=float(ref.mean()), ci=f"[{lo:.3f}, {hi:.3f}]"
+                arm=arm,
+                prompts=kind,
+                n=len(ref),
+                refusal_rate=float(ref.mean()),
+                ci=f"[{lo:.3f}, {hi:.3f}]",
+                changed=changed,
+                flagged="",
             )
             if "when" in kw:
                 rec["flagged"] = float(kw["when"].flag(model, tokenizer, [_user(p) for p in prompts]).mean())
@@ -492,6 +502,7 @@ def monitoring(model, tokenizer, opts: MonitorOptions | None = None, progress_ba
             "Conditional steering (greedy, "
             + f"{opts.max_new_tokens} new tokens, scale {opts.steer_scale:g}):\n\n"
             + records_to_markdown(steer_records)
+            + "\n\n`flagged`: share of the prompts the gating monitor flags; `changed`: share of completions that differ from (a)."
         )
     return ExperimentResult(
         name="monitoring",

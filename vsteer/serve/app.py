@@ -13,14 +13,17 @@ import asyncio
 import hmac
 import json
 import time
+from pathlib import Path
 
 # FastAPI reads the route annotations, so these imports live at module level
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from vsteer.serve.engine import Engine, QueueFull, Request
 from vsteer.serve.schema import ApiError, Limits, parse_chat, parse_completion
+
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None = None):
@@ -238,6 +241,11 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             for name, why in engine.incompatible.items()
         ]
         return {"object": "list", "data": data}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        # the playground: one static file shipped in the package (no build step, no CDN)
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():

@@ -132,6 +132,13 @@ class Engine:
         self.eos = set(eos)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        import inspect
+
+        from vsteer.arch import unwrap
+
+        # transformers 5.x renames past_key_values to cache; use whichever this version takes
+        params = inspect.signature(unwrap(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._queue: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # held for each scheduler iteration (tests hold it to queue requests)
@@ -139,6 +146,7 @@ class Engine:
         self.batches_run = 0
         self.submitted = 0
         self.joins = 0  # requests that joined a batch already decoding
+        self._ops_cache: dict = {}
         self.max_rows_seen = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -312,14 +320,20 @@ class Engine:
         extra = {}
         if self.adapters:
             extra["adapter_names"] = [self.adapters[r.adapter] if r.adapter else BASE for r in reqs]
-        ops = self._ops(reqs, kinds)
+        # the ops change only when rows join or leave: build them once per batch composition
+        key = (kinds, tuple(r.id for r in reqs))
+        ops = self._ops_cache.get(key)
+        if ops is None:
+            ops = self._ops(reqs, kinds)
+            if kinds == ("generated", "all"):
+                self._ops_cache = {key: ops}
         with intervene(self.base, ops) if ops else nullcontext():
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_kw: cache},
                 **extra,
             )
         return out.logits[:, -1, :].float()
