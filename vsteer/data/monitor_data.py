@@ -50,9 +50,13 @@ class ReplyPair:
 
 @cache
 def _rows(name: str) -> list[dict]:
-    from vsteer.data.readers import _text
+    from vsteer.data.readers import data_path
 
-    return [json.loads(line) for line in _text(FILES[name]).splitlines() if line.strip()]
+    path = data_path(FILES[name])
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+    # split on "\n" only: str.splitlines would also break on U+2028 inside JSON strings
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def advbench_goals() -> list[str]:
