@@ -196,7 +196,13 @@ def test_run_swaps_reports_every_pair_matrix_and_kind_and_leaves_no_hooks():
     assert hook_count(model) == hooks
     # one finding per claim, each judged by its own rule and measured from these records
     ids = [f.rule_id for f in result.findings]
-    assert ids == ["swaps.v_vs_k_ppl", "swaps.wv_breaks", "swaps.wk_barely", "swaps.v_vs_k_ppl", "swaps.kl_v_vs_k"]
+    assert ids == [
+        "swaps.v_vs_k_ppl",
+        "swaps.wv_breaks",
+        "swaps.wk_barely",
+        "swaps.v_vs_k_ppl",
+        "swaps.kl_v_vs_k",
+    ]
     wv = [r["delta_log_ppl"] for r in result.records if r["kind"] == "weights" and r["matrix"] == "v"]
     assert result.findings[1].effect.value == pytest.approx(np.mean(wv)) and result.findings[1].effect.n == 2
     from vsteer.verdicts import decide, shipped_rules
@@ -377,7 +383,9 @@ def test_run_probes_averages_n_control_draws_from_the_config():
     data = [(f"this is {['good', 'bad'][i % 2]} stuff {i}", i % 2) for i in range(60)]
     assert probing.ProbeConfig().n_control == 10
     config = probing.ProbeConfig(layers=[1], cv=2, n_control=3, sites=("v",))
-    result = probing.run_probes(make_tiny_model("llama"), TOK, config, data[:40], data[40:], progress_bar=False)
+    result = probing.run_probes(
+        make_tiny_model("llama"), TOK, config, data[:40], data[40:], progress_bar=False
+    )
     assert all("control_sd" in r for r in result.records)
     (x, y), (xt, yt) = planted(40), planted(20, seed=1)
     with pytest.raises(DataError, match="n_control"):

@@ -10,7 +10,9 @@ from vsteer.recipes import load_recipe
 from vsteer.run import SECTIONS, load_run_spec, section_options
 
 RECIPES = shipped_recipes()
-TRAINING = sorted(p for p in RECIPES.glob("*.yaml") if p.name not in ("claims.yaml", "verdicts.yaml"))
+NOT_TRAINING = ("claims.yaml", "verdicts.yaml")
+COMPARE = sorted(RECIPES.glob("compare_*.yaml"))
+TRAINING = sorted(p for p in RECIPES.glob("*.yaml") if p.name not in NOT_TRAINING and p not in COMPARE)
 
 
 def test_the_four_comparison_recipes_are_shipped():
@@ -24,6 +26,14 @@ def test_training_recipe_validates(path):
     assert recipe.method in ("sft", "dpo")
     if path.name.startswith("qk_only"):
         assert recipe["adapter.targets"] == "qk" and recipe["adapter.match"] == "v"
+
+
+@pytest.mark.parametrize("path", COMPARE, ids=lambda p: p.name)
+def test_comparison_recipe_validates(path):
+    from vsteer.compare import load_compare_recipe
+
+    spec = load_compare_recipe(path)
+    assert "v" in spec.arms and len(spec.learning_rates) >= 1
 
 
 def test_claims_recipe_validates_with_every_section_and_both_profiles():

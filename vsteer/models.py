@@ -726,7 +726,11 @@ def weights_fingerprint(model: torch.nn.Module, use_file_cache: bool = True) -> 
     """
     name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     source = Path(name) if name else None
-    files = sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin")) if source and source.is_dir() else []
+    files = (
+        sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin"))
+        if source and source.is_dir()
+        else []
+    )
     sig = None
     if use_file_cache and files:
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]

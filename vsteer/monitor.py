@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vsteer.encoding import to_numpy
 from vsteer.errors import VsteerError
 from vsteer.files import atomic_write
 from vsteer.hooks import Operation
@@ -179,7 +180,7 @@ class Monitor:
         feats = features(
             model, tokenizer, items, self.site, self.layers, self.position, batch_size, max_length
         )
-        return self.score_features(feats).numpy()
+        return to_numpy(self.score_features(feats))
 
     def flag(self, model, tokenizer, items: Sequence, **kw) -> np.ndarray:
         """``[len(items)]`` bool: score above the threshold."""
@@ -484,7 +485,7 @@ def fit(
     items = positive + negative
     feats = features(model, tokenizer, items, site, layer_list, position, batch_size, max_length)
     fp, fn = feats[: len(positive)], feats[len(positive) :]
-    x = torch.cat([fp[pos_tr], fn[neg_tr]]).flatten(1).numpy()
+    x = to_numpy(torch.cat([fp[pos_tr], fn[neg_tr]]).flatten(1))
     y = np.r_[np.ones(len(pos_tr)), np.zeros(len(neg_tr))]
     w, b = fit_linear(x, y, C=C, seed=seed)
     shape = tuple(feats.shape[2:])
@@ -517,11 +518,11 @@ def fit(
         },
     )
     if fpr is not None:
-        neg_scores = mon.score_features(fn[neg_cal]).numpy()
+        neg_scores = to_numpy(mon.score_features(fn[neg_cal]))
         mon.threshold = calibrated_threshold(neg_scores, fpr)
         if len(pos_cal):
             mon.extra["calibration_tpr"] = float(
-                (mon.score_features(fp[pos_cal]).numpy() > mon.threshold).mean()
+                (to_numpy(mon.score_features(fp[pos_cal])) > mon.threshold).mean()
             )
         mon.extra["calibration_fpr"] = float((neg_scores > mon.threshold).mean())
     return mon

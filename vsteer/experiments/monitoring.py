@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from vsteer.encoding import to_numpy
 from vsteer.evaluate import Estimate, bootstrap, finding, wilson_interval
 from vsteer.experiments.result import ExperimentResult
 
@@ -272,10 +273,10 @@ def site_comparison(model, tokenizer, opts: MonitorOptions, progress_bar=None) -
         y = np.r_[np.ones(len(tp)), np.zeros(len(tn))]
         for site in opts.sites:
             for li, layer in enumerate(layers):
-                x = torch.cat([f_tp[site][:, li], f_tn[site][:, li]]).flatten(1).numpy()
+                x = to_numpy(torch.cat([f_tp[site][:, li], f_tn[site][:, li]]).flatten(1))
                 w, b = fit_linear(x, y, C=opts.C, seed=opts.seed)
-                sp = f_ep[site][:, li].flatten(1).double().numpy() @ w + b
-                sn = f_en[site][:, li].flatten(1).double().numpy() @ w + b
+                sp = to_numpy(f_ep[site][:, li].flatten(1).double()) @ w + b
+                sn = to_numpy(f_en[site][:, li].flatten(1).double()) @ w + b
                 scores[(name, site, layer)] = (sp, sn)
                 a, t = _boot_two(auroc, sp, sn, opts.seed), _boot_two(tpr_at_fpr, sp, sn, opts.seed)
                 rec = dict(

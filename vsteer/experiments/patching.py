@@ -178,12 +178,14 @@ def aligned_pairs(tokenizer, pairs) -> list[AlignedPair]:
     :class:`CounterfactualPair`s, dicts, a JSONL path or a ``datasets.Dataset`` of rows with the fields
     of :class:`CounterfactualPair` (``source``, ``donor``, ``source_entity``, ``donor_entity``,
     ``source_answer``, ``donor_answer``, optional ``relation``)."""
-    from vsteer.data.user import validate
-
     from pathlib import Path
 
-    if isinstance(pairs, str | Path) or hasattr(pairs, "_fingerprint") or (
-        isinstance(pairs, list | tuple) and pairs and all(isinstance(p, dict) for p in pairs)
+    from vsteer.data.user import validate
+
+    if (
+        isinstance(pairs, str | Path)
+        or hasattr(pairs, "_fingerprint")
+        or (isinstance(pairs, list | tuple) and pairs and all(isinstance(p, dict) for p in pairs))
     ):
         pairs = [CounterfactualPair(**row) for row in validate(pairs, "patching")]
     out = []

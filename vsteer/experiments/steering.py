@@ -205,12 +205,15 @@ def matched_residual(model, value_vec, resid_vec, inputs: dict | None = None):
     dirs = {}
     for layer, t in resid_vec.directions.items():
         dirs[layer] = t * (target[layer] / t.norm().clamp_min(1e-12))
-    return replace(resid_vec, directions=dirs, method=f"{resid_vec.method}, norm matched to the residual change of v")
+    return replace(
+        resid_vec, directions=dirs, method=f"{resid_vec.method}, norm matched to the residual change of v"
+    )
 
 
 def calibration_inputs(model, tokenizer, n: int = 8) -> dict:
     """A tokenized batch of neutral prompts (shipped IMDB openings) to calibrate residual sizes."""
     from vsteer import data
+
     return encode_batch(tokenizer, data.neutral_prompts(n), device=model_device(model))
 
 

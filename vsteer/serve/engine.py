@@ -74,7 +74,7 @@ def vector_digest(vec: SteeringVector) -> str:
     h = hashlib.sha256(vec.site.encode())
     for layer, t in vec.directions.items():
         h.update(str(layer).encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
