@@ -639,7 +639,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None):
                         continue
                     chosen[arm] = select_lr(
                         {
-                            lr: _val_effect(results[("train", arm, lr, first)]["val"], base_val, data.val)
+                            lr: val_effect(results[("train", arm, lr, first)]["val"], base_val, data.val)
                             for lr in spec.learning_rates
                         }
                     )
@@ -698,7 +698,7 @@ def _wait_one(pending) -> Future:
     return next(iter(done))
 
 
-def _val_effect(val, base_val, items) -> float:
+def val_effect(val, base_val, items) -> float:
     d = np.asarray(val) - base_val
     labels = np.array([i.label for i in items])
     return float(d[labels == 1].mean() - d[labels == 0].mean())

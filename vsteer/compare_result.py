@@ -203,7 +203,7 @@ class CompareResult:
         return out
 
     def selection_records(self) -> list[dict]:
-        from vsteer.compare import _val_effect
+        from vsteer.compare import val_effect
 
         base_val = self._base("val")
         rows = []
@@ -214,7 +214,7 @@ class CompareResult:
                     {
                         "arm": arm,
                         "lr": lr,
-                        "val_shift": _val_effect(r["val"], base_val, self.data.val),
+                        "val_shift": val_effect(r["val"], base_val, self.data.val),
                         "train_loss": r["train_loss"],
                         "chosen": "yes" if self.chosen[arm] == lr else "",
                     }
@@ -222,7 +222,7 @@ class CompareResult:
         return rows
 
     def frontier_records(self) -> list[dict]:
-        from vsteer.compare import _val_effect
+        from vsteer.compare import val_effect
 
         base_val = self._base("val")
         rows = []
@@ -234,7 +234,7 @@ class CompareResult:
                         "arm": arm,
                         "step": pt["step"],
                         "kl": pt["kl"],
-                        "val_shift": _val_effect(pt["val"], base_val, self.data.val),
+                        "val_shift": val_effect(pt["val"], base_val, self.data.val),
                     }
                 )
             tr = self.runs[("train", arm, self.chosen[arm], self.first)]
@@ -244,7 +244,7 @@ class CompareResult:
                         "arm": arm,
                         "step": self.spec.steps,
                         "kl": ev["kl"],
-                        "val_shift": _val_effect(tr["val"], base_val, self.data.val),
+                        "val_shift": val_effect(tr["val"], base_val, self.data.val),
                     }
                 )
         return rows
