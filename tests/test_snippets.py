@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_serve import served  # noqa: F401  (the server a client sample talks to)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -69,7 +70,17 @@ def test_a_cited_module_function_is_reached_through_its_module():
     assert callable(vsteer.steer) and not hasattr(vsteer.steer, "per_row")
 
 
+SERVER_URL = "http://127.0.0.1:8000/v1"
+
+
 @pytest.mark.parametrize("code", _samples())
-def test_sample_runs(code, tmp_path, monkeypatch):
+def test_sample_runs(code, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
+    if SERVER_URL in code:
+        # a client sample talks to a real `vsteer serve` on 127.0.0.1 (test_serve's tiny server,
+        # which has the adapter and vectors the sample names), on its free port and key
+        from test_serve import KEY
+
+        served = request.getfixturevalue("served")
+        code = code.replace(SERVER_URL, f"{served['url']}/v1").replace('api_key="KEY"', f'api_key="{KEY}"')
     exec(compile(code, "<sample>", "exec"), {"__name__": "__sample__"})
