@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from vsteer.errors import RecipeError
+from vsteer.errors import DataError, RecipeError
 
 __all__ = ["atomic_write", "umask", "share", "shipped_recipes", "resolve_recipe"]
 
@@ -110,3 +110,26 @@ def resolve_recipe(recipe: str | os.PathLike) -> Path:
         f"recipe {str(recipe)!r} not found (neither a file nor a shipped recipe); "
         f"shipped recipes: {', '.join(names) or 'none'}"
     )
+
+
+def jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of a JSONL file (``.jsonl`` or ``.jsonl.gz``), blank lines skipped; a
+    line that is not a JSON object is one ``DataError`` naming ``file:line``."""
+    import gzip
+    import json
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append((i, row))
+    return rows

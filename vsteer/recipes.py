@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import gzip
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -412,22 +410,9 @@ _FIELDS = {"sft": (("prompt", "completion"), ("messages",), ("text",)), "dpo": (
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file (``.jsonl`` or ``.jsonl.gz``)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+    from vsteer.files import jsonl_rows
+
+    return [row for _, row in jsonl_rows(path)]
 
 
 def _check_rows(rows: list[dict], method: str, path: Path) -> list[dict]:

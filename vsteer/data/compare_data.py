@@ -23,14 +23,13 @@ DPO rows ``{"prompt", "chosen", "rejected"}``. Every bad row is reported with fi
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vsteer.errors import DataError
+from vsteer.files import jsonl_rows
 
 IMDB_PROMPT = "Here is a movie review:"
 SHIPPED_TASKS = {"sst2-sentiment": "sft", "imdb-openings": "dpo"}
@@ -155,19 +154,7 @@ def read_rows(path: str | Path, what: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what}: data file {str(path)!r} not found; expected a JSONL file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append((i, row))
+    rows = jsonl_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows ({what} needs at least one)")
     return rows
