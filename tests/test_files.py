@@ -129,3 +129,62 @@ def test_share_sets_the_umask_modes_of_a_tree(tmp_path):
     with _umask(0o022):
         share(tmp_path / "d")
     assert _mode(tmp_path / "d") == 0o755 and _mode(tmp_path / "d" / "f") == 0o644
+
+
+# ---- the safetensors files of vectors and monitors ----------------------------------------------
+def _written_by_the_old_save(tensors: dict, meta: dict) -> bytes:
+    """What ``SteeringVector.save``/``Monitor.save`` wrote before they shared ``save_layer_tensors``."""
+    import json
+
+    from safetensors.torch import save
+
+    return save(
+        {f"layer.{layer}": t.detach().float().cpu().contiguous() for layer, t in tensors.items()},
+        metadata={"vsteer": json.dumps(meta, default=str)},
+    )
+
+
+def _monitor():
+    from vsteer.monitor import Monitor
+
+    g = torch.Generator().manual_seed(0)
+    return Monitor(
+        weights={0: torch.randn(2, 8, generator=g), 2: torch.randn(2, 8, generator=g)},
+        bias=0.5,
+        threshold=1.25,
+        site="v",
+        fpr=0.1,
+        model_name="tiny",
+        extra={"n": [3, 4]},
+    )
+
+
+def test_vector_and_monitor_files_keep_their_format_and_old_files_load(llama, tmp_path):
+    from vsteer.monitor import Monitor
+
+    vec = SteeringVector.for_model(llama, {2: torch.randn(32), 0: torch.randn(32)}, "resid")
+    vec.data = [{"path": "caa/x.json", "sha256": "ab" * 32}]
+    mon = _monitor()
+    for obj, tensors, cls in [(vec, vec.directions, SteeringVector), (mon, mon.weights, Monitor)]:
+        old = _written_by_the_old_save(tensors, obj.metadata())
+        assert obj.save(tmp_path / "new.safetensors").read_bytes() == old  # same bytes, same metadata keys
+        (tmp_path / "old.safetensors").write_bytes(old)
+        back = cls.load(tmp_path / "old.safetensors")
+        assert back.metadata() == obj.metadata()
+        loaded = back.directions if cls is SteeringVector else back.weights
+        assert sorted(loaded) == sorted(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_a_monitor_file_is_not_a_vector_and_layers_must_match_the_tensors(tmp_path):
+    from vsteer.errors import VectorError
+    from vsteer.monitor import Monitor, MonitorError
+
+    path = _monitor().save(tmp_path / "m.safetensors")
+    with pytest.raises(
+        VectorError, match=r"has format 'vsteer.monitor/1'; expected 'vsteer.steering_vector/1'"
+    ):
+        SteeringVector.load(path)
+    meta = _monitor().metadata() | {"layers": [0, 1]}
+    (tmp_path / "bad.safetensors").write_bytes(_written_by_the_old_save(_monitor().weights, meta))
+    with pytest.raises(MonitorError, match=r"metadata layers \[0, 1\] disagree with tensors \[0, 2\]"):
+        Monitor.load(tmp_path / "bad.safetensors")

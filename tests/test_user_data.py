@@ -86,7 +86,7 @@ def test_a_bad_value_is_one_error_line(tmp_path, row, needle):
 def test_a_line_that_is_not_json_is_named(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "a", "label": 1}\n{"text": oops}\n')
-    with pytest.raises(DataError, match="broken.jsonl line 2: not a JSON object") as err:
+    with pytest.raises(DataError, match="broken.jsonl:2: not valid JSON") as err:
         user.labelled_texts(path)
     one_line(err)
 

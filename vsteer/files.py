@@ -1,4 +1,5 @@
-"""File utilities of the core: atomic writes with the permissions of a normal write, shipped recipes.
+"""File utilities of the core: atomic writes with the permissions of a normal write, shipped recipes,
+numbered JSONL rows, and the safetensors files of steering vectors and monitors.
 
 Every file vsteer publishes (vectors, GGUF exports, reports, results, adapter metadata) goes
 through :func:`atomic_write`: readers see the old content or the new, never half a file, and
@@ -14,7 +15,16 @@ from pathlib import Path
 
 from vsteer.errors import DataError, RecipeError
 
-__all__ = ["atomic_write", "umask", "share", "shipped_recipes", "resolve_recipe"]
+__all__ = [
+    "atomic_write",
+    "umask",
+    "share",
+    "shipped_recipes",
+    "resolve_recipe",
+    "jsonl_rows",
+    "save_layer_tensors",
+    "load_layer_tensors",
+]
 
 
 def umask() -> int:
@@ -133,3 +143,66 @@ def jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(row).__name__}")
             rows.append((i, row))
     return rows
+
+
+def save_layer_tensors(path: str | os.PathLike, tensors: dict, metadata: dict) -> Path:
+    """Write ``path``: a safetensors file of float32 tensors ``layer.N`` (``tensors`` maps layer ``N``
+    to a tensor of any shape) and ``metadata`` as JSON under the header key ``vsteer``, atomically.
+
+    The format of :meth:`vsteer.SteeringVector.save` and :meth:`vsteer.Monitor.save`; never pickled.
+    Returns ``path``.
+    """
+    import json
+
+    from safetensors.torch import save
+
+    blob = {f"layer.{layer}": t.detach().float().cpu().contiguous() for layer, t in tensors.items()}
+    return atomic_write(path, save(blob, metadata={"vsteer": json.dumps(metadata, default=str)}))
+
+
+def load_layer_tensors(
+    path: str | os.PathLike, kind: str, fmt: str, error: type[Exception]
+) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a file written by :func:`save_layer_tensors`: ``{N: tensor}`` (in
+    file order) and the JSON metadata, whose ``format`` must be ``fmt``.
+
+    Anything else (no file, not safetensors, no or unreadable ``vsteer`` metadata, another format,
+    a tensor not named ``layer.N``, metadata ``layers`` other than the tensors') is one ``error``
+    line naming the file and calling it what it should have been, a ``kind`` (``"monitor"``).
+    """
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"no {kind} file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("vsteer")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise error(f"cannot read {kind} {str(path)!r}: {first}") from None
+    if raw is None:
+        raise error(f"{str(path)!r} is a safetensors file without vsteer metadata; not a {kind}")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise error(f"{str(path)!r} has unreadable vsteer metadata (not a JSON object); not a {kind}")
+    if meta.get("format") != fmt:
+        raise error(f"{str(path)!r} has format {meta.get('format')!r}; expected {fmt!r} (a {kind})")
+    out = {}
+    for name, t in tensors.items():
+        prefix, _, layer = name.partition(".")
+        if prefix != "layer" or not layer.isdigit():
+            raise error(f"{str(path)!r} has tensor {name!r}; expected names like 'layer.8'")
+        out[int(layer)] = t
+    layers = meta.get("layers")
+    if layers is not None and not (
+        isinstance(layers, list) and all(isinstance(x, int) for x in layers) and sorted(layers) == sorted(out)
+    ):
+        raise error(f"{str(path)!r}: metadata layers {layers} disagree with tensors {sorted(out)}")
+    return out, meta

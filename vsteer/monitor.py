@@ -47,7 +47,7 @@ import torch
 
 from vsteer.encoding import to_numpy
 from vsteer.errors import VsteerError
-from vsteer.files import atomic_write
+from vsteer.files import load_layer_tensors, save_layer_tensors
 from vsteer.hooks import Operation
 from vsteer.sites import SITE_NAMES
 
@@ -208,51 +208,14 @@ class Monitor:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (safetensors, tensors ``layer.N``, JSON metadata under ``vsteer``), atomically."""
-        from safetensors.torch import save
-
-        tensors = {
-            f"layer.{layer}": t.detach().float().cpu().contiguous() for layer, t in self.weights.items()
-        }
-        return atomic_write(
-            path, save(tensors, metadata={"vsteer": json.dumps(self.metadata(), default=str)})
-        )
+        return save_layer_tensors(path, self.weights, self.metadata())
 
     save_pretrained = save
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, site: str | None = None) -> Monitor:
         """Read a monitor written by :meth:`save`; with ``model`` (and ``site``), check that it fits."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise MonitorError(f"no monitor file at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("vsteer")
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise MonitorError(f"cannot read monitor {str(path)!r}: {first}") from None
-        try:
-            meta = json.loads(raw) if raw is not None else None
-        except json.JSONDecodeError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise MonitorError(
-                f"{str(path)!r} is not a vsteer monitor (format {found!r}; expected {FORMAT!r})"
-            )
-        weights = {}
-        for name, t in tensors.items():
-            prefix, _, layer = name.partition(".")
-            if prefix != "layer" or not layer.isdigit():
-                raise MonitorError(f"{str(path)!r} has tensor {name!r}; expected names like 'layer.8'")
-            weights[int(layer)] = t
-        if sorted(weights) != sorted(meta.get("layers") or []):
-            raise MonitorError(
-                f"{str(path)!r}: metadata layers {meta.get('layers')} disagree with tensors {sorted(weights)}"
-            )
+        weights, meta = load_layer_tensors(path, "monitor", FORMAT, MonitorError)
         threshold = meta.get("threshold")
         mon = cls(
             weights=weights,

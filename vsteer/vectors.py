@@ -17,7 +17,6 @@ metadata against it and refuses a vector made for another model, size or site.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vsteer.errors import VectorError
-from vsteer.files import atomic_write
+from vsteer.files import load_layer_tensors, save_layer_tensors
 from vsteer.sites import SITE_NAMES
 
 FORMAT = "vsteer.steering_vector/1"
@@ -229,46 +228,14 @@ class SteeringVector:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (safetensors, float32 tensors ``layer.N``, JSON metadata), atomically."""
-        from safetensors.torch import save
-
-        tensors = {
-            f"layer.{layer}": t.detach().float().cpu().contiguous() for layer, t in self.directions.items()
-        }
-        blob = save(tensors, metadata={"vsteer": json.dumps(self.metadata(), default=str)})
-        return atomic_write(path, blob)
+        return save_layer_tensors(path, self.directions, self.metadata())
 
     save_pretrained = save
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> SteeringVector:
         """Read a vector written by :meth:`save`; with ``model``, check that it fits (see :meth:`check`)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise VectorError(f"no steering vector file at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("vsteer")
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise VectorError(f"cannot read steering vector {str(path)!r}: {_first_line(exc)}") from None
-        if raw is None:
-            raise VectorError(
-                f"{str(path)!r} is a safetensors file without vsteer metadata; not a steering vector"
-            )
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError:
-            raise VectorError(f"{str(path)!r} has unreadable vsteer metadata (not JSON)") from None
-        if meta.get("format") != FORMAT:
-            raise VectorError(f"{str(path)!r} has format {meta.get('format')!r}; expected {FORMAT!r}")
-        directions = {}
-        for name, t in tensors.items():
-            prefix, _, layer = name.partition(".")
-            if prefix != "layer" or not layer.isdigit():
-                raise VectorError(f"{str(path)!r} has tensor {name!r}; expected names like 'layer.8'")
-            directions[int(layer)] = t
+        directions, meta = load_layer_tensors(path, "steering vector", FORMAT, VectorError)
         vec = cls(
             directions=directions,
             site=meta.get("site", "v"),
@@ -357,8 +324,3 @@ def _layer_text(layers: list[int]) -> str:
         if layer is not None:
             start = prev = layer
     return ",".join(runs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

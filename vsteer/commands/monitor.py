@@ -67,6 +67,7 @@ def _read_texts(spec: str, limit: int | None = None) -> tuple[list[str], list[di
     from pathlib import Path
 
     from vsteer.errors import DataError
+    from vsteer.files import jsonl_rows
 
     if spec in BUILTIN:
         from vsteer.data import monitor_data as md
@@ -81,19 +82,17 @@ def _read_texts(spec: str, limit: int | None = None) -> tuple[list[str], list[di
         path = Path(spec)
         if not path.is_file():
             raise DataError(f"{spec!r} is neither a file nor one of {', '.join(BUILTIN)}")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if path.suffix == ".jsonl":
             texts = []
-            for i, line in enumerate(lines):
-                row = json.loads(line)
+            for n, row in jsonl_rows(path):
                 key = next((k for k in ("text", "prompt", "goal") if k in row), None)
                 if key is None:
                     raise DataError(
-                        f"{spec}:{i + 1}: expected a 'text', 'prompt' or 'goal' field, got {sorted(row)}"
+                        f"{spec}:{n}: expected a 'text', 'prompt' or 'goal' field, got {sorted(row)}"
                     )
                 texts.append(row[key])
         else:
-            texts = lines
+            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         from vsteer.data.readers import file_sha256
 
         src = [{"path": str(path), "sha256": file_sha256(path)}]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import sys
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from vsteer.errors import DataError
+from vsteer.files import jsonl_rows
 
 FILES = {
     "advbench": "monitor/advbench/goals.jsonl",
@@ -52,11 +52,7 @@ class ReplyPair:
 def _rows(name: str) -> list[dict]:
     from vsteer.data.readers import data_path
 
-    path = data_path(FILES[name])
-    raw = path.read_bytes()
-    text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
-    # split on "\n" only: str.splitlines would also break on U+2028 inside JSON strings
-    return [json.loads(line) for line in text.split("\n") if line.strip()]
+    return [row for _, row in jsonl_rows(data_path(FILES[name]))]
 
 
 def advbench_goals() -> list[str]:
@@ -160,12 +156,8 @@ def build(shared: str | Path) -> list[Path]:
             ],
         )
 
-    def jsonl_gz(path):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in io.StringIO(f.read()) if line.strip()]
-
     seen, helpful = set(), []
-    for r in jsonl_gz(shared / "hh-rlhf/helpful-base/test.jsonl.gz"):
+    for _, r in jsonl_rows(shared / "hh-rlhf/helpful-base/test.jsonl.gz"):
         turns = _turns(r["chosen"])
         if turns and turns[0][0] == "Human" and turns[0][1] and turns[0][1] not in seen:
             seen.add(turns[0][1])
@@ -175,7 +167,7 @@ def build(shared: str | Path) -> list[Path]:
     put(FILES["helpful"], helpful)
 
     pairs = []
-    for r in jsonl_gz(shared / "hh-rlhf/harmless-base/test.jsonl.gz"):
+    for _, r in jsonl_rows(shared / "hh-rlhf/harmless-base/test.jsonl.gz"):
         c, j = _turns(r["chosen"]), _turns(r["rejected"])
         if len(c) != 2 or len(j) != 2 or [t[0] for t in c + j] != ["Human", "Assistant"] * 2:
             continue  # single-turn conversations only: one human turn, one reply

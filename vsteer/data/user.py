@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vsteer.data.readers import ABItem
 from vsteer.errors import DataError
+from vsteer.files import jsonl_rows
 
 SCHEMAS: dict[str, tuple[str, ...]] = {
     "ab": ("question", "answer_matching_behavior", "answer_not_matching_behavior"),
@@ -68,21 +69,8 @@ def read_rows(data) -> tuple[list[dict], str, str]:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
             return list(rows), str(path), "row"
-        rows, lines = [], []
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {n}: not a JSON object ({err.msg})") from None
-            lines.append(n)
         # keep the file's line numbers for the messages below
-        return (
-            [{"__line__": n, **r} if isinstance(r, dict) else r for n, r in zip(lines, rows)],
-            str(path),
-            "line",
-        )
+        return [{"__line__": n, **r} for n, r in jsonl_rows(path)], str(path), "line"
     if isinstance(data, dict):
         raise DataError("data is one dict; expected a JSONL path, a datasets.Dataset or a list of dicts")
     if not isinstance(data, Iterable):
