@@ -287,3 +287,70 @@ def test_positive_control_moves_style_on_the_embedded_model():
     res = run_compare(spec, progress=False)
     e = res.effect("all")
     assert e.low > 0, e
+
+
+def test_length_buckets_keep_every_row_group_similar_lengths_and_depend_on_the_seed():
+    from vsteer.compare import length_buckets
+
+    tok = char_tokenizer()
+    rng = np.random.default_rng(3)
+    rows = [{"text": "x" * int(n)} for n in rng.integers(1, 60, size=64)]
+    a = length_buckets(rows, tok, 8, seed=0)
+    assert sorted(r["text"] for r in a) == sorted(r["text"] for r in rows)
+
+    def padded(order):  # tokens a batch of 8 pads to, summed over batches
+        return sum(max(len(r["text"]) for r in order[i : i + 8]) for i in range(0, len(order), 8))
+
+    assert padded(a) < 0.8 * padded(rows)
+    b = length_buckets(rows, tok, 8, seed=1)
+    assert [r["text"] for r in a] != [r["text"] for r in b]
+    assert [r["text"] for r in a] == [r["text"] for r in length_buckets(rows, tok, 8, seed=0)]
+
+
+def test_sft_trains_on_the_bucketed_order(tiny_dir, user_files, monkeypatch):
+    """The SFT job writes its rows bucketed and asks TRL for a sequential sampler (else TRL's
+    random sampler would undo the buckets); with length_buckets: false it does neither."""
+    import vsteer.compare as compare
+    import vsteer.train as train_mod
+
+    seen = []
+    real = train_mod.train_from_recipe
+
+    def spy(recipe, **kw):
+        rows = [json.loads(x) for x in open(recipe["data"]["train"])]
+        seen.append((recipe["training"].get("train_sampling_strategy"), [r["text"] for r in rows]))
+        return real(recipe, **kw)
+
+    monkeypatch.setattr(train_mod, "train_from_recipe", spy)
+    for buckets in (True, False):
+        spec = load_compare_recipe(
+            _recipe(tiny_dir, *user_files, arms=["v"], learning_rates=[1e-3], seeds=[0], length_buckets=buckets)
+        )
+        run_compare(spec, progress=False)
+    (strategy_on, rows_on), (strategy_off, rows_off) = seen
+    assert strategy_on == "sequential" and strategy_off is None
+    ctx = compare._context(spec.to_dict())
+    expected = compare.length_buckets(ctx["data"].train, ctx["tokenizer"], spec.batch_size, 0)
+    assert rows_on == [r["text"] for r in expected]
+    assert rows_off == [r["text"] for r in ctx["data"].train]
+
+
+def test_comparisons_sharing_one_pool_equal_each_run_alone(tiny_dir, user_files, tmp_path):
+    """Two comparisons driven side by side through one 2-process pool give the numbers each
+    gives alone in this process (workers: 1): sharing workers changes no result."""
+    from vsteer.experiments.adapters import run_concurrently
+
+    base = dict(arms=["v", "qk"], learning_rates=[1e-3, 3e-2], seeds=[0, 1], checkpoints=[])
+    specs = {
+        name: load_compare_recipe(_recipe(tiny_dir, *user_files, name=name, rank=r, **base))
+        for name, r in (("a", 2), ("b", 4))
+    }
+    alone = {k: run_compare(s, progress=False) for k, s in specs.items()}
+    for s in specs.values():
+        s.workers = 2
+    shared = run_concurrently(specs, cache=tmp_path / "cache", progress=False)
+    for k in specs:
+        assert shared[k].chosen == alone[k].chosen
+        for key, run in alone[k].runs.items():
+            if "test" in run:
+                np.testing.assert_allclose(shared[k].runs[key]["test"], run["test"], atol=1e-5)

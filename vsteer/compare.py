@@ -79,6 +79,9 @@ class CompareSpec:
     n_prompts: int = 24
     max_new_tokens: int = 20
     eval_batch_size: int = 32
+    # SFT batches of similar token length (in a seeded random order): on SST-2 a random batch of 8
+    # pads to 41 tokens for a mean of 24, so ~40% of the compute was padding
+    length_buckets: bool = True
     workers: int = 2
     threads: int = 1
 
@@ -160,6 +163,8 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
         v = getattr(spec, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise RecipeError(f"{key} must be a positive int, got {v!r}")
+    if not isinstance(spec.length_buckets, bool):
+        raise RecipeError(f"length_buckets must be true or false, got {spec.length_buckets!r}")
     if spec.budget is not None and (
         isinstance(spec.budget, bool) or not isinstance(spec.budget, int) or spec.budget < 1
     ):
@@ -296,16 +301,33 @@ def _init_worker(threads: int) -> None:
 
 
 def _context(spec_dict: dict):
-    """Per process: the spec, tokenizer and data (built once), and WikiText windows."""
+    """Per process and comparison: the spec, tokenizer and data (built once), WikiText windows.
+    Kept per comparison, so a worker shared by two comparisons does not rebuild them by turns."""
     key = json.dumps(spec_dict, sort_keys=True, default=str)
-    if _WORKER.get("key") != key:
+    if key not in _WORKER:
         from vsteer.models import load_model
 
         spec = CompareSpec(**spec_dict)
         model, tok = load_model(spec.model, dtype=spec.dtype, device=spec.device)
-        _WORKER.clear()
-        _WORKER.update(key=key, spec=spec, tokenizer=tok, data=build_data(spec, tok))
-    return _WORKER
+        _WORKER[key] = dict(spec=spec, tokenizer=tok, data=build_data(spec, tok))
+    return _WORKER[key]
+
+
+def length_buckets(rows: list[dict], tokenizer, batch_size: int, seed: int) -> list[dict]:
+    """``rows`` reordered so that consecutive runs of ``batch_size`` have similar token lengths,
+    the runs in a seeded random order (train with a sequential sampler). Rows of equal length
+    are ordered at random too, so every seed sees different batches."""
+    rng = np.random.default_rng(seed)
+
+    def text(row: dict) -> str:
+        if "messages" in row:
+            return " ".join(str(m.get("content", "")) for m in row["messages"] if isinstance(m, dict))
+        return " ".join(str(v) for v in row.values() if isinstance(v, str))
+
+    lengths = [len(tokenizer(text(r), add_special_tokens=False)["input_ids"]) for r in rows]
+    order = sorted(rng.permutation(len(rows)).tolist(), key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [rows[i] for b in rng.permutation(len(batches)) for i in batches[b]]
 
 
 def _fresh_model(ctx):
@@ -376,8 +398,12 @@ def _cost(model, ctx, base: bool = False) -> dict:
     return out
 
 
-def train_job(spec_dict: dict, arm: str, lr: float, seed: int, budget: int, workdir: str) -> dict:
-    """Train one arm at one learning rate and seed into ``workdir``; score it on val."""
+def train_job(
+    spec_dict: dict, arm: str, lr: float, seed: int, budget: int, split: str, workdir: str
+) -> dict:
+    """Train one arm at one learning rate and seed into ``workdir``; score it on ``split``: val
+    for the learning-rate search, test for the later seeds (their rate is already chosen, and
+    scoring here spares a second process loading the model)."""
     import torch
     from transformers import TrainerCallback
 
@@ -389,7 +415,11 @@ def train_job(spec_dict: dict, arm: str, lr: float, seed: int, budget: int, work
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     train_file = work / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in ctx["data"].train))
+    rows, sampling = ctx["data"].train, {}
+    if spec.task == "sft" and spec.length_buckets:
+        rows = length_buckets(rows, ctx["tokenizer"], spec.batch_size, seed)
+        sampling = {"train_sampling_strategy": "sequential"}  # keep the bucketed order
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     snaps = work / "snapshots"
     snaps.mkdir(exist_ok=True)
 
@@ -419,6 +449,7 @@ def train_job(spec_dict: dict, arm: str, lr: float, seed: int, budget: int, work
             "save_steps": 10**6,
             "logging_steps": 10**6,
             "num_threads": spec.threads,
+            **sampling,
         },
     }
     result = train_from_recipe(
@@ -436,7 +467,7 @@ def train_job(spec_dict: dict, arm: str, lr: float, seed: int, budget: int, work
         "precision": spec.precision,
         "effective_params": result.adapter.get("effective_params_measured"),
         "trainable_params": result.adapter.get("trainable_params_measured"),
-        "val": _scores(model, ctx, "val").tolist(),
+        split: _scores(model, ctx, split).tolist(),
         "cpu_s": time.process_time() - cpu0,  # this process's CPU time: the quiet-machine cost at 1 thread
     }
 
@@ -522,16 +553,18 @@ class _InlineExecutor:
         pass
 
 
-def _executor(spec: CompareSpec):
-    if spec.workers <= 1:
-        return _InlineExecutor(spec.threads)
+def make_executor(workers: int, threads: int = 1):
+    """The pool comparisons run their jobs in: ``workers`` spawned processes of ``threads``
+    torch threads each (``workers: 1``: this process, one job after another)."""
+    if workers <= 1:
+        return _InlineExecutor(threads)
     import multiprocessing as mp
 
     return ProcessPoolExecutor(
-        max_workers=spec.workers,
+        max_workers=workers,
         mp_context=mp.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(spec.threads,),
+        initargs=(threads,),
     )
 
 
@@ -549,10 +582,12 @@ def _inputs(spec: CompareSpec, model_key: dict, data_key: str, **extra) -> dict:
     }
 
 
-def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None):
+def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, executor=None):
     """Run a comparison (reusing finished runs from ``cache``: a :class:`vsteer.pieces.PieceCache`
     or a directory for one); returns a :class:`CompareResult`. The recipe, model, budgets and data
-    are all checked before anything is written."""
+    are all checked before anything is written. ``executor``: a pool (from :func:`make_executor`)
+    shared with other comparisons running in other threads, so one's idle tail is the other's
+    work; by default the comparison makes and closes its own."""
     import hashlib
 
     from tqdm.auto import tqdm
@@ -580,7 +615,8 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None):
         tmp_root = tempfile.mkdtemp(prefix="vsteer-compare-")
         cache = PieceCache(tmp_root)
     spec_dict = spec.to_dict()
-    executor = _executor(spec)
+    own_executor = executor is None
+    executor = make_executor(spec.workers, spec.threads) if own_executor else executor
     pending: dict[Future, tuple] = {}
     results: dict[tuple, dict] = {}
     dirs: dict[tuple, Path] = {}
@@ -614,20 +650,31 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None):
         results[key], dirs[key] = piece["result"], where
         bar.update(1)
 
-    def train(arm, lr, seed):
-        key = ("train", arm, lr, seed)
-        inputs = _inputs(spec, model_key, data_key, arm=arm, lr=lr, seed=seed, budget=budget)
-        work = Path(tempfile.mkdtemp(dir=cache.root, prefix=".job-"))
-        submit(key, "compare-train", inputs, train_job, spec_dict, arm, lr, seed, budget, workdir=work)
-
     first = spec.seeds[0]
+
+    def train(arm, lr, seed):
+        # the first seed's runs search the learning rate (scored on val); later seeds run at the
+        # chosen rate and are scored on test in the same process
+        split = "val" if seed == first else "test"
+        key = ("train", arm, lr, seed)
+        inputs = _inputs(spec, model_key, data_key, arm=arm, lr=lr, seed=seed, budget=budget, split=split)
+        work = Path(tempfile.mkdtemp(dir=cache.root, prefix=".job-"))
+        submit(key, "compare-train", inputs, train_job, spec_dict, arm, lr, seed, budget, split, workdir=work)
+
+    def evaluate(arm, lr):
+        key = ("train", arm, lr, first)
+        abl = spec.ablation and arm == CONTROL
+        inputs = _inputs(
+            spec, model_key, data_key, arm=arm, lr=lr, seed=first, budget=budget, extras=True, ablation=abl
+        )
+        submit(("eval", arm, first), "compare-eval", inputs, eval_job, spec_dict, str(dirs[key]), True, abl)
+
     try:
         submit(("base",), "compare-base", _inputs(spec, model_key, data_key), base_job, spec_dict)
         for arm in spec.arms:
             for lr in spec.learning_rates:
                 train(arm, lr, first)
         chosen: dict[str, float] = {}
-        evaluated: set = set()
         while True:
             # decide what can be decided with the results so far, then wait for the next job
             if ("base",) in results:
@@ -643,46 +690,31 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None):
                             for lr in spec.learning_rates
                         }
                     )
+                    # the first seed's test scoring (with extras, and the control's long ablation)
+                    # is queued before the later seeds' training: the longest job starts earliest
+                    evaluate(arm, chosen[arm])
                     for seed in spec.seeds[1:]:
                         train(arm, chosen[arm], seed)
             for arm, lr in chosen.items():
-                for seed in spec.seeds:
+                for seed in spec.seeds[1:]:
                     key = ("train", arm, lr, seed)
-                    if key in results and key not in evaluated:
-                        evaluated.add(key)
-                        extras = seed == first
-                        abl = extras and spec.ablation and arm == CONTROL
-                        inputs = _inputs(
-                            spec,
-                            model_key,
-                            data_key,
-                            arm=arm,
-                            lr=lr,
-                            seed=seed,
-                            budget=budget,
-                            extras=extras,
-                            ablation=abl,
-                        )
-                        submit(
-                            ("eval", arm, seed),
-                            "compare-eval",
-                            inputs,
-                            eval_job,
-                            spec_dict,
-                            str(dirs[key]),
-                            extras,
-                            abl,
-                        )
+                    if key in results and ("eval", arm, seed) not in results:
+                        results[("eval", arm, seed)] = {"test": results[key]["test"]}
             if not pending:
                 break
             done = next(iter(pending)) if isinstance(executor, _InlineExecutor) else _wait_one(pending)
             finish(done)
     except BaseException:
-        executor.shutdown(wait=False, cancel_futures=True)
+        if own_executor:
+            executor.shutdown(wait=False, cancel_futures=True)
+        else:  # a shared pool: cancel only this comparison's queued jobs
+            for fut in pending:
+                fut.cancel()
         raise
     finally:
         bar.close()
-    executor.shutdown()
+    if own_executor:
+        executor.shutdown()
     if tmp_root is not None:
         shutil.rmtree(tmp_root, ignore_errors=True)
     seconds = time.perf_counter() - t_start

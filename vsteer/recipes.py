@@ -78,6 +78,9 @@ SCHEMA: dict[str, tuple[tuple, object]] = {
     "training.precision": ((str,), "fp32"),  # fp32 | bf16 | fp16: autocast, on any launcher
     "training.optim": ((str,), "adamw_torch_fused"),  # a transformers OptimizerNames value (its default)
     "training.gradient_checkpointing": ((bool,), False),
+    # auto: on the CPU the model's own logits stand in for TRL's tiled LM head (vsteer/lm_head.py);
+    # fused: TRL's head everywhere
+    "training.lm_head": ((str,), "auto"),
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
 # TRL/transformers fields vsteer sets from its own keys or its own policy: not accepted in recipes

@@ -257,6 +257,20 @@ def _make_trainer(
     callbacks = [] if eval_only else [masked_rows_callback(), *callbacks]
     if progress and not verbose and not eval_only:
         callbacks.append(progress_callback(f"train {recipe.name}"))
+    from vsteer.lm_head import cpu_lm_head
+
+    head = recipe.section("training")["lm_head"]
+    if head not in ("auto", "fused"):
+        raise RecipeError(f"training.lm_head must be auto or fused, got {head!r}")
+    swap = cpu_lm_head(model) if head == "auto" else contextlib.nullcontext(False)
+    with swap:
+        trainer = _trl_trainer(recipe, model, tokenizer, args, train_ds, eval_ds, callbacks)
+    if not verbose:  # with disable_tqdm the Trainer prints every log dict instead
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _trl_trainer(recipe, model, tokenizer, args, train_ds, eval_ds, callbacks):
     if recipe.method == "sft":
         from trl import SFTTrainer
 
@@ -279,8 +293,6 @@ def _make_trainer(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
-    if not verbose:  # with disable_tqdm the Trainer prints every log dict instead
-        trainer.remove_callback(PrinterCallback)
     return trainer
 
 

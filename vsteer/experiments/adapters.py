@@ -81,6 +81,32 @@ def specs(
     return out
 
 
+def run_concurrently(by_task: dict, cache=None, progress: bool = True) -> dict:
+    """``{task: CompareResult}``: the comparisons side by side in one pool of worker processes
+    (the largest ``workers`` of the specs), so the jobs of one fill the other's idle tail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vsteer.compare import make_executor, run_compare
+    from vsteer.pieces import PieceCache
+
+    workers = max(s.workers for s in by_task.values())
+    if workers <= 1 or len(by_task) == 1:
+        return {task: run_compare(spec, cache=cache, progress=progress) for task, spec in by_task.items()}
+    threads = max(s.threads for s in by_task.values())
+    if isinstance(cache, (str, Path)):
+        cache = PieceCache(cache)
+    pool = make_executor(workers, threads)
+    try:
+        with ThreadPoolExecutor(len(by_task)) as drivers:
+            futures = {
+                task: drivers.submit(run_compare, spec, cache, progress, None, pool)
+                for task, spec in by_task.items()
+            }
+            return {task: fut.result() for task, fut in futures.items()}
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def run_adapter_comparison(
     model_name: str,
     config: AdapterComparisonConfig | None = None,
@@ -91,14 +117,11 @@ def run_adapter_comparison(
     dtype: str = "float32",
 ):
     """Run the section's comparisons (finished runs reused from ``cache``); one ExperimentResult."""
-    from vsteer.compare import run_compare
     from vsteer.compare_result import plot_frontier
     from vsteer.experiments.result import ExperimentResult
 
     config = config or AdapterComparisonConfig()
-    results = {}
-    for task, spec in specs(config, model_name, device, dtype).items():
-        results[task] = run_compare(spec, cache=cache, progress=progress)
+    results = run_concurrently(specs(config, model_name, device, dtype), cache=cache, progress=progress)
     records, findings, notes, meta = [], [], [], {"config": config.to_dict(), "model": model_name}
     for task, res in results.items():
         label = _LABEL[task]
