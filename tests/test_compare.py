@@ -324,7 +324,9 @@ def test_sft_trains_on_the_bucketed_order(tiny_dir, user_files, monkeypatch):
     monkeypatch.setattr(train_mod, "train_from_recipe", spy)
     for buckets in (True, False):
         spec = load_compare_recipe(
-            _recipe(tiny_dir, *user_files, arms=["v"], learning_rates=[1e-3], seeds=[0], length_buckets=buckets)
+            _recipe(
+                tiny_dir, *user_files, arms=["v"], learning_rates=[1e-3], seeds=[0], length_buckets=buckets
+            )
         )
         run_compare(spec, progress=False)
     (strategy_on, rows_on), (strategy_off, rows_off) = seen
@@ -354,3 +356,23 @@ def test_comparisons_sharing_one_pool_equal_each_run_alone(tiny_dir, user_files,
         for key, run in alone[k].runs.items():
             if "test" in run:
                 np.testing.assert_allclose(shared[k].runs[key]["test"], run["test"], atol=1e-5)
+
+
+def test_dpo_comparison_with_a_shared_reference_equals_the_per_step_reference(tiny_dir, tmp_path):
+    """DPO runs given the comparison's reference log-probs (computed once) score as runs that
+    compute the reference in every step."""
+    train = _jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": f"q{i}:", "chosen": " great, loved it", "rejected": " awful, hated it"} for i in range(16)],
+    )
+    ev = [{"prompt": f"r{i}:", "chosen": " loved it", "rejected": " hated it"} for i in range(12)]
+    ev = _jsonl(tmp_path / "pairs_eval.jsonl", ev)
+    runs = {}
+    for shared in (True, False):
+        recipe = _recipe(tiny_dir, train, ev, task="dpo", arms=["v"], seeds=[0, 1], shared_reference=shared)
+        runs[shared] = run_compare(load_compare_recipe(recipe), progress=False)
+    assert runs[True].chosen == runs[False].chosen
+    assert ("reference",) in runs[True].runs and ("reference",) not in runs[False].runs
+    for key, run in runs[False].runs.items():
+        if "test" in run:
+            np.testing.assert_allclose(runs[True].runs[key]["test"], run["test"], atol=1e-4)

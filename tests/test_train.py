@@ -439,3 +439,46 @@ def test_verbose_training_shows_the_trainer_logs(tmp_path, sft_file, capfd):
     _run(_recipe(sft_file, logging_steps=1), tmp_path, verbose=True)
     out, err = capfd.readouterr()
     assert "'loss'" in out + err
+
+
+def test_dpo_with_precomputed_reference_logps_trains_as_with_the_reference_forward(tmp_path):
+    """Rows carrying TRL's own precomputed reference log-probs (vsteer.train.reference_logps)
+    train to the same adapter as TRL's in-loop reference forward; wrong values change the run,
+    so the columns are really read."""
+    from safetensors.torch import load_file
+
+    from vsteer.train import reference_logps
+
+    rows = [
+        {"prompt": f"q{i}? ", "chosen": " yes, gladly" if i % 2 else "(A)", "rejected": "(B) no"}
+        for i in range(24)
+    ]
+    plain = _write_jsonl(tmp_path / "plain.jsonl", rows)
+
+    def recipe(path, name):
+        r = _recipe(path, max_steps=5, learning_rate=5e-2, eval_before=False)
+        r.update(method="dpo", name=name, data={"train": str(path), "eval_size": 0})
+        return r
+
+    refs = reference_logps(recipe(plain, "r"), make_tiny_model("llama"), char_tokenizer())
+    assert len(refs) == len(rows) and all(v["ref_chosen_logps"] < 0 for v in refs)
+    given = _write_jsonl(tmp_path / "given.jsonl", [{**r, **v} for r, v in zip(rows, refs)])
+    wrong = _write_jsonl(
+        tmp_path / "wrong.jsonl", [{**r, "ref_chosen_logps": 0.0, "ref_rejected_logps": -50.0} for r in rows]
+    )
+    out = {}
+    for path, name in ((plain, "plain"), (given, "given"), (wrong, "wrong")):
+        res = _run(recipe(path, name), tmp_path)
+        out[name] = (res.metrics["train_loss"], load_file(res.adapter_dir / "adapter_model.safetensors"))
+    assert out["given"][0] == pytest.approx(out["plain"][0], abs=1e-4)
+    for key, tensor in out["plain"][1].items():
+        torch.testing.assert_close(out["given"][1][key], tensor, rtol=1e-3, atol=1e-5)
+    assert abs(out["wrong"][0] - out["plain"][0]) > 1e-2
+    with pytest.raises(RecipeError, match="precompute_ref_log_probs"):
+        _run(
+            {
+                **recipe(given, "both"),
+                "training": {**recipe(given, "both")["training"], "precompute_ref_log_probs": True},
+            },
+            tmp_path,
+        )

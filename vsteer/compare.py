@@ -79,6 +79,9 @@ class CompareSpec:
     n_prompts: int = 24
     max_new_tokens: int = 20
     eval_batch_size: int = 32
+    # DPO: the reference log-probs of the training rows computed once (TRL's precompute) and
+    # given to every run, instead of a reference forward in every step of every run
+    shared_reference: bool = True
     # SFT batches of similar token length (in a seeded random order): on SST-2 a random batch of 8
     # pads to 41 tokens for a mean of 24, so ~40% of the compute was padding
     length_buckets: bool = True
@@ -163,8 +166,9 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
         v = getattr(spec, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise RecipeError(f"{key} must be a positive int, got {v!r}")
-    if not isinstance(spec.length_buckets, bool):
-        raise RecipeError(f"length_buckets must be true or false, got {spec.length_buckets!r}")
+    for key in ("length_buckets", "shared_reference", "ablation"):
+        if not isinstance(getattr(spec, key), bool):
+            raise RecipeError(f"{key} must be true or false, got {getattr(spec, key)!r}")
     if spec.budget is not None and (
         isinstance(spec.budget, bool) or not isinstance(spec.budget, int) or spec.budget < 1
     ):
@@ -398,38 +402,9 @@ def _cost(model, ctx, base: bool = False) -> dict:
     return out
 
 
-def train_job(
-    spec_dict: dict, arm: str, lr: float, seed: int, budget: int, split: str, workdir: str
-) -> dict:
-    """Train one arm at one learning rate and seed into ``workdir``; score it on ``split``: val
-    for the learning-rate search, test for the later seeds (their rate is already chosen, and
-    scoring here spares a second process loading the model)."""
-    import torch
-    from transformers import TrainerCallback
-
-    from vsteer.train import train_from_recipe
-
-    cpu0 = time.process_time()
-    ctx = _context(spec_dict)
-    spec = ctx["spec"]
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    train_file = work / "train.jsonl"
-    rows, sampling = ctx["data"].train, {}
-    if spec.task == "sft" and spec.length_buckets:
-        rows = length_buckets(rows, ctx["tokenizer"], spec.batch_size, seed)
-        sampling = {"train_sampling_strategy": "sequential"}  # keep the bucketed order
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    snaps = work / "snapshots"
-    snaps.mkdir(exist_ok=True)
-
-    class Snapshots(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step in spec.checkpoints and model is not None:
-                sd = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                torch.save(sd, snaps / f"step-{state.global_step}.pt")
-
-    recipe = {
+def _train_recipe(spec: CompareSpec, arm: str, lr: float, seed: int, budget: int, train_file, **training):
+    """The vsteer training recipe of one run."""
+    return {
         "name": "adapter",
         "model": spec.model,
         "method": spec.task,
@@ -449,9 +424,69 @@ def train_job(
             "save_steps": 10**6,
             "logging_steps": 10**6,
             "num_threads": spec.threads,
-            **sampling,
+            **training,
         },
     }
+
+
+def reference_job(spec_dict: dict, budget: int) -> dict:
+    """DPO: the base model's reference log-probs of the training rows, once per comparison
+    (TRL's own precompute, :func:`vsteer.train.reference_logps`); every run then trains without
+    a reference forward (a quarter of a DPO step's compute)."""
+    from vsteer.train import reference_logps
+
+    cpu0 = time.process_time()
+    ctx = _context(spec_dict)
+    spec = ctx["spec"]
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file = Path(tmp) / "train.jsonl"
+        train_file.write_text("".join(json.dumps(r) + "\n" for r in ctx["data"].train))
+        recipe = _train_recipe(spec, spec.arms[0], spec.learning_rates[0], spec.seeds[0], budget, train_file)
+        rows = reference_logps(recipe, _fresh_model(ctx), ctx["tokenizer"])
+    return {"rows": rows, "cpu_s": time.process_time() - cpu0}
+
+
+def train_job(
+    spec_dict: dict,
+    arm: str,
+    lr: float,
+    seed: int,
+    budget: int,
+    split: str,
+    refs: list | None,
+    workdir: str,
+) -> dict:
+    """Train one arm at one learning rate and seed into ``workdir``; score it on ``split``: val
+    for the learning-rate search, test for the later seeds (their rate is already chosen, and
+    scoring here spares a second process loading the model)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from vsteer.train import train_from_recipe
+
+    cpu0 = time.process_time()
+    ctx = _context(spec_dict)
+    spec = ctx["spec"]
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    train_file = work / "train.jsonl"
+    rows, sampling = ctx["data"].train, {}
+    if refs is not None:  # the comparison's reference log-probs, one pair per training row
+        rows = [{**r, **ref} for r, ref in zip(rows, refs, strict=True)]
+    if spec.task == "sft" and spec.length_buckets:
+        rows = length_buckets(rows, ctx["tokenizer"], spec.batch_size, seed)
+        sampling = {"train_sampling_strategy": "sequential"}  # keep the bucketed order
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    snaps = work / "snapshots"
+    snaps.mkdir(exist_ok=True)
+
+    class Snapshots(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in spec.checkpoints and model is not None:
+                sd = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                torch.save(sd, snaps / f"step-{state.global_step}.pt")
+
+    recipe = _train_recipe(spec, arm, lr, seed, budget, train_file, **sampling)
     result = train_from_recipe(
         recipe, output_dir=work, model=_fresh_model(ctx), tokenizer=ctx["tokenizer"], callbacks=[Snapshots()]
     )
@@ -652,14 +687,18 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
 
     first = spec.seeds[0]
 
+    shared = spec.task == "dpo" and spec.shared_reference
+
     def train(arm, lr, seed):
         # the first seed's runs search the learning rate (scored on val); later seeds run at the
         # chosen rate and are scored on test in the same process
         split = "val" if seed == first else "test"
         key = ("train", arm, lr, seed)
         inputs = _inputs(spec, model_key, data_key, arm=arm, lr=lr, seed=seed, budget=budget, split=split)
+        refs = results[("reference",)]["rows"] if shared else None
         work = Path(tempfile.mkdtemp(dir=cache.root, prefix=".job-"))
-        submit(key, "compare-train", inputs, train_job, spec_dict, arm, lr, seed, budget, split, workdir=work)
+        args = (spec_dict, arm, lr, seed, budget, split, refs)
+        submit(key, "compare-train", inputs, train_job, *args, workdir=work)
 
     def evaluate(arm, lr):
         key = ("train", arm, lr, first)
@@ -670,12 +709,24 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
         submit(("eval", arm, first), "compare-eval", inputs, eval_job, spec_dict, str(dirs[key]), True, abl)
 
     try:
+        if shared:  # first: the training runs wait for it
+            submit(
+                ("reference",),
+                "compare-reference",
+                _inputs(spec, model_key, data_key),
+                reference_job,
+                spec_dict,
+                budget,
+            )
         submit(("base",), "compare-base", _inputs(spec, model_key, data_key), base_job, spec_dict)
-        for arm in spec.arms:
-            for lr in spec.learning_rates:
-                train(arm, lr, first)
         chosen: dict[str, float] = {}
+        started = False
         while True:
+            if not started and (not shared or ("reference",) in results):
+                started = True
+                for arm in spec.arms:
+                    for lr in spec.learning_rates:
+                        train(arm, lr, first)
             # decide what can be decided with the results so far, then wait for the next job
             if ("base",) in results:
                 base_val = np.array(results[("base",)]["val"])

@@ -198,12 +198,18 @@ def code_closure(modules: Iterable[str], excluded: Iterable[str] = CODE_EXCLUDED
     return sorted(seen)
 
 
+_AST_LOCK = threading.Lock()
+
+
 def code_fingerprint(modules: Iterable[str], excluded: Iterable[str] = CODE_EXCLUDED) -> str:
-    """16 hex digits over the ASTs of :func:`code_closure` (comments and formatting don't count)."""
+    """16 hex digits over the ASTs of :func:`code_closure` (comments and formatting don't count).
+    Parsing is serialised: CPython 3.11's ``ast.parse`` fails ("AST constructor recursion depth
+    mismatch") when two threads parse at once, as two comparisons driven side by side do."""
     h = hashlib.sha256()
-    for m in code_closure(modules, excluded):
-        path = _source_file(m)
-        h.update(m.encode() + b"\0" + ast.dump(ast.parse(path.read_text())).encode() + b"\0")
+    with _AST_LOCK:
+        for m in code_closure(modules, excluded):
+            path = _source_file(m)
+            h.update(m.encode() + b"\0" + ast.dump(ast.parse(path.read_text())).encode() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -430,12 +430,20 @@ def _check_rows(rows: list[dict], method: str, path: Path) -> list[dict]:
             + f"; the first row has {sorted(rows[0])}"
         )
     keep = set(fields) | ({"prompt"} if method == "dpo" else set())
+    # DPO rows may carry precomputed reference log-probs (vsteer.train.reference_logps): on every
+    # row or on none, as numbers
+    refs = {"ref_chosen_logps", "ref_rejected_logps"} if method == "dpo" else set()
+    with_refs = bool(refs) and refs <= set(rows[0])
     out = []
     for i, row in enumerate(rows):
         missing = [f for f in fields if f not in row]
         if missing:
             raise DataError(f"{path}: row {i} lacks {missing}")
-        out.append({k: v for k, v in row.items() if k in keep})
+        if with_refs and not all(isinstance(row.get(k), (int, float)) for k in refs):
+            raise DataError(
+                f"{path}: row {i}: ref_chosen_logps and ref_rejected_logps must be numbers on every row"
+            )
+        out.append({k: v for k, v in row.items() if k in keep or (with_refs and k in refs)})
     return out
 
 

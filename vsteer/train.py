@@ -285,6 +285,12 @@ def _trl_trainer(recipe, model, tokenizer, args, train_ds, eval_ds, callbacks):
     else:
         from trl import DPOTrainer
 
+        given = train_ds.num_rows > 0 and set(REF_COLUMNS) <= set(train_ds.column_names)
+        if given and args.precompute_ref_log_probs:
+            raise RecipeError(
+                "the training rows carry ref_chosen_logps/ref_rejected_logps; "
+                "drop training.precompute_ref_log_probs (or the columns)"
+            )
         trainer = DPOTrainer(
             model=model,
             args=args,
@@ -293,7 +299,47 @@ def _trl_trainer(recipe, model, tokenizer, args, train_ds, eval_ds, callbacks):
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+        if given:
+            # reference log-probs computed once for several runs over the same rows (see
+            # reference_logps): TRL's collator passes the columns on, and with this flag its loss
+            # reads them instead of running the reference forward
+            trainer.precompute_ref_logps = True
     return trainer
+
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def reference_logps(recipe, model, tokenizer, overrides=()) -> list[dict]:
+    """The DPO reference log-probabilities of a recipe's training rows under ``model`` (the plain
+    base model), computed by TRL's own precompute (``precompute_ref_log_probs``): one
+    ``{"ref_chosen_logps": ..., "ref_rejected_logps": ...}`` per row, in row order. Rows that
+    carry them train without a reference forward, so several runs over the same rows (the arms,
+    rates and seeds of :mod:`vsteer.compare`) compute them once. ``model`` gets TRL's LM-head
+    patch: pass a copy you do not score with."""
+    recipe = load_recipe(recipe, overrides)
+    if recipe.method != "dpo":
+        raise RecipeError(f"reference_logps needs a dpo recipe, got method={recipe.method!r}")
+    recipe = load_recipe(recipe, {"training.precompute_ref_log_probs": True})
+    data = load_recipe_data(recipe)
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's precompute bar reads only this
+    try:
+        return _reference_logps(recipe, model, tokenizer, data)
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
+
+
+def _reference_logps(recipe, model, tokenizer, data) -> list[dict]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, quiet_libraries():
+        trainer = _make_trainer(recipe, model, tokenizer, data, Path(tmp), eval_only=True)
+        ds = trainer.train_dataset
+        return [{k: float(ds[k][i]) for k in REF_COLUMNS} for i in range(ds.num_rows)]
 
 
 @contextlib.contextmanager
