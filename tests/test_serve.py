@@ -275,7 +275,7 @@ BAD = [
     ("chat", {"max_tokens": -1}, 400, "max_tokens must be an integer in [1, 512]"),
     ("chat", {"max_tokens": 100000}, 400, "max_tokens must be an integer in [1, 512]"),
     ("chat", {"temperature": 7}, 400, "temperature must be a number in [0, 2]"),
-    ("chat", {"n": 3}, 400, "n must be 1"),
+    ("chat", {"n": 0}, 400, "n must be an integer in [1, 8], got 0"),
     ("completion", {"prompt": ""}, 400, "prompt must be a non-empty string"),
     ("completion", {"prompt": "hi", "echo": True}, 400, "echo is not supported"),
 ]
@@ -543,3 +543,182 @@ def test_client_that_disconnects_mid_stream_frees_its_row(served):
     time.sleep(0.2)
     assert len(trace[rid]) == steps < 400, "the row went on decoding after its client left"
     assert chat(served["client"], max_tokens=2).choices  # still serving
+
+
+# --- stop, n, logprobs (issue 12) -----------------------------------------------------------
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (OpenAI's rule)."""
+    found = [text.find(s) for s in stops if s in text]
+    return text[: min(found)] if found else text
+
+
+def _stream_completion(client, **kw):
+    parts, finish = [], None
+    for c in client.completions.create(stream=True, **kw):
+        parts.append(c.choices[0].text)
+        finish = c.choices[0].finish_reason or finish
+    return "".join(parts), finish
+
+
+def test_stop_ends_before_the_stop_string(served):
+    client = served["client"]
+    kw = dict(model="tiny-llama", prompt="tell me a story", max_tokens=12, temperature=0)
+    plain = client.completions.create(**kw).choices[0]
+    words = plain.text.split()
+    assert len(words) >= 6, plain.text
+    cases = [
+        words[3],  # one token
+        [" zzz-never", f"{words[3]} {words[4]}"],  # two tokens: the first is held back, then cut
+        [f"{words[2]} zzz-never"],  # a prefix that never completes: held back, then released
+    ]
+    for stop in cases:
+        stops = [stop] if isinstance(stop, str) else stop
+        want = _cut(plain.text, stops)
+        done = client.completions.create(**kw, stop=stop).choices[0]
+        assert done.text == want, (stop, done.text, plain.text)
+        assert done.finish_reason == ("stop" if want != plain.text else plain.finish_reason)
+        assert not any(s in done.text for s in stops)
+        streamed, finish = _stream_completion(client, **kw, stop=stop)
+        assert (streamed, finish) == (done.text, done.finish_reason), stop
+    assert words[3] in plain.text and _cut(plain.text, [words[3]]) != plain.text  # the cut bites
+    # chat, streamed and not, with a stop string from its own unstopped answer
+    whole = chat(served["client"], max_tokens=10).choices[0].message.content
+    stop = whole.split()[2]
+    done = chat(client, max_tokens=10, stop=[stop]).choices[0]
+    assert done.message.content == _cut(whole, [stop]) and done.finish_reason == "stop"
+    parts, finish = [], None
+    for c in chat(client, max_tokens=10, stop=[stop], stream=True):
+        parts.append(c.choices[0].delta.content or "")
+        finish = c.choices[0].finish_reason or finish
+    assert "".join(parts) == done.message.content and finish == "stop"
+
+
+def test_n_choices_greedy_identical_and_sampled_reproducible(served):
+    client = served["client"]
+    one = chat(client, max_tokens=8)
+    three = chat(client, max_tokens=8, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    # each choice is a batch row with the request's steering and adapter
+    steering = [{"vector": "happy", "scale": 8.0, "positions": "all"}]
+    alone = chat(client, model="kind-v", steering=steering).choices[0].message.content
+    both = chat(client, model="kind-v", steering=steering, n=2)
+    assert [c.message.content for c in both.choices] == [alone, alone]
+    kw = dict(model="tiny-llama", prompt="tell me", max_tokens=12, temperature=1.0, seed=11)
+    a = [c.text for c in client.completions.create(**kw, n=3).choices]
+    b = [c.text for c in client.completions.create(**kw, n=3).choices]
+    assert a == b, "a seeded request gives the same choices every time"
+    assert len(set(a)) == 3, f"the choices must differ: {a}"
+    assert a[0] == client.completions.create(**kw).choices[0].text  # choice 0 is the n=1 answer
+    # streamed: chunks carry their choice's index
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for c in client.completions.create(**kw, n=3, stream=True):
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert [texts[i] for i in range(3)] == a and set(finishes) == {0, 1, 2}
+
+
+def _direct_logprobs(served, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the plain model's next-token logits ``[vocab]`` after ``ids``, adapters off."""
+    engine = served["engine"]
+    with engine._lock, torch.no_grad(), engine.model.disable_adapter():
+        out = engine.model(input_ids=torch.tensor([ids]))
+    return torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+
+def test_completion_logprobs_match_a_direct_forward(served):
+    client, tok = served["client"], served["engine"].tokenizer
+    prompt = "hello world"
+    r = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [len(prompt) + len("".join(lp.tokens[:j])) for j in range(len(lp.tokens))]
+    logp = _direct_logprobs(served, tok(prompt)["input_ids"])
+    assert abs(lp.token_logprobs[0] - float(logp.max())) < 1e-4  # greedy: the most likely token
+    top = torch.topk(logp, 3).values.tolist()
+    assert sorted(lp.top_logprobs[0].values(), reverse=True) == pytest.approx(top, abs=1e-4)
+    for j, alts in enumerate(lp.top_logprobs):
+        assert alts[lp.tokens[j]] == lp.token_logprobs[j] and len(alts) <= 4
+    zero = client.completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0, logprobs=0
+    )
+    assert zero.choices[0].logprobs.token_logprobs == lp.token_logprobs
+    assert all(len(d) == 1 for d in zero.choices[0].logprobs.top_logprobs)
+    assert (
+        client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=2).choices[0].logprobs is None
+    )
+
+
+def test_chat_logprobs_come_from_the_steered_logits(served):
+    client, engine = served["client"], served["engine"]
+    content = "hello world tell me a story"
+    plain = chat(client, content=content, max_tokens=6, logprobs=True, top_logprobs=5)
+    first = plain.choices[0].logprobs.content[0]
+    text = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    logp = _direct_logprobs(served, engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert abs(first.logprob - float(logp.max())) < 1e-4
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(
+        torch.topk(logp, 5).values.tolist(), abs=1e-4
+    )
+    steering = [{"vector": "happy", "scale": 8.0, "positions": "all"}]
+    r = chat(client, content=content, steering=steering, max_tokens=6, logprobs=True, top_logprobs=5)
+    entries = r.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == r.choices[0].message.content
+    trace = served["trace"][r.id.split("-", 1)[1]]  # the logits the sampler picked from
+    for j, e in enumerate(entries):
+        step = torch.log_softmax(trace[j].float(), dim=-1)
+        assert abs(e.logprob - float(step.max())) < 1e-4 and e.top_logprobs[0].token == e.token
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(
+            torch.topk(step, 5).values.tolist(), abs=1e-4
+        )
+        assert e.bytes == list(e.token.encode("utf-8")) and len(e.top_logprobs) == 5
+    assert abs(entries[0].logprob - first.logprob) > 1e-3, "steering must change the logprobs"
+    # streamed: the chunks' entries add up to the same list
+    streamed = []
+    for c in chat(
+        client, content=content, steering=steering, max_tokens=6, logprobs=True, top_logprobs=5, stream=True
+    ):
+        if c.choices[0].logprobs is not None:
+            streamed += c.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    assert chat(client, max_tokens=2).choices[0].logprobs is None
+
+
+BAD_CHOICES = [
+    ("chat", {"n": 9}, 400, "n must be an integer in [1, 8], got 9"),
+    ("completion", {"n": 0}, 400, "n must be an integer in [1, 8], got 0"),
+    ("chat", {"n": 2.5}, 400, "n must be an integer"),
+    ("chat", {"best_of": 3}, 400, "best_of must be 1"),
+    ("chat", {"top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    (
+        "chat",
+        {"logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs must be an integer in [0, 20], got 21",
+    ),
+    ("chat", {"logprobs": "yes"}, 400, "logprobs must be true or false"),
+    ("completion", {"logprobs": 6}, 400, "logprobs must be an integer in [0, 5], got 6"),
+    ("completion", {"logprobs": True}, 400, "logprobs must be an integer"),
+    ("chat", {"stop": 5}, 400, "stop must be a string or a list of up to 4 strings"),
+    ("completion", {"stop": ["a", 3]}, 400, "stop must be a string or a list of up to 4 strings"),
+    ("chat", {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop has 5 sequences; at most 4 allowed"),
+    ("chat", {"stop": "x" * 300}, 400, "at most 256 allowed"),
+]
+
+
+@pytest.mark.parametrize(
+    "route,body,status,words", BAD_CHOICES, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_CHOICES)]
+)
+def test_bad_stop_n_logprobs_refused(served, route, body, status, words):
+    test_bad_input_refused(served, route, body, status, words)

@@ -5,6 +5,9 @@ server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GE
 (the base model, then each adapter with ``parent`` = base, as vLLM lists LoRA adapters),
 ``GET /v1/steering/vectors``, ``GET /health``. Every response carries a ``vsteer`` object:
 the adapter, the steering entries applied and a fingerprint of that configuration.
+
+``n`` choices are ``n`` rows of the batch; ``stop``, ``logprobs`` (chat: ``logprobs`` +
+``top_logprobs``; completions: ``logprobs`` 0-5) come back in OpenAI's shapes, streamed too.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from vsteer.serve.engine import Engine, QueueFull, Request
+from vsteer.serve.engine import Engine, QueueFull, Request, split_choices
 from vsteer.serve.schema import ApiError, Limits, parse_chat, parse_completion
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -83,34 +86,66 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             "fingerprint": engine.fingerprint(req.adapter, req.steering),
         }
 
+    def chat_logprobs(entries: list[dict]) -> dict:
+        """OpenAI chat shape: ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}``."""
+
+        def one(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        content = [
+            {**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+
+    def completion_logprobs(entries: list[dict], base: int) -> dict:
+        """OpenAI completions shape; ``top_logprobs`` holds the alternatives and the chosen token."""
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{**dict(e["top"]), e["token"]: e["logprob"]} for e in entries],
+            "text_offset": [base + e["offset"] for e in entries],
+        }
+
     async def run(req: Request, chat: bool, stream: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req.emit = lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+        choices = split_choices(req)  # one batch row per choice
+        for c in choices:
+            c.emit = lambda kind, payload, i=c.index: loop.call_soon_threadsafe(
+                events.put_nowait, (i, kind, payload)
+            )
         try:
-            engine.submit(req)
+            engine.submit_all(choices)
         except QueueFull as exc:
             raise ApiError(429, str(exc)) from None
         model = req.adapter or engine.model_name
         rid = ("chatcmpl-" if chat else "cmpl-") + req.id
         obj = "chat.completion" if chat else "text_completion"
         info = applied(req)
+        want_lp = req.logprobs is not None
         usage = lambda n: {  # noqa: E731
             "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": n,
             "total_tokens": len(req.prompt_ids) + n,
         }
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        def logprobs(entries: list[dict] | None):
+            if not want_lp:
+                return None
+            entries = entries or []
+            return chat_logprobs(entries) if chat else completion_logprobs(entries, req.text_offset)
+
+        def chunk(index: int, text: str | None, finish: str | None, lps, role: bool = False) -> str:
             if chat:
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": text or "", "logprobs": lps, "finish_reason": finish}
             body = {
                 "id": rid,
                 "object": obj + ".chunk" if chat else obj,
@@ -122,38 +157,37 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             return f"data: {json.dumps(body)}\n\n"
 
         if not stream:
+            done: dict[int, dict] = {}
             try:
-                while True:
-                    kind, payload = await events.get()
+                while len(done) < len(choices):
+                    index, kind, payload = await events.get()
                     if kind == "error":
+                        req.cancelled.set()  # the other choices stop too
                         raise ApiError(500, payload)
                     if kind == "done":
-                        break
+                        done[index] = payload
             except asyncio.CancelledError:
                 req.cancelled.set()
                 raise
-            if chat:
-                choice = {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": payload["text"]},
-                    "logprobs": None,
-                    "finish_reason": payload["finish_reason"],
-                }
-            else:
-                choice = {
-                    "index": 0,
-                    "text": payload["text"],
-                    "logprobs": None,
-                    "finish_reason": payload["finish_reason"],
-                }
+            out = []
+            for index in range(len(choices)):
+                payload = done[index]
+                choice = {"index": index}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": payload["text"]}
+                else:
+                    choice["text"] = payload["text"]
+                choice["logprobs"] = logprobs(payload["logprobs"])
+                choice["finish_reason"] = payload["finish_reason"]
+                out.append(choice)
             return JSONResponse(
                 {
                     "id": rid,
                     "object": obj,
                     "created": int(time.time()),
                     "model": model,
-                    "choices": [choice],
-                    "usage": usage(payload["completion_tokens"]),
+                    "choices": out,
+                    "usage": usage(sum(p["completion_tokens"] for p in done.values())),
                     "vsteer": info,
                 }
             )
@@ -161,21 +195,28 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         async def sse():
             try:
                 if chat:
-                    yield chunk("", None, role=True)
-                while True:
-                    kind, payload = await events.get()
-                    if kind == "delta":
-                        yield chunk(payload, None)
+                    for c in choices:
+                        yield chunk(c.index, "", None, None, role=True)
+                pending: dict[int, list] = {}  # logprobs waiting for the chunk that shows their text
+                left = len(choices)
+                while left:
+                    index, kind, payload = await events.get()
+                    if kind == "logprobs":
+                        pending.setdefault(index, []).extend(payload)
+                    elif kind == "delta":
+                        yield chunk(index, payload, None, logprobs(pending.pop(index, [])))
                     elif kind == "done":
-                        yield chunk(None if chat else "", payload["finish_reason"])
-                        break
+                        lps = pending.pop(index, None)
+                        lps = logprobs(lps) if lps else None
+                        yield chunk(index, None if chat else "", payload["finish_reason"], lps)
+                        left -= 1
                     else:
                         err = ApiError(500, payload).body()
                         yield f"data: {json.dumps(err)}\n\n"
                         break
                 yield "data: [DONE]\n\n"
             finally:
-                req.cancelled.set()  # a client that disconnects frees its row
+                req.cancelled.set()  # a client that disconnects frees its rows
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 

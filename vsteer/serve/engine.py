@@ -12,6 +12,11 @@ so each forward applies the entries whose rule covers its tokens. Position ids c
 attention mask, so a padded row sees the positions it has alone: greedy outputs of a row
 equal the same request served by itself.
 
+A request with ``n`` choices becomes ``n`` rows (:func:`split_choices`), each with its own
+sampler, steering and adapter. ``stop`` strings end a row before their first occurrence, and
+text that may be the start of a stop string is held back from the stream until it is not.
+``logprobs`` come from the very logits the sampler picks from (after steering and adapter).
+
 Caches with sliding-window layers (Gemma 3) are not padded and merged: there new requests
 wait until the running batch has finished (static batching).
 """
@@ -25,7 +30,7 @@ import threading
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,8 +58,14 @@ class Steer:
 class Request:
     """A validated generation request; events go to ``emit(kind, payload)`` from the worker thread.
 
-    Events: ``("delta", text)``, ``("done", {"finish_reason", "completion_tokens", "text"})``,
-    ``("error", message)``.
+    Events: ``("delta", text)``, ``("logprobs", [entry, ...])`` (before the delta or done that
+    first shows those tokens' text), ``("done", {"finish_reason", "completion_tokens", "text",
+    "logprobs"})``, ``("error", message)``. An entry is ``{"token", "logprob", "top": [(token,
+    logprob), ...], "offset"}`` (``offset``: where the token's text starts in the completion).
+
+    ``stop``: strings that end generation before their first occurrence (excluded from the
+    text). ``logprobs``: how many top alternatives to return per token (0 = only the chosen
+    token's), ``None`` for no logprobs. ``n``: choices wanted; ``index``: which one this is.
     """
 
     prompt_ids: list[int]
@@ -64,9 +75,31 @@ class Request:
     seed: int | None = None
     adapter: str | None = None
     steering: list[Steer] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    n: int = 1
+    index: int = 0
+    text_offset: int = 0  # characters before the completion text (the prompt, for completions)
     emit: object = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+
+
+def split_choices(req: Request) -> list[Request]:
+    """One request per choice: ``req`` itself for choice 0, copies with their own id and seed.
+
+    The copies share ``cancelled`` (a client that leaves frees all its rows). Choice ``i > 0``
+    of a seeded request samples with a seed derived from ``(seed, i)``: the choices differ
+    from each other and each is reproducible; choice 0 is what ``n=1`` gives.
+    """
+    out = [req]
+    for i in range(1, req.n):
+        seed = None
+        if req.seed is not None:
+            digest = hashlib.sha256(f"{req.seed}:{i}".encode()).digest()
+            seed = int.from_bytes(digest[:8], "big") >> 1
+        out.append(replace(req, id=f"{req.id}-{i}", seed=seed, index=i, emit=None))
+    return out
 
 
 def vector_digest(vec: SteeringVector) -> str:
@@ -132,6 +165,7 @@ class Engine:
         self.eos = set(eos)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         import inspect
 
         from vsteer.arch import unwrap
@@ -163,10 +197,15 @@ class Engine:
             self._thread = None
 
     def submit(self, req: Request) -> None:
-        if self._queue.qsize() >= self.max_queue:
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Queue all of ``reqs`` (the choices of one request) or none of them."""
+        if self._queue.qsize() + len(reqs) > self.max_queue:
             raise QueueFull(f"server queue is full ({self.max_queue} requests waiting); retry later")
-        self._queue.put(req)
-        self.submitted += 1
+        for req in reqs:
+            self._queue.put(req)
+            self.submitted += 1
 
     def waiting(self) -> int:
         return self._queue.qsize()
@@ -339,7 +378,8 @@ class Engine:
         return out.logits[:, -1, :].float()
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> None:
-        """Pick the row's next token from ``logits``, emit its text, finish it on EOS or length."""
+        """Pick the row's next token from ``logits`` ``[vocab]``, emit its text, finish it on EOS,
+        a stop string or length."""
         r = row.req
         if r.cancelled.is_set():
             row.done = True  # the client left: its row leaves the batch
@@ -351,21 +391,77 @@ class Engine:
         finish = None
         if tok in self.eos:
             finish = "stop"
+            text = row.full
         else:
+            if r.logprobs is not None:
+                row.lps.append(self._logprob_entry(row, logits, tok))
             row.ids.append(tok)
             text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-            # hold back an incomplete multi-byte character until it completes
-            if not text.endswith("\ufffd") and len(text) > len(row.text):
-                _emit(r, "delta", text[len(row.text) :])
-                row.text = text
-            if len(row.ids) >= r.max_tokens:
+            row.full = text
+            cut = _find_stop(text, r.stop)
+            if cut >= 0:
+                finish, text = "stop", text[:cut]
+            elif len(row.ids) >= r.max_tokens:
                 finish = "length"
-        if finish is not None:
-            row.done = True
-            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-            if len(text) > len(row.text):
-                _emit(r, "delta", text[len(row.text) :])
-            _emit(r, "done", {"finish_reason": finish, "completion_tokens": len(row.ids), "text": text})
+        if finish is None:
+            # hold back what may be the start of a stop string, and an incomplete character
+            visible = text[: len(text) - _stop_prefix(text, r.stop)]
+            if not visible.endswith("\ufffd") and len(visible) > len(row.text):
+                self._send(row, visible)
+            return
+        row.done = True
+        if r.stop and row.lps:  # tokens that start after the cut belong to the stop string
+            row.lps = [e for e in row.lps if e["offset"] < len(text)]
+        self._send(row, text, final=True)
+        _emit(
+            r,
+            "done",
+            {
+                "finish_reason": finish,
+                "completion_tokens": len(row.ids),
+                "text": text,
+                "logprobs": row.lps if r.logprobs is not None else None,
+            },
+        )
+
+    def _send(self, row: _Row, visible: str, final: bool = False) -> None:
+        """Emit the text past what the client has (with the logprobs of the tokens it starts)."""
+        r = row.req
+        shown = len(visible)
+        ready = [e for e in row.lps[row.lp_sent :] if final or e["offset"] < shown]
+        if ready:
+            row.lp_sent += len(ready)
+            _emit(r, "logprobs", ready)
+        if shown > len(row.text):
+            _emit(r, "delta", visible[len(row.text) :])
+            row.text = visible
+
+    def _logprob_entry(self, row: _Row, logits: torch.Tensor, tok: int) -> dict:
+        """The chosen token's log-probability and the ``r.logprobs`` most likely alternatives,
+        from ``log_softmax(logits)`` (the model's distribution, before temperature and top_p)."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ctx = row.ids[-4:]  # a few tokens of context, so a token's text has its leading space
+        head = self.tokenizer.decode(ctx, skip_special_tokens=True)
+        top = []
+        k = row.req.logprobs
+        if k:
+            values, idx = torch.topk(logp, min(k, logp.shape[-1]))
+            top = [(self._token_text(ctx, head, int(i)), float(v)) for v, i in zip(values, idx)]
+        return {
+            "token": self._token_text(ctx, head, tok),
+            "logprob": float(logp[tok]),
+            "top": top,
+            "offset": len(row.full),
+        }
+
+    def _token_text(self, ctx: list[int], head: str, tok: int) -> str:
+        """The text ``tok`` adds after ``ctx`` (decoded ``head``); special tokens by their name."""
+        if tok in self._special:
+            return self.tokenizer.convert_ids_to_tokens(tok)
+        both = self.tokenizer.decode(ctx + [tok], skip_special_tokens=True)
+        if both.startswith(head):
+            return both[len(head) :]
+        return self.tokenizer.decode([tok], skip_special_tokens=True)
 
     def generate(self, req: Request, timeout: float = 300.0) -> dict:
         """Run one request through the queue and wait for it (for benchmarks and tests)."""
@@ -387,7 +483,10 @@ class _Row:
 
     req: Request
     ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # what the client has been sent
+    full: str = ""  # all generated text so far (stop strings and held-back text included)
+    lps: list[dict] = field(default_factory=list)
+    lp_sent: int = 0
     pending: int = 0
     done: bool = False
     gen: torch.Generator | None = None
@@ -426,6 +525,23 @@ def _drop_finished(active: list[_Row], state: dict) -> tuple[list[_Row], dict]:
     else:
         state.clear()
     return [active[i] for i in keep], state
+
+
+def _find_stop(text: str, stops: list[str]) -> int:
+    """Where the first stop string starts in ``text``, or -1."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else -1
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string (0 if none)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def _emit(req: Request, kind: str, payload) -> None:

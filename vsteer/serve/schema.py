@@ -44,6 +44,10 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_steering: int = 8
     max_scale: float = 100.0
+    max_n: int = 8
+    max_stop: int = 4  # OpenAI's limit
+    max_stop_chars: int = 256
+    max_top_logprobs: int = 20  # chat; completions allow 5, as OpenAI
 
 
 def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
@@ -138,12 +142,61 @@ def parse_adapter(model, engine) -> str | None:
     raise ApiError(404, f"the model {model!r} does not exist; available: {known}", "model", "model_not_found")
 
 
-def _common(body: dict, engine, limits: Limits, prompt_ids: list[int], default_max: int) -> Request:
-    for key in ("n", "best_of"):
-        if body.get(key) not in (None, 1):
-            raise ApiError(400, f"{key} must be 1 (one choice per request), got {body.get(key)!r}", key)
-    if body.get("stop") not in (None, [], ""):
-        raise ApiError(400, "stop sequences are not supported yet; stop at the model's end token", "stop")
+def parse_stop(raw, limits: Limits) -> list[str]:
+    """``stop``: a string or a list of up to ``max_stop`` strings (empty strings stop nothing)."""
+    if raw is None:
+        return []
+    stops = [raw] if isinstance(raw, str) else raw
+    if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+        raise ApiError(
+            400,
+            f"stop must be a string or a list of up to {limits.max_stop} strings, got {raw!r:.60}",
+            "stop",
+        )
+    if len(stops) > limits.max_stop:
+        raise ApiError(400, f"stop has {len(stops)} sequences; at most {limits.max_stop} allowed", "stop")
+    for x in stops:
+        if len(x) > limits.max_stop_chars:
+            raise ApiError(
+                400, f"stop sequence has {len(x)} characters; at most {limits.max_stop_chars} allowed", "stop"
+            )
+    return list(dict.fromkeys(x for x in stops if x))
+
+
+def _chat_logprobs(body: dict, limits: Limits) -> int | None:
+    """Chat: ``logprobs: true`` and ``top_logprobs`` in [0, 20] -> alternatives per token, or None."""
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError(400, f"logprobs must be true or false, got {want!r:.40}", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and not want:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if not want:
+        return None
+    return int(_number(body, "top_logprobs", 0, 0, limits.max_top_logprobs, integer=True))
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """Completions: ``logprobs`` an integer in [0, 5] (alternatives per token), or None."""
+    value = _number(body, "logprobs", None, 0, 5, integer=True)
+    return None if value is None else int(value)
+
+
+def _common(
+    body: dict,
+    engine,
+    limits: Limits,
+    prompt_ids: list[int],
+    default_max: int,
+    logprobs: int | None,
+    text_offset: int = 0,
+) -> Request:
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(
+            400, f"best_of must be 1 (use n for several choices), got {body.get('best_of')!r}", "best_of"
+        )
+    n = _number(body, "n", 1, 1, limits.max_n, integer=True)
+    stop = parse_stop(body.get("stop"), limits)
     if not isinstance(body.get("stream", False), bool):
         raise ApiError(400, f"stream must be true or false, got {body.get('stream')!r}", "stream")
     adapter = parse_adapter(body.get("model"), engine)
@@ -169,6 +222,10 @@ def _common(body: dict, engine, limits: Limits, prompt_ids: list[int], default_m
         seed=seed,
         adapter=adapter,
         steering=steering,
+        stop=stop,
+        logprobs=logprobs,
+        n=int(n),
+        text_offset=text_offset,
     )
 
 
@@ -212,7 +269,8 @@ def parse_chat(body, engine, limits: Limits) -> Request:
     tok = engine.tokenizer
     text = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    return _common(body, engine, limits, list(ids), default_max=limits.max_tokens)
+    logprobs = _chat_logprobs(body, limits)
+    return _common(body, engine, limits, list(ids), default_max=limits.max_tokens, logprobs=logprobs)
 
 
 def parse_completion(body, engine, limits: Limits) -> Request:
@@ -225,7 +283,16 @@ def parse_completion(body, engine, limits: Limits) -> Request:
     if body.get("echo"):
         raise ApiError(400, "echo is not supported", "echo")
     ids = engine.tokenizer(prompt)["input_ids"]
-    return _common(body, engine, limits, list(ids), default_max=min(16, limits.max_tokens))
+    logprobs = _completion_logprobs(body)
+    return _common(
+        body,
+        engine,
+        limits,
+        list(ids),
+        default_max=min(16, limits.max_tokens),
+        logprobs=logprobs,
+        text_offset=len(prompt),  # OpenAI's text_offset counts from the start of the prompt
+    )
 
 
 def _object(body) -> dict:
