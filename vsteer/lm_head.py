@@ -36,7 +36,9 @@ def add_materialized_lm_head(
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+    def forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw
+    ):
         if not fused_lm_head:
             for name, value in (
                 ("labels", labels),
@@ -73,7 +75,9 @@ def add_materialized_lm_head(
             if "is_top1" in outputs:
                 # argmax returns the first maximum, as TRL's kernel counts ties
                 fields["is_top1"] = (zd.argmax(-1) == labels) & mask
-        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        loss = -log_probs.sum() / (
+            mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        )
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=None, **fields)
 
     model.forward = types.MethodType(forward, model)
