@@ -96,9 +96,9 @@ def test_lr_selection_never_looks_at_the_test_split(tiny_dir, user_files, tmp_pa
     scored = []
     real_scores = compare._scores
 
-    def spy(model, ctx, split):
+    def spy(model, ctx, split, index=None):
         scored.append((split, ctx["data"].source["test"]))
-        return real_scores(model, ctx, split)
+        return real_scores(model, ctx, split, index)
 
     monkeypatch.setattr(compare, "_scores", spy)
     chosen = []
@@ -360,7 +360,10 @@ def test_dpo_comparison_with_a_shared_reference_equals_the_per_step_reference(ti
     compute the reference in every step."""
     train = _jsonl(
         tmp_path / "pairs.jsonl",
-        [{"prompt": f"q{i}:", "chosen": " great, loved it", "rejected": " awful, hated it"} for i in range(16)],
+        [
+            {"prompt": f"q{i}:", "chosen": " great, loved it", "rejected": " awful, hated it"}
+            for i in range(16)
+        ],
     )
     ev = [{"prompt": f"r{i}:", "chosen": " loved it", "rejected": " hated it"} for i in range(12)]
     ev = _jsonl(tmp_path / "pairs_eval.jsonl", ev)
@@ -373,3 +376,22 @@ def test_dpo_comparison_with_a_shared_reference_equals_the_per_step_reference(ti
     for key, run in runs[False].runs.items():
         if "test" in run:
             np.testing.assert_allclose(runs[True].runs[key]["test"], run["test"], atol=1e-4)
+
+
+def test_ablation_subset_is_fixed_stratified_and_keeps_pairs_whole(tiny_dir, user_files):
+    from vsteer.compare_eval import item_subset
+
+    items = [Item("", f"t{i}", i % 2) for i in range(20)]
+    idx = item_subset(items, 3, seed=0)
+    assert len(idx) == 6 and sum(items[i].label for i in idx) == 3 and idx == sorted(idx)
+    assert idx == item_subset(items, 3, seed=0) and item_subset(items, None) == list(range(20))
+    pairs = [Item("p", f"t{i}", i % 2, group=i // 2) for i in range(20)]
+    kept = item_subset(pairs, 4, seed=1)
+    assert len(kept) == 8 and all((i ^ 1) in kept for i in kept)  # both items of each kept pair
+    spec = load_compare_recipe(
+        _recipe(tiny_dir, *user_files, arms=["v", "all"], learning_rates=[3e-2], seeds=[0], ablation_items=3)
+    )
+    res = run_compare(spec, progress=False)
+    ev = res.runs[("eval", "all", 0)]
+    assert len(ev["ablation_index"]) == 6 and all(len(v) == 6 for v in ev["ablation"].values())
+    assert res.ablation()["shares"]["v"].n == 6

@@ -72,6 +72,9 @@ class CompareSpec:
     checkpoints: list = field(default_factory=lambda: [8, 16])
     rope: list = field(default_factory=lambda: [-0.01, 0.01])
     ablation: bool = True
+    # the ablation's five extra scorings on a fixed subset of the test split: this many items
+    # per label (pairs, for paired data); null: the whole split
+    ablation_items: int | None = None
     metrics: list = field(default_factory=lambda: ["kl", "mmlu", "vader"])
     n_kl_windows: int = 8
     kl_window: int = 64
@@ -169,6 +172,12 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
     for key in ("length_buckets", "shared_reference", "ablation"):
         if not isinstance(getattr(spec, key), bool):
             raise RecipeError(f"{key} must be true or false, got {getattr(spec, key)!r}")
+    if spec.ablation_items is not None and (
+        isinstance(spec.ablation_items, bool)
+        or not isinstance(spec.ablation_items, int)
+        or spec.ablation_items < 1
+    ):
+        raise RecipeError(f"ablation_items must be a positive int or null, got {spec.ablation_items!r}")
     if spec.budget is not None and (
         isinstance(spec.budget, bool) or not isinstance(spec.budget, int) or spec.budget < 1
     ):
@@ -360,11 +369,14 @@ def _base_kl_logp(ctx):
     return ctx["base_logp"]
 
 
-def _scores(model, ctx, split: str):
+def _scores(model, ctx, split: str, index: list[int] | None = None):
+    """Per-item scores of ``split`` (only the items at ``index`` when given)."""
     from vsteer.compare_eval import item_logps
 
     spec = ctx["spec"]
     items = ctx["data"].val if split == "val" else ctx["data"].test
+    if index is not None:
+        items = [items[i] for i in index]
     return item_logps(
         model, ctx["tokenizer"], items, spec.max_length + 8, spec.eval_batch_size, spec.eval_precision
     )
@@ -551,11 +563,14 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
                 params[name].copy_(tensor)
         out["frontier"] = frontier
     if ablation:
-        out["ablation"] = {}
+        from vsteer.compare_eval import item_subset
+
+        index = item_subset(ctx["data"].test, spec.ablation_items, seed=spec.seeds[0])
+        out["ablation"], out["ablation_index"] = {}, index
         for proj in PROJECTION_TYPES:
             with ablate(model, proj) as n:
                 if n:
-                    out["ablation"][proj] = _scores(model, ctx, "test").tolist()
+                    out["ablation"][proj] = _scores(model, ctx, "test", index).tolist()
         out["update_norms"] = update_norms(model)
     out["cpu_s"] = time.process_time() - cpu0
     return out

@@ -105,6 +105,25 @@ def shift_effect(d, labels, groups=None, n_boot: int = 2000, seed: int = 0) -> E
     )
 
 
+def item_subset(items, n: int | None, seed: int = 0) -> list[int]:
+    """Sorted indices of a fixed random subset of ``items``: ``n`` per label, or ``n`` whole
+    pairs when the items come in groups (chosen/rejected); all items when ``n`` is None or not
+    smaller than what there is."""
+    rng = np.random.default_rng(seed)
+    groups = [i.group for i in items]
+    if all(g is not None for g in groups):
+        keys = sorted(set(groups))
+        if n is None or n >= len(keys):
+            return list(range(len(items)))
+        keep = {keys[j] for j in rng.choice(len(keys), size=n, replace=False)}
+        return [i for i, g in enumerate(groups) if g in keep]
+    out = []
+    for label in sorted({i.label for i in items}):
+        idx = [i for i, it in enumerate(items) if it.label == label]
+        out += idx if n is None or n >= len(idx) else rng.choice(idx, size=n, replace=False).tolist()
+    return sorted(out)
+
+
 def share_removed(d_full, d_ablated: dict, labels, groups=None, n_boot: int = 2000, seed: int = 0):
     """Per projection type, the share of the gained shift that dropping its update removes,
     ``1 - shift(ablated) / shift(full)``, and the value share minus the largest other share; all

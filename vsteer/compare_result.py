@@ -87,6 +87,9 @@ class CompareResult:
         labels, groups = self._labels("test")
         base = self._base("test")
         full = np.array(ev["test"]) - base
+        index = np.array(ev.get("ablation_index", range(len(base))), dtype=int)  # the scored subset
+        full, base, labels = full[index], base[index], labels[index]
+        groups = None if groups is None else [groups[i] for i in index]
         abl = {p: np.array(v) - base for p, v in ev["ablation"].items()}
         return {
             "shares": share_removed(full, abl, labels, groups, seed=self.first),
@@ -249,6 +252,13 @@ class CompareResult:
                 )
         return rows
 
+    def _ablation_scope(self) -> str:
+        from vsteer.compare import CONTROL
+
+        ev = self.runs.get(("eval", CONTROL, self.first), {})
+        n, total = len(ev.get("ablation_index", self.data.test)), len(self.data.test)
+        return "test split" if n == total else f"a fixed random {n} of the {total} test items"
+
     def ablation_records(self) -> list[dict]:
         abl = self.ablation()
         if not abl:
@@ -305,10 +315,9 @@ class CompareResult:
         abl = self.ablation_records()
         if abl:
             notes += [
-                "Projection ablation of the positive control (seed %d, test split): share of its shift removed by dropping "
-                "one projection type's learned update, and its relative update norm ||ΔW||/||W||:".replace(
-                    "%d", str(self.first)
-                ),
+                f"Projection ablation of the positive control (seed {self.first}, {self._ablation_scope()}): share "
+                "of its shift removed by dropping one projection type's learned update, and its relative "
+                "update norm ||ΔW||/||W||:",
                 "",
                 records_to_markdown(abl),
                 "",
