@@ -395,3 +395,17 @@ def test_ablation_subset_is_fixed_stratified_and_keeps_pairs_whole(tiny_dir, use
     ev = res.runs[("eval", "all", 0)]
     assert len(ev["ablation_index"]) == 6 and all(len(v) == 6 for v in ev["ablation"].values())
     assert res.ablation()["shares"]["v"].n == 6
+
+
+def test_loads_from_two_threads_leave_no_meta_tensors(tiny_dir):
+    """Two comparisons driven side by side load models from two threads; transformers' loading
+    swaps process-wide state, so without vsteer's load lock later loads came out on the meta
+    device (every real-model test after the shared-pool test failed that way)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vsteer.models import load_model
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: load_model(str(tiny_dir)), range(8)))
+    model, _ = load_model(str(tiny_dir))
+    assert not any(p.is_meta for p in model.parameters())

@@ -47,6 +47,7 @@ MODULE_LAYER = {
     "vsteer.lora": "capability",
     "vsteer.recipes": "capability",
     "vsteer.train": "capability",
+    "vsteer.lm_head": "capability",  # TRL trainer patch used by vsteer.train
     "vsteer.vectors": "capability",
     "vsteer.extraction": "capability",
     "vsteer.steering": "capability",

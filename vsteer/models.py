@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -303,6 +304,17 @@ def load_model(
     device; ``dtype``: a floating torch dtype, its name, or ``"auto"`` (see :func:`resolve_dtype`).
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``.
     """
+    # transformers' from_pretrained swaps process-wide state while it builds a model (its
+    # meta-device init patches); two threads loading at once (two comparisons driven side by side)
+    # left it swapped, and every later load in the process had meta tensors. One load at a time.
+    with _LOAD_LOCK:
+        return _load_model(name_or_path, dtype, device, trust_remote_code, cache_dir)
+
+
+_LOAD_LOCK = threading.RLock()
+
+
+def _load_model(name_or_path, dtype, device, trust_remote_code, cache_dir):
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     torch_device = resolve_device(device)
