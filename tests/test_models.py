@@ -508,3 +508,25 @@ def test_gemma3_chat_generation_is_non_empty_and_stops_at_end_of_turn(gemma3):
 def test_gemma3_pads_left_with_its_pad_token(gemma3):
     _, tokenizer = gemma3
     assert (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.padding_side) == ("<pad>", 0, "left")
+
+
+@pytest.mark.slow
+def test_loads_from_two_threads_then_one_more_work():
+    """Two threads loading the embedded model at once (two comparisons driven side by side),
+    then a third load in the same fresh process: transformers' import and loading swap
+    process-wide state, so without vsteer's load lock the threads failed on a half-done lazy
+    import, or the later load came out with meta tensors. A fresh process, since this process
+    has imported everything already."""
+    script = textwrap.dedent(
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        from vsteer.models import load_model
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: load_model("smollm2-135m-instruct"), range(2)))
+        model, _ = load_model("smollm2-135m-instruct")
+        assert not any(p.is_meta for p in model.parameters())
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
