@@ -618,18 +618,22 @@ def make_executor(workers: int, threads: int = 1):
     )
 
 
-def _inputs(spec: CompareSpec, model_key: dict, data_key: str, **extra) -> dict:
+def _common_inputs(model_key: dict, data_key: str) -> dict:
+    """What every piece of one comparison is computed from besides its own options: the model,
+    the data, the package versions and the code (fingerprinted once per comparison)."""
     from vsteer.pieces import code_fingerprint, package_versions
 
-    relevant = {k: v for k, v in spec.to_dict().items() if k not in ("name", "workers", "arms", "seeds")}
     return {
-        "spec": relevant,
         "model": model_key,
         "data": data_key,
         "versions": package_versions(),
         "code": code_fingerprint(["vsteer.compare", "vsteer.compare_eval", "vsteer.train"]),
-        **extra,
     }
+
+
+def _inputs(spec: CompareSpec, common: dict, **extra) -> dict:
+    relevant = {k: v for k, v in spec.to_dict().items() if k not in ("name", "workers", "arms", "seeds")}
+    return {"spec": relevant, **common, **extra}
 
 
 def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, executor=None):
@@ -657,6 +661,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
     )
     data_key = hashlib.sha256(blob.encode()).hexdigest()
     model_key = {"config": config_fingerprint(model.config), "weights": weights_fingerprint(model)}
+    common = _common_inputs(model_key, data_key)
     del model
     tmp_root = None
     if isinstance(cache, (str, os.PathLike)):  # made only now: bad input above leaves no trace
@@ -709,7 +714,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
         # chosen rate and are scored on test in the same process
         split = "val" if seed == first else "test"
         key = ("train", arm, lr, seed)
-        inputs = _inputs(spec, model_key, data_key, arm=arm, lr=lr, seed=seed, budget=budget, split=split)
+        inputs = _inputs(spec, common, arm=arm, lr=lr, seed=seed, budget=budget, split=split)
         refs = results[("reference",)]["rows"] if shared else None
         work = Path(tempfile.mkdtemp(dir=cache.root, prefix=".job-"))
         args = (spec_dict, arm, lr, seed, budget, split, refs)
@@ -718,9 +723,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
     def evaluate(arm, lr):
         key = ("train", arm, lr, first)
         abl = spec.ablation and arm == CONTROL
-        inputs = _inputs(
-            spec, model_key, data_key, arm=arm, lr=lr, seed=first, budget=budget, extras=True, ablation=abl
-        )
+        inputs = _inputs(spec, common, arm=arm, lr=lr, seed=first, budget=budget, extras=True, ablation=abl)
         submit(("eval", arm, first), "compare-eval", inputs, eval_job, spec_dict, str(dirs[key]), True, abl)
 
     try:
@@ -728,12 +731,12 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
             submit(
                 ("reference",),
                 "compare-reference",
-                _inputs(spec, model_key, data_key),
+                _inputs(spec, common),
                 reference_job,
                 spec_dict,
                 budget,
             )
-        submit(("base",), "compare-base", _inputs(spec, model_key, data_key), base_job, spec_dict)
+        submit(("base",), "compare-base", _inputs(spec, common), base_job, spec_dict)
         chosen: dict[str, float] = {}
         started = False
         while True:
