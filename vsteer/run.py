@@ -29,17 +29,20 @@ from vsteer.errors import RecipeError
 from vsteer.experiments.result import ExperimentResult
 from vsteer.files import atomic_write, resolve_recipe
 
-SECTIONS = ("adapters", "steering", "swaps", "probes", "patching", "basis")
-
-# the module whose code (and what it imports) computes each section: part of the section's key
-SECTION_MODULES = {
-    "adapters": "vsteer.experiments.adapters",
-    "steering": "vsteer.experiments.steering",
-    "swaps": "vsteer.experiments.swaps",
-    "probes": "vsteer.experiments.probing",
-    "patching": "vsteer.experiments.patching",
-    "basis": "vsteer.experiments.basis",
+# section -> (module that computes it, its config dataclass, its run function). The module's
+# code (and what it imports) is part of the section's cache key. A plain section's run function
+# is called as fn(model, tokenizer, config=..., seed=..., progress_bar=...) and returns one
+# ExperimentResult; "adapters" and "steering" have their own calls in _run_section.
+SECTION_TABLE = {
+    "adapters": ("vsteer.experiments.adapters", "AdapterComparisonConfig", "run_adapter_comparison"),
+    "steering": ("vsteer.experiments.steering", "SteeringOptions", "run_steering"),
+    "swaps": ("vsteer.experiments.swaps", "SwapConfig", "run_swaps"),
+    "probes": ("vsteer.experiments.probing", "ProbeConfig", "run_probes"),
+    "patching": ("vsteer.experiments.patching", "PatchConfig", "run_patching"),
+    "basis": ("vsteer.experiments.basis", "BasisConfig", "run_basis"),
 }
+SECTIONS = tuple(SECTION_TABLE)
+SECTION_MODULES = {name: row[0] for name, row in SECTION_TABLE.items()}
 
 PROFILE_DIR = Path(__file__).resolve().parent / "recipes" / "profiles"
 
@@ -163,22 +166,15 @@ def _set(raw: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
-def _config_classes():
-    from vsteer.experiments.adapters import AdapterComparisonConfig
-    from vsteer.experiments.basis import BasisConfig
-    from vsteer.experiments.patching import PatchConfig
-    from vsteer.experiments.probing import ProbeConfig
-    from vsteer.experiments.steering import SteeringOptions
-    from vsteer.experiments.swaps import SwapConfig
+def _section_attr(section: str, index: int):
+    import importlib
 
-    return {
-        "adapters": AdapterComparisonConfig,
-        "steering": SteeringOptions,
-        "swaps": SwapConfig,
-        "probes": ProbeConfig,
-        "patching": PatchConfig,
-        "basis": BasisConfig,
-    }
+    module, *names = SECTION_TABLE[section]
+    return getattr(importlib.import_module(module), names[index])
+
+
+def _config_classes():
+    return {section: _section_attr(section, 0) for section in SECTION_TABLE}
 
 
 _STEERING_EXTRA = ("behaviours", "personas", "sentiment")
@@ -245,22 +241,7 @@ def _run_section(section: str, model, tokenizer, spec: RunSpec, opts: dict, cach
         config.progress = progress
         extra = {k: opts[k] for k in _STEERING_EXTRA if k in opts}
         return run_steering(model, tokenizer, opts=config, **extra)
-    kw = dict(config=config, seed=seed, progress_bar=progress)
-    if section == "swaps":
-        from vsteer.experiments.swaps import run_swaps
-
-        return [run_swaps(model, tokenizer, **kw)]
-    if section == "probes":
-        from vsteer.experiments.probing import run_probes
-
-        return [run_probes(model, tokenizer, **kw)]
-    if section == "patching":
-        from vsteer.experiments.patching import run_patching
-
-        return [run_patching(model, tokenizer, **kw)]
-    from vsteer.experiments.basis import run_basis
-
-    return [run_basis(model, tokenizer, **kw)]
+    return [_section_attr(section, 1)(model, tokenizer, config=config, seed=seed, progress_bar=progress)]
 
 
 def result_from_dict(d: dict) -> ExperimentResult:
