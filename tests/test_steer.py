@@ -200,3 +200,105 @@ def test_unknown_positions_are_refused(llama):
 def test_per_row_scale_of_wrong_length_is_refused(llama):
     with pytest.raises(VectorError, match="3 values for 2 rows"):
         per_row([_vec(llama), None], scale=[1.0, 2.0, 3.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# the bias path: a constant q/k/v vector at every position is added to the projection's bias
+# ------------------------------------------------------------------------------------------------
+def _padded_batch():
+    ids = random_ids(3, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    return ids, mask
+
+
+def _biases_of(model, site):
+    arch = vsteer.get_arch(model)
+    return [arch.projection(layer, site).bias for layer in range(arch.n_layers)]
+
+
+@pytest.mark.parametrize("site", ["v", "k", "q"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bias_path_equals_the_hook_on_real_tokens_under_left_padding(family, site):
+    """Fused QKV (phi3, gpt2's Conv1D, gpt_neox per head), projections with a bias (qwen2) and
+    without: the bias path installs no hook and gives the hook path's logits on every real token."""
+    model = make_tiny_model(family)
+    vec = _vec(model, site, layers=(0, 1), size=2.0)
+    ids, mask = _padded_batch()
+    before_biases = _biases_of(model, site)
+    hooks_before = hook_count(model)
+    with vsteer.steer(model, vec, scale=1.5):
+        assert hook_count(model) == hooks_before  # no hook: the bias carries the vector
+        fast = _logits(model, ids, attention_mask=mask)
+    assert all(a is b for a, b in zip(_biases_of(model, site), before_biases, strict=True))
+    with vsteer.steer(model, vec, scale=1.5, as_bias=False):
+        assert hook_count(model) > hooks_before
+        slow = _logits(model, ids, attention_mask=mask)
+    real = mask.bool()
+    assert torch.allclose(fast[real], slow[real], atol=1e-5)
+    if not (site == "k" and family == "gpt2"):  # without rotary positions a constant key changes
+        # every score of a query by the same q.c, which softmax removes
+        assert not torch.allclose(fast[real], _logits(model, ids, attention_mask=mask)[real], atol=1e-3)
+
+
+def test_bias_path_generation_equals_the_hook_path(llama):
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (6, 3, 8)]
+    ids, mask = _left_padded(rows)
+    vec = _vec(llama, layers=(0, 1, 2), size=3.0)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with vsteer.steer(llama, vec):
+            fast = llama.generate(ids, **kw)
+        with vsteer.steer(llama, vec, as_bias=False):
+            slow = llama.generate(ids, **kw)
+        plain = llama.generate(ids, **kw)
+    assert torch.equal(fast, slow) and not torch.equal(fast, plain)
+
+
+def test_bias_path_nests_and_mixes_with_hooked_sites(llama):
+    """A bias-path vector inside another steering context, next to a resid vector (hooked) and a
+    per-row scale (hooked): the sum of all, as with hooks only; every bias restored exactly."""
+    a, b, r = _vec(llama, "v", seed=1), _vec(llama, "v", seed=2), _vec(llama, "resid", seed=3, size=0.3)
+    ids = random_ids(2, 7)
+    before = _biases_of(llama, "v")
+    with vsteer.steer(llama, [a, r]), vsteer.steer(llama, b, scale=[0.5, 2.0]):
+        with vsteer.steer(llama, a, scale=-0.5):
+            fast = _logits(llama, ids)
+    with vsteer.steer(llama, [a, r], as_bias=False), vsteer.steer(llama, b, scale=[0.5, 2.0]):
+        with vsteer.steer(llama, a, scale=-0.5, as_bias=False):
+            slow = _logits(llama, ids)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert all(x is y for x, y in zip(_biases_of(llama, "v"), before, strict=True))
+
+
+def test_bias_path_restores_the_bias_after_an_exception():
+    model = make_tiny_model("qwen2")  # has q/k/v biases
+    before = [t.clone() for t in _biases_of(model, "v")]
+    with pytest.raises(RuntimeError), vsteer.steer(model, _vec(model, "v", size=4.0)):
+        raise RuntimeError("boom")
+    assert all(torch.equal(x, y) for x, y in zip(_biases_of(model, "v"), before, strict=True))
+
+
+def test_peft_wrapped_projection_keeps_the_hook():
+    from vsteer.lora import add_adapter
+
+    model = add_adapter(make_tiny_model("llama"), targets="v", r=2)
+    vec = _vec(model, "v", size=2.0)
+    before = hook_count(model)
+    with vsteer.steer(model, vec):
+        assert hook_count(model) > before
+
+
+def test_bias_path_keeps_the_gradient_of_a_trainable_bias():
+    model = make_tiny_model("qwen2")
+    vec = _vec(model, "v", layers=(1,), size=2.0)
+    bias = vsteer.get_arch(model).projection(1, "v").bias
+    grads = []
+    for as_bias in (True, False):
+        model.zero_grad()
+        with vsteer.steer(model, vec, as_bias=as_bias):
+            model(random_ids(2, 6)).logits.square().mean().backward()
+        grads.append(bias.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from vsteer.errors import VectorError
 from vsteer.vectors import SteeringVector, check_scale
@@ -101,6 +102,12 @@ def steering_ops(model, vectors, scale: Scale = 1.0, positions="all", include_pa
     from vsteer.hooks import add, check_positions
 
     check_positions(positions)
+    totals = _totals(model, vectors, scale)
+    return {key: add(t, positions=positions, include_padding=include_padding) for key, t in totals.items()}
+
+
+def _totals(model, vectors, scale: Scale) -> dict[tuple[str, int], torch.Tensor]:
+    """``{(site, layer): scaled sum of the vectors there}`` (with a leading row axis for per-row scales)."""
     base = _row_scales(scale)
     totals: dict[tuple[str, int], torch.Tensor] = {}
     for vec, own in _entries(vectors):
@@ -122,11 +129,75 @@ def steering_ops(model, vectors, scale: Scale = 1.0, positions="all", include_pa
                 if prev.dim() != contrib.dim():
                     prev, contrib = torch.broadcast_tensors(prev, contrib)
                 totals[key] = prev + contrib
-    return {key: add(t, positions=positions, include_padding=include_padding) for key, t in totals.items()}
+    return totals
+
+
+# sites whose module output is an affine projection: a constant added there is a bias
+_BIAS_SITES = ("q", "k", "v")
+
+
+def _as_bias(arch, site: str, layer: int, vector: torch.Tensor):
+    """(linear module, bias tensor with ``vector`` added at the site's rows), or ``None`` where
+    adding the vector to the module's bias is not exactly the hook's addition."""
+    from transformers.pytorch_utils import Conv1D
+
+    from vsteer.hooks import _fit, site_shape
+    from vsteer.sites import as_site
+
+    if site not in _BIAS_SITES:
+        return None
+    module = arch.projection(layer, site)
+    # exactly Linear/Conv1D (a PEFT or quantised wrapper computes more than x W + b)
+    if type(module) not in (nn.Linear, Conv1D) or hasattr(module, "_hf_hook"):
+        return None  # accelerate's offload hooks reload parameters by name at each forward
+    shape = tuple(site_shape(arch, site))
+    fitted = _fit(vector, shape, shape, as_site((site, layer)), None)
+    if tuple(fitted.shape) != shape:  # one vector per row: only a hook can do that
+        return None
+    flat = fitted.reshape(-1)
+    weight = module.weight
+    out_features = weight.shape[1] if isinstance(module, Conv1D) else weight.shape[0]
+    old = module.bias
+    rows = arch.rows(site)
+    delta = flat.to(device=weight.device, dtype=weight.dtype)
+    if rows is not None:
+        delta = torch.zeros(out_features, dtype=weight.dtype, device=weight.device).index_add(
+            0, rows.to(weight.device), delta
+        )
+    return module, delta if old is None else old + delta  # a trainable bias keeps its gradient
 
 
 @contextmanager
-def steer(model, vectors, scale: Scale = 1.0, positions="all", include_padding: bool = False, when=None):
+def _biases(changes: list):
+    """Put the steered biases in place of the projections' own for the duration of the context.
+
+    The steered bias is a plain tensor attribute (``original + vector``), not a parameter, so a
+    trainable bias still receives its gradient; the original parameter object (or None) comes
+    back on exit, also on exceptions. Inside the context the projection's ``state_dict`` and
+    ``parameters()`` do not list its bias.
+    """
+    saved = []
+    try:
+        for module, bias in changes:
+            saved.append((module, module._parameters.pop("bias", None)))
+            object.__setattr__(module, "bias", bias)
+        yield
+    finally:
+        for module, old in reversed(saved):
+            module.__dict__.pop("bias", None)
+            module._parameters["bias"] = old
+
+
+@contextmanager
+def steer(
+    model,
+    vectors,
+    scale: Scale = 1.0,
+    positions="all",
+    include_padding: bool = False,
+    when=None,
+    as_bias: bool = True,
+):
     """Add steering vectors for the duration of the context.
 
     ``vectors``: a :class:`SteeringVector`, a list of them, or ``(vector, scale)`` pairs (each
@@ -135,9 +206,38 @@ def steer(model, vectors, scale: Scale = 1.0, positions="all", include_padding: 
     :class:`~vsteer.monitor.Monitor`; only rows whose prompt it flags are steered (the others
     get scale 0), and the context yields its :class:`~vsteer.monitor.Flags`
     (see :func:`vsteer.monitor.gated`).
+
+    ``as_bias``: a vector at ``q``/``k``/``v`` with one scale for every row at ``positions="all"``
+    is added to the projection's bias (created for the duration if the projection has none)
+    instead of through a hook: no Python runs per token. It equals the hook's addition on every
+    real token; padding tokens get it too, but attention masks padded keys and values out of
+    every real token's result, and a padded query only makes its own padded output (see
+    tests/test_steer.py). Projections that are not a plain ``Linear``/``Conv1D`` (PEFT, quantised,
+    offloaded) or have a trainable bias keep the hook. ``False`` always uses hooks.
     """
     from vsteer.hooks import intervene
 
+    if as_bias and when is None and isinstance(positions, str) and positions == "all":
+        from vsteer.arch import get_arch
+
+        totals = _totals(model, vectors, scale)
+        arch = get_arch(model)
+        changes = {key: _as_bias(arch, *key, t) for key, t in totals.items()}
+        if any(c is not None for c in changes.values()):
+            from vsteer.hooks import add
+
+            rest = {
+                key: add(totals[key], positions=positions, include_padding=include_padding)
+                for key, c in changes.items()
+                if c is None
+            }
+            with _biases([c for c in changes.values() if c is not None]):
+                if rest:
+                    with intervene(model, rest):
+                        yield
+                else:
+                    yield
+            return
     ops = steering_ops(model, vectors, scale, positions, include_padding)
     if when is not None:
         from vsteer.monitor import gated
