@@ -162,6 +162,23 @@ def test_judge_all_downgrades_marginal_supported_verdicts_under_holm():
     assert [v.p_holm for v in verdicts] == pytest.approx(holm([v.p_value for v in verdicts]))
 
 
+def test_judge_all_corrects_within_each_claim_and_over_the_report():
+    """Two claims (rule-id prefixes a and b): a marginal finding alone in its claim survives the
+    per-claim correction but not the report-wide one, where it shares the correction with b's."""
+    rules = {"a.x": Rule(threshold=0.0), "b.y": Rule(threshold=0.0), "b.z": Rule(threshold=0.0)}
+    marginal = Estimate(0.22, 0.01, 0.43, 50)  # p ~ 0.02
+    fs = [
+        Finding("a.x", "a", "m", marginal),
+        Finding("b.y", "b1", "m", marginal),
+        Finding("b.z", "b2", "m", marginal),
+    ]
+    vs = judge_all(fs, rules)
+    assert [v.claim_verdict for v in vs] == [SUPPORTED, INCONCLUSIVE, INCONCLUSIVE]
+    assert [v.holm_verdict for v in vs] == [INCONCLUSIVE] * 3
+    assert vs[0].p_claim == pytest.approx(vs[0].p_value)
+    assert [v.p_claim for v in vs[1:]] == pytest.approx(holm([vs[1].p_value, vs[2].p_value]))
+
+
 def test_a_rule_change_changes_the_verdict_of_the_same_finding():
     f = Finding("r", "c", "m", Estimate(0.03, 0.01, 0.05, 50))
     assert judge(f, {"r": Rule(threshold=0.0)}).verdict == SUPPORTED

@@ -19,13 +19,14 @@ from vsteer.verdicts import ALPHA, SUPPORTED, Rule, Verdict, judge_all
 
 def verdict_table(rows: list[tuple[str, Verdict]]) -> str:
     lines = [
-        "| claim | measured | effect [95% CI] | verdict | after Holm | reproduce |",
-        "|---|---|---|---|---|---|",
+        "| claim | measured | effect [95% CI] | verdict | after Holm (claim) | after Holm (report) | reproduce |",
+        "|---|---|---|---|---|---|---|",
     ]
     for _section, v in rows:
         cmd = f"`{v.command}`" if v.command else ""
         holm = v.holm_verdict if v.holm_verdict is not None else ""
-        cells = [_cell(v.claim), _cell(v.measured), str(v.effect), f"**{v.verdict}**", holm, cmd]
+        claim = v.claim_verdict if v.claim_verdict is not None else ""
+        cells = [_cell(v.claim), _cell(v.measured), str(v.effect), f"**{v.verdict}**", claim, holm, cmd]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -36,17 +37,23 @@ def _cell(text: str) -> str:
 
 
 def _multiplicity(rows: list[tuple[str, Verdict]]) -> str:
+    from vsteer.verdicts import family
+
     m = len(rows)
     raw = sum(v.verdict == SUPPORTED for _, v in rows)
     kept = sum(v.holm_verdict == SUPPORTED for _, v in rows)
+    per_claim = sum(v.claim_verdict == SUPPORTED for _, v in rows)
+    families = len({family(v.rule_id) for _, v in rows})
     return (
-        f"This report draws {m} verdicts. Each raw verdict reads one 95% interval, so among {m} "
-        f"claims with no real effect about {m * ALPHA:.2g} would be called *supported* by chance. "
-        f"The *after Holm* column applies Holm's step-down correction over all {m}: a *supported* "
-        f"verdict stays supported only if its Holm-adjusted one-sided p-value (a normal "
-        f"approximation from its interval) is at most {ALPHA:g}, which keeps the chance of any false "
-        f"*supported* in this report at {ALPHA:g}; otherwise it becomes *inconclusive*. "
-        f"Supported: {raw} raw, {kept} after Holm."
+        f"This report draws {m} verdicts about {families} claims. Each raw verdict reads one 95% "
+        f"interval, so among {m} claims with no real effect about {m * ALPHA:.2g} would be called "
+        f"*supported* by chance. Two corrections follow (Holm's step-down; a *supported* verdict "
+        f"stays supported only if its adjusted one-sided p-value, a normal approximation from its "
+        f"interval, is at most {ALPHA:g}, else it becomes *inconclusive*): *after Holm (claim)* "
+        f"corrects within each claim's verdicts (the rule id's first part), keeping the chance of "
+        f"any false *supported* about one claim at {ALPHA:g}; *after Holm (report)* corrects over "
+        f"all {m}, keeping it at {ALPHA:g} for the whole report. Supported: {raw} raw, "
+        f"{per_claim} after Holm per claim, {kept} after Holm over the report."
     )
 
 

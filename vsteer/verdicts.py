@@ -48,7 +48,9 @@ approximation from its interval: ``se = (hi - lo) / (2 * 1.96)``; two one-sided 
 claims) and applies Holm's step-down correction over all findings judged together. A raw
 *supported* verdict whose Holm-adjusted p-value exceeds 0.025 (the one-sided level of a 95%
 interval) becomes *inconclusive* in ``holm_verdict``; other verdicts are unchanged. Holm keeps
-the chance of any false *supported* among the whole set at 2.5%.
+the chance of any false *supported* among the whole set at 2.5%. The same correction within each
+claim's family of rules (:func:`family`: the rule id up to its first dot) gives ``claim_verdict``:
+the chance of any false *supported* about one claim stays at 2.5%.
 """
 
 from __future__ import annotations
@@ -193,6 +195,8 @@ class Verdict:
     p_value: float | None = None
     p_holm: float | None = None
     holm_verdict: str | None = None
+    p_claim: float | None = None
+    claim_verdict: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -269,12 +273,38 @@ def judge(f: Finding, rules: Mapping[str, Rule] | None = None) -> Verdict:
     )
 
 
+def family(rule_id: str) -> str:
+    """The claim a rule belongs to: its id up to the first dot (``adapters.style.v_vs_qk`` ->
+    ``adapters``); each section of the report tests one claim of the document."""
+    return rule_id.split(".", 1)[0]
+
+
+def _downgrade(v: Verdict, p: float) -> str:
+    return INCONCLUSIVE if v.verdict == SUPPORTED and p > ALPHA else v.verdict
+
+
 def judge_all(findings: Iterable[Finding], rules: Mapping[str, Rule] | None = None) -> list[Verdict]:
-    """Verdicts of a set of findings, each with its Holm-adjusted p-value and verdict."""
+    """Verdicts of a set of findings, each with two Holm-adjusted p-values and verdicts: within
+    its claim's family (``p_claim``, ``claim_verdict``: the chance of any false *supported*
+    about that claim stays at 2.5%) and over the whole set (``p_holm``, ``holm_verdict``)."""
     raw = [judge(f, rules) for f in findings]
     adjusted = holm([v.p_value for v in raw])
-    out = []
-    for v, p in zip(raw, adjusted, strict=True):
-        hv = INCONCLUSIVE if v.verdict == SUPPORTED and p > ALPHA else v.verdict
-        out.append(Verdict(**{**v.__dict__, "p_holm": p, "holm_verdict": hv}))
-    return out
+    by_family: dict[str, list[int]] = {}
+    for i, v in enumerate(raw):
+        by_family.setdefault(family(v.rule_id), []).append(i)
+    within = [0.0] * len(raw)
+    for idx in by_family.values():
+        for i, p in zip(idx, holm([raw[i].p_value for i in idx]), strict=True):
+            within[i] = p
+    return [
+        Verdict(
+            **{
+                **v.__dict__,
+                "p_holm": p,
+                "holm_verdict": _downgrade(v, p),
+                "p_claim": pc,
+                "claim_verdict": _downgrade(v, pc),
+            }
+        )
+        for v, p, pc in zip(raw, adjusted, within, strict=True)
+    ]
