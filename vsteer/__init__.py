@@ -49,6 +49,9 @@ _PUBLIC = {
     "lora_config": "vsteer.lora",
     "plan_adapter": "vsteer.lora",
     "train_from_recipe": "vsteer.train",
+    "Intervention": "vsteer.interventions",
+    "apply_intervention": "vsteer.interventions",
+    "merge_intervention": "vsteer.interventions",
 }
 
 

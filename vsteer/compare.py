@@ -43,6 +43,9 @@ import yaml
 from vsteer.errors import DataError, RecipeError, VsteerError
 
 ARMS = ("v", "qk", "o", "qkvo", "all")
+# value-site interventions (vsteer.interventions) as arms: trained at the budget's largest rank, scored
+# merged into W_V (exact at every position); v-bias has a fixed size (width x layers), below most budgets
+INTERVENTION_ARMS = {"v-reft": "loreft", "v-bias": "bias"}
 CONTROL = "all"
 
 
@@ -152,7 +155,8 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
     if not spec.arms or not isinstance(spec.arms, list):
         raise RecipeError(f"arms must be a non-empty list such as [v, qk, all], got {spec.arms!r}")
     for arm in spec.arms:
-        parse_targets(arm)
+        if arm not in INTERVENTION_ARMS:
+            parse_targets(arm)
     if len(set(spec.arms)) != len(spec.arms):
         raise RecipeError(f"arms repeat an entry: {spec.arms}")
     for key in ("precision", "eval_precision"):
@@ -248,10 +252,14 @@ def build_data(spec: CompareSpec, tokenizer, seed: int = 0):
 
 def plan_budgets(model, spec: CompareSpec) -> tuple[int, dict]:
     """(budget, {arm: AdapterPlan}): every arm at one effective parameter count (within 2%)."""
+    from vsteer.interventions import plan_intervention
     from vsteer.lora import plan_adapter, resolve_targets
 
     minimum = {}
     for arm in spec.arms:
+        if arm in INTERVENTION_ARMS:
+            minimum[arm] = plan_intervention(model, INTERVENTION_ARMS[arm], "v", rank=1).trainable
+            continue
         try:
             modules = resolve_targets(model, arm)
         except (VsteerError, AttributeError) as err:
@@ -272,6 +280,9 @@ def plan_budgets(model, spec: CompareSpec) -> tuple[int, dict]:
         )
     plans = {}
     for arm in spec.arms:
+        if arm in INTERVENTION_ARMS:
+            plans[arm] = plan_intervention(model, INTERVENTION_ARMS[arm], "v", budget, arm=arm)
+            continue
         try:
             plans[arm] = plan_adapter(model, arm, budget=budget)
         except VsteerError as err:
@@ -422,7 +433,11 @@ def _train_recipe(spec: CompareSpec, arm: str, lr: float, seed: int, budget: int
         "method": spec.task,
         "seed": seed,
         "data": {"train": str(train_file), "eval": None, "eval_size": 0},
-        "adapter": {"targets": arm, "budget": budget, "r": spec.rank},
+        "adapter": (
+            {"kind": "intervention", "intervention": INTERVENTION_ARMS[arm], "site": "v", "budget": budget}
+            if arm in INTERVENTION_ARMS
+            else {"targets": arm, "budget": budget, "r": spec.rank}
+        ),
         "training": {
             "max_steps": spec.steps,
             "batch_size": spec.batch_size,
@@ -519,10 +534,18 @@ def train_job(
     }
 
 
-def _load_adapter(ctx, adapter_dir: Path):
+def _load_adapter(ctx, adapter_dir: Path, state: dict | None = None):
     from peft import PeftModel
 
+    from vsteer.interventions import FILE_NAME, Intervention, merge
+
     model = _fresh_model(ctx)
+    if (adapter_dir / FILE_NAME).is_file():  # an intervention arm, merged into W_V: exact at every position
+        iv = Intervention.load(adapter_dir, model, site="v")
+        if state is not None:  # a training snapshot (parameter names of the trainer's model)
+            state = {k.removeprefix("vsteer_intervention.edits."): v for k, v in state.items()}
+            iv.edits.load_state_dict(state)
+        return merge(model, iv).eval()
     return PeftModel.from_pretrained(model, str(adapter_dir)).to(next(model.parameters()).device).eval()
 
 
@@ -541,6 +564,9 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
     out = {"test": _scores(model, ctx, "test").tolist()}
     if extras:
         out.update(_cost(model, ctx))
+        from vsteer.interventions import FILE_NAME
+
+        arm_is_intervention = (run / "adapter" / FILE_NAME).is_file()
         final = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
         params = dict(model.named_parameters())
         frontier = []
@@ -549,6 +575,11 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
             if not path.is_file():
                 continue
             state = torch.load(path, weights_only=True)
+            if arm_is_intervention:
+                snap = _load_adapter(ctx, run / "adapter", state)
+                kl, _ = kl_and_ppl(snap, _windows(ctx), _base_kl_logp(ctx), spec.eval_precision)
+                frontier.append({"step": step, "kl": kl, "val": _scores(snap, ctx, "val").tolist()})
+                continue
             with torch.no_grad():
                 for name, tensor in state.items():
                     target = (

@@ -39,12 +39,16 @@ class Step:
     ``offset``: tokens already in the KV cache. ``seq_len``: tokens in this call.
     ``prompt_len``: length of the first (offset 0) call, i.e. the padded prompt.
     ``token_mask``: ``[batch, seq_len]`` bool, False at padding; ``None`` when there is none.
+    ``module_input``: while a forward hook runs, the hooked module's first input (for q/k/v the
+    ``[batch, seq, d_model]`` hidden state the projection reads, for ``resid`` the block's input;
+    ``None`` elsewhere): what a context-conditioned operation reads (vsteer.interventions).
     """
 
     offset: int = 0
     seq_len: int = 0
     prompt_len: int = 0
     token_mask: torch.Tensor | None = None
+    module_input: torch.Tensor | None = None
 
     def positions(self, device) -> torch.Tensor:
         return torch.arange(self.offset, self.offset + self.seq_len, device=device)
@@ -408,8 +412,9 @@ def _make_hook(arch: ModelArch, kind: str, entries: list[tuple[Site, Callable]],
     # their own, and run in list order
     ops = [(site, fn, None if site in rows else getattr(fn, "flat", None)) for site, fn in entries]
 
-    def transform(t: torch.Tensor) -> torch.Tensor:
+    def transform(t: torch.Tensor, module_input=None) -> torch.Tensor:
         step = tracker.step
+        step.module_input = module_input if isinstance(module_input, torch.Tensor) else None
         for site, fn, flat in ops:
             if flat is not None:
                 new = flat(t, step)
@@ -432,6 +437,7 @@ def _make_hook(arch: ModelArch, kind: str, entries: list[tuple[Site, Callable]],
             if new is not None:
                 new = new.flatten(-2) if len(shape) == 2 else new
                 t = t.index_copy(-1, r, new) if r is not None else new
+        step.module_input = None  # hold no reference past the hook
         if stop is not None:
             raise _StopForward(stop)
         return t
@@ -447,9 +453,10 @@ def _make_hook(arch: ModelArch, kind: str, entries: list[tuple[Site, Callable]],
         return pre_hook
 
     def hook(module, args, output):
+        inp = args[0] if args else None
         if isinstance(output, tuple):
-            return (transform(output[0]),) + tuple(output[1:])
-        return transform(output)
+            return (transform(output[0], inp),) + tuple(output[1:])
+        return transform(output, inp)
 
     return hook
 

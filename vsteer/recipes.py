@@ -8,6 +8,8 @@ A recipe has four parts (every key optional except ``name`` and ``data.train``):
     seed: 0
     data:    {train: ..., eval: ..., n_train: 256, n_eval: 64, eval_size: 64}
     adapter: {targets: v, r: 8, alpha_per_rank: 2.0, dropout: 0.0, layers: null, budget: null, match: null}
+    # or a trainable intervention (vsteer.interventions) instead of LoRA:
+    # adapter: {kind: intervention, intervention: loreft, site: v, rank: 4, layers: null, positions: all}
     training: {max_steps: 40, batch_size: 8, learning_rate: 1.0e-3, max_length: 128, precision: fp32, ...}
 
 ``training`` also takes any field of TRL's ``SFTConfig``/``DPOConfig`` (``adam_beta2``,
@@ -60,6 +62,12 @@ SCHEMA: dict[str, tuple[tuple, object]] = {
     "adapter.layers": ((list, None), None),
     "adapter.budget": ((int, None), None),
     "adapter.match": ((str, list, None), None),
+    # kind: intervention trains a vsteer.interventions module instead of LoRA (base frozen)
+    "adapter.kind": ((str,), "lora"),  # lora | intervention
+    "adapter.intervention": ((str,), "loreft"),  # loreft | bias | dynamic
+    "adapter.site": ((str,), "v"),  # v | resid | z
+    "adapter.rank": ((int,), 4),  # with adapter.budget: the largest rank within it
+    "adapter.positions": ((str,), "all"),
     "training.max_steps": ((int,), 40),
     "training.batch_size": ((int,), 8),
     "training.grad_accum": ((int,), 1),
@@ -110,6 +118,7 @@ _POSITIVE = {
     "data.n_train",
     "data.n_eval",
     "adapter.r",
+    "adapter.rank",
     "adapter.budget",
     "adapter.alpha_per_rank",
     "training.max_steps",
@@ -365,6 +374,7 @@ def _check_values(values: dict) -> None:
     if values["adapter.dropout"] >= 1:
         raise RecipeError(f"recipe key 'adapter.dropout' must be < 1, got {values['adapter.dropout']!r}")
     parse_targets(values["adapter.targets"])
+    _check_intervention_keys(values)
     if values["adapter.match"] is not None:
         parse_targets(values["adapter.match"])
         if values["adapter.budget"] is not None:
@@ -386,6 +396,28 @@ def _check_values(values: dict) -> None:
         raise RecipeError(
             f"recipe key 'training.lr_scheduler' must be linear, cosine, constant or constant_with_warmup, "
             f"got {values['training.lr_scheduler']!r}"
+        )
+
+
+def _check_intervention_keys(values: dict) -> None:
+    kind = values["adapter.kind"]
+    if kind not in ("lora", "intervention"):
+        raise RecipeError(f"recipe key 'adapter.kind' must be lora or intervention, got {kind!r}")
+    if kind == "lora":
+        return
+    from vsteer.interventions import KINDS, SITES
+
+    for key, allowed in (("adapter.intervention", KINDS), ("adapter.site", SITES)):
+        if values[key] not in allowed:
+            raise RecipeError(f"recipe key {key!r} must be one of {', '.join(allowed)}, got {values[key]!r}")
+    if values["adapter.positions"] != "all":
+        # one forward over prompt + completion: the hook layer cannot tell them apart in training
+        raise RecipeError(
+            f"recipe key 'adapter.positions' must be all for training, got {values['adapter.positions']!r}"
+        )
+    if values["adapter.match"] is not None:
+        raise RecipeError(
+            "recipe key 'adapter.match' applies to LoRA adapters, not adapter.kind=intervention"
         )
 
 

@@ -451,6 +451,10 @@ def _train(
     elif tokenizer is None:
         raise VsteerError("pass the tokenizer together with the model")
     a = recipe.section("adapter")
+    if a["kind"] == "intervention":
+        return _train_intervention(
+            recipe, data, root, final, partial, model, tokenizer, callbacks, verbose, progress, threads
+        )
     peft_model = add_adapter(
         model,
         a["targets"],
@@ -501,7 +505,92 @@ def _train(
     meta["training_run"] = _training_run(trainer, recipe, peft_model)
     trainer.accelerator.wait_for_everyone()
     if _is_main():
-        _publish(trainer.accelerator.unwrap_model(trainer.model), meta, final, root)
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        _publish(lambda d: trained.save_pretrained(str(d), selected_adapters=["default"]), meta, final, root)
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(recipe.name, final, metrics, adapter, meta)
+
+
+def _train_intervention(
+    recipe, data, root, final, partial, model, tokenizer, callbacks, verbose, progress, threads
+) -> TrainResult:
+    """``adapter.kind: intervention``: a :class:`vsteer.interventions.Intervention` is the only
+    trainable module (the base is frozen), trained by the same TRL trainer with its hooks on;
+    written to ``<name>/intervention.safetensors`` beside ``vsteer.json``. No checkpoints (no resume)."""
+    from transformers.trainer_utils import SaveStrategy
+
+    from vsteer.interventions import FILE_NAME, Intervention, apply_intervention, plan_intervention
+
+    if recipe.method == "dpo":
+        if data.train and set(REF_COLUMNS) <= set(data.train[0]):
+            raise RecipeError(
+                "adapter.kind=intervention computes its own DPO reference; drop ref_chosen_logps/ref_rejected_logps"
+            )
+        # TRL reloads a non-PEFT reference from its hub id; precomputed (in the trainer's __init__, before
+        # the hooks exist) it is the frozen base itself
+        recipe = load_recipe(recipe, {"training.precompute_ref_log_probs": True})
+    a = recipe.section("adapter")
+    layers, rank = a["layers"] or "all", a["rank"]
+    if a["budget"] is not None:
+        rank = plan_intervention(model, a["intervention"], a["site"], a["budget"], layers=layers).rank
+    iv = Intervention.for_model(
+        model, a["intervention"], a["site"], layers, rank, a["positions"], recipe["seed"]
+    )
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    # a submodule while training, so the Trainer's optimizer (trainable parameters only) and device
+    # placement see it; the trainer is built before the hooks exist (DPO's reference pass runs in it)
+    model.vsteer_intervention = iv.to(next(model.parameters()).device)
+    quiet = os.environ.get("TQDM_DISABLE")
+    try:
+        if not verbose:
+            os.environ["TQDM_DISABLE"] = "1"  # TRL's reference precompute bar reads only this
+        try:
+            kw = dict(callbacks=callbacks, verbose=verbose, progress=progress)
+            trainer = _make_trainer(recipe, model, tokenizer, data, partial, **kw)
+        finally:
+            if quiet is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = quiet
+        trainer.args.save_strategy = SaveStrategy.NO
+        with apply_intervention(model, iv):
+            evaluate = recipe["training.eval_before"]
+            before = _evaluate(trainer, recipe, model, tokenizer, data) if evaluate else {}
+            start = time.perf_counter()
+            out = trainer.train()
+            runtime = time.perf_counter() - start
+            after = _evaluate(trainer, recipe, model, tokenizer, data)
+    finally:
+        del model.vsteer_intervention
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen.get(name, p.requires_grad))
+    iv = iv.cpu()
+    metrics = {
+        "train_loss": float(out.training_loss),
+        "steps": int(trainer.state.global_step),
+        "train_runtime": round(runtime, 3),
+        "processes": _world_size(),
+        "threads": threads,
+        "precision": recipe["training.precision"],
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        **{f"{k}_before": v for k, v in before.items()},
+        **{f"{k}_after": v for k, v in after.items()},
+    }
+    adapter = {
+        "kind": "intervention",
+        "intervention": iv.kind,
+        **{k: getattr(iv, k) for k in ("site", "layers", "positions", "rank", "width", "d_in")},
+        "trainable_params_measured": iv.num_parameters(),
+        "effective_params_measured": iv.num_parameters(),  # nothing frozen inside an intervention
+    }
+    iv.extra.update({"recipe": recipe.name, "method": recipe.method, "steps": metrics["steps"]})
+    meta = _metadata(recipe, model, adapter, data, metrics)
+    meta["training_run"] = _training_run(trainer, recipe, model)
+    trainer.accelerator.wait_for_everyone()
+    if _is_main():
+        _publish(lambda d: iv.save(Path(d) / FILE_NAME), meta, final, root)
         shutil.rmtree(partial, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(recipe.name, final, metrics, adapter, meta)
@@ -518,7 +607,7 @@ def _training_run(trainer, recipe: Recipe, peft_model) -> dict:
         "launcher_mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION"),
         "optim": str(optim),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
-        "weights_dtype": str(next(peft_model.get_base_model().parameters()).dtype).replace("torch.", ""),
+        "weights_dtype": str(next(_base(peft_model).parameters()).dtype).replace("torch.", ""),
         "device": str(acc.device),
         "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),
         "processes": int(acc.num_processes),
@@ -529,7 +618,7 @@ def _metadata(recipe: Recipe, peft_model, adapter: dict, data: RecipeData, metri
     import vsteer
     from vsteer.pieces import package_versions
 
-    base = peft_model.get_base_model()
+    base = _base(peft_model)
     fingerprint = None
     with contextlib.suppress(ImportError):
         from vsteer.models import config_fingerprint
@@ -554,13 +643,21 @@ def _metadata(recipe: Recipe, peft_model, adapter: dict, data: RecipeData, metri
     }
 
 
-def _publish(peft_model, meta: dict, final: Path, root: Path) -> None:
-    """Write adapter + ``vsteer.json`` into a temp dir beside ``final``, then swap it in."""
+def _base(model):
+    """The base model under a PEFT wrapper (a plain model, for interventions, is its own base)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _publish(save, meta: dict, final: Path, root: Path) -> None:
+    """Write the adapter (``save(directory)``) + ``vsteer.json`` into a temp dir beside ``final``,
+    then swap it in."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
+        tmp.mkdir(parents=True)
+        save(tmp)
         atomic_write(tmp / ADAPTER_META, json.dumps(meta, indent=2, default=str))
         old = None
         if final.exists():
