@@ -52,6 +52,7 @@ MODULE_LAYER = {
     "vsteer.extraction": "capability",
     "vsteer.steering": "capability",
     "vsteer.gguf_io": "capability",
+    "vsteer.gguf_lora": "capability",  # value-only LoRA -> llama.cpp LoRA GGUF
     "vsteer.pieces": "capability",
     "vsteer.monitor": "capability",
     "vsteer.interventions": "capability",
@@ -266,10 +267,12 @@ def test_the_lock_is_closed_under_dependencies():
 
 def test_make_install_uses_the_lock():
     makefile = (ROOT / "Makefile").read_text()
-    assert "-r requirements.lock" in makefile
-    assert re.search(r"install .*--no-deps .*-e \.", makefile), (
-        "install vsteer itself without resolving again"
-    )
+    assert "scripts/install.sh" in makefile
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    assert "-r requirements.lock" in script
+    assert re.search(r"install .*--no-deps .*-e \.", script), "install vsteer itself without resolving again"
+    # every uv step falls back to pip, so a machine without uv still gets the locked versions
+    assert re.search(r'"\$py" -m pip install -q "\$@"', script)
 
 
 # ---- a wheel, installed in a fresh environment, runs the main job from an empty directory ----
