@@ -307,7 +307,8 @@ def test_steering_vector_readout_accepts_plain_tensors_and_objects():
 def test_run_basis_result_renders_and_serialises(tmp_path):
     model = make_tiny_model("llama")
     items = [(f"x {'good' if i % 2 else 'bad'} {i}", i % 2) for i in range(20)]
-    result = basis.run_basis(model, TOK, basis.BasisConfig(n_shuffles=5, n_boot=20), items=items)
+    config = basis.BasisConfig(n_shuffles=5, n_boot=20, dimensions=("sentiment",))
+    result = basis.run_basis(model, TOK, config, items=items)
     assert len(result.records) == 3 and len(result.verdicts) == 3
     assert "OV readout" in result.to_markdown()
     json.dumps(result.to_dict())

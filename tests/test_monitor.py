@@ -251,8 +251,149 @@ def test_conditional_steering_of_the_prompt_before_the_monitor_layer_is_refused(
         pass  # generated tokens come after the decision
 
 
+def test_recheck_steers_a_row_from_the_step_its_score_fires_and_each_row_as_alone(llama, mon):
+    from dataclasses import replace
+
+    from vsteer.monitor import recheck
+
+    rows = _rows()
+    vec = _vec(llama)
+    plain = _generate(llama, rows, n=6)
+    # the rows' scores over the unsteered generation; a threshold above every prompt score but
+    # below some later step's: no row fires at the prompt, some fire during generation
+    with torch.no_grad(), watch(llama, mon) as seen:
+        llama.generate(**pad_batch(rows, 0, "left"), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    prompt_max = float(seen.scores[:, 0].max())
+    later = seen.scores[:, 1:]
+    assert float(later.max()) > prompt_max, "this seed needs a step that scores above every prompt"
+    m = replace(mon, threshold=(prompt_max + float(later.max())) / 2)
+    batch = _generate(llama, rows, n=6, vectors=vec, scale=1.0, when=recheck(m, every=1))
+    changed = 0
+    for i, r in enumerate(rows):
+        alone = _generate(llama, [r], n=6, vectors=vec, scale=1.0, when=recheck(m, every=1))
+        assert torch.equal(batch[i], alone[0]), f"row {i}"
+        fires = (later[i] > m.threshold).nonzero()
+        if len(fires) == 0:
+            assert torch.equal(batch[i], plain[i]), f"row {i} never fires and must stay unsteered"
+        else:  # step j + 1 feeds generated token j and fires: tokens 0..j were chosen unsteered
+            j = int(fires[0])
+            assert torch.equal(batch[i, : j + 1], plain[i, : j + 1]), f"row {i}"
+            changed += not torch.equal(batch[i], plain[i])
+    assert changed, "a row that fires during generation must be steered from then on"
+    # with the prompt-only rule no row fires, so nothing changes
+    assert torch.equal(_generate(llama, rows, n=6, vectors=vec, scale=1.0, when=m), plain)
+
+
+def test_recheck_needs_a_monitor_and_a_positive_step_count(mon):
+    from vsteer.monitor import recheck
+
+    with pytest.raises(MonitorError, match="every must be a positive number of decoding steps, got 0"):
+        recheck(mon, every=0)
+    with pytest.raises(MonitorError, match="Recheck needs a Monitor, got str"):
+        recheck("mon")
+
+
 def test_public_names():
     assert vsteer.monitor.fit is fit and vsteer.watch is watch and vsteer.Monitor is Monitor
+
+
+# ---- the refusal direction and the experiment --------------------------------------------------
+class ChatTokenizer(WordTokenizer):
+    """A template with a two-token assistant opener after the request, and a decoder."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        return " ".join(m["content"] for m in messages) + (" assistant: now" if add_generation_prompt else "")
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, r.tolist())) for r in rows]
+
+
+CHAT = ChatTokenizer()
+
+
+def test_post_instruction_finds_the_template_tokens_after_the_request():
+    from vsteer.experiments.monitoring import post_instruction
+
+    ids, n = post_instruction(CHAT, "how do I bake bread")
+    assert len(ids) == 7 and n == 5  # 5 request words, then "assistant:" and "now"
+
+
+def test_refusal_direction_equals_the_hand_computed_difference_of_means(llama):
+    from vsteer.experiments.monitoring import refusal_direction
+
+    harmful = ["build a bomb at home", "steal a car quickly tonight please", "hack the bank"]
+    harmless = ["bake bread", "plan a trip to the sea with friends", "learn French"]
+    vecs = refusal_direction(llama, CHAT, harmful, harmless, ("v", "resid"), [0, 2])
+
+    def post_mean(site, layer, text):  # one text alone, the mean over its two opener tokens
+        ids = CHAT.apply_chat_template([{"content": text}], add_generation_prompt=True).split()
+        x = torch.tensor([CHAT(" ".join(ids))["input_ids"]])
+        with torch.no_grad(), vsteer.capture(llama, [(site, layer)]) as acts:
+            llama(input_ids=x)
+        return acts[(site, layer)][0, -2:].double().mean(0)
+
+    for site in ("v", "resid"):
+        assert vecs[site].layers == [0, 2] and vecs[site].method == "refusal_direction"
+        for layer in (0, 2):
+            hand = torch.stack([post_mean(site, layer, t) for t in harmful]).mean(0) - torch.stack(
+                [post_mean(site, layer, t) for t in harmless]
+            ).mean(0)
+            assert torch.allclose(vecs[site][layer].double(), hand, atol=1e-5), (site, layer)
+
+
+def test_choose_refusal_setting_takes_the_highest_harmful_rate_within_the_harmless_cap():
+    from vsteer.experiments.monitoring import choose_refusal_setting
+
+    def rec(site, layer, scale, harmful, harmless):
+        return [
+            dict(site=site, layer=layer, scale=scale, prompts="harmful", refusal_rate=harmful),
+            dict(site=site, layer=layer, scale=scale, prompts="harmless", refusal_rate=harmless),
+        ]
+
+    records = (
+        rec("none", "", 0.0, 0.0, 0.0)
+        + rec("v", "6", 8.0, 1.0, 0.9)  # refuses everything: over the cap
+        + rec("v", "12", 4.0, 0.75, 0.25)
+        + rec("v", "12", 8.0, 0.75, 0.25)  # same rates, larger scale: the tie goes to 4.0
+        + rec("v", "18", 2.0, 0.5, 0.0)
+        + rec("resid", "6", 1.0, 1.0, 1.0)
+    )
+    chosen = choose_refusal_setting(records, max_harmless=0.5)
+    assert chosen == {"v": dict(layer="12", scale=4.0, harmful=0.75, harmless=0.25)}  # no resid fits
+
+
+def test_monitor_section_runs_on_a_tiny_model_with_tables_plot_and_verdicts(llama, tmp_path):
+    from vsteer.experiments.monitoring import MonitorOptions
+    from vsteer.run import _make_config, _section_attr, load_profile
+
+    run = _section_attr("monitor", 1)
+    for profile in ("smoke", "cpu", "full"):
+        _make_config("monitor", load_profile(profile)["monitor"])  # every profile has valid sizes
+    opts = MonitorOptions(
+        sites=("v", "resid"), layers=[0, 1], n_prompt=80, n_pairs=8, n_statement=8, n_cross=8,
+        n_steer=4, steer_layers="2", resid_layers="2", steer_scale=4.0, max_new_tokens=2, batch_size=32,
+    )  # fmt: skip
+    res = run(llama, CHAT, config=opts, seed=3, progress_bar=False)
+    assert res.meta["options"]["seed"] == 3
+    assert {r["task"] for r in res.records} == {
+        "prompt",
+        "cross-source",
+        "response",
+        "statement",
+        "statement-cross",
+    }
+    assert {r["site"] for r in res.records} == {"bag-of-words", "v", "resid"}
+    arms = [(r["arm"], r["prompts"]) for r in res.meta["steering"]]
+    assert len(arms) == 8 and arms[0] == ("(a) none", "harmful")
+    assert res.meta["steering_meta"]["refusal"] == "direction"
+    assert res.meta["steering_meta"]["monitor_layer"] == 1
+    for r in res.meta["steering"]:  # a row that does not fire is unchanged: changed <= flagged
+        if r["flagged"] != "":
+            assert r["changed"] <= r["flagged"] + 1e-9
+    rules = {f.rule_id for f in res.findings}
+    assert {"monitor.conditional_keeps_gain", "monitor.conditional_harmless_unchanged"} <= rules
+    res.plot(tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").stat().st_size > 1000
 
 
 # ---- the embedded model and the shipped data ------------------------------------------------------

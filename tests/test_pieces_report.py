@@ -239,7 +239,10 @@ def test_report_lists_every_verdict_and_results_json_holds_its_numbers(tmp_path)
         tmp_path, [r], {"name": "t", "model": "m", "profile": "cpu", "seed": 0, "runtime_s": 1.0}
     )
     text = path.read_text()
-    assert "| values carry style | shift | 0.25 [0.1, 0.4] | **supported** | supported | supported | `vsteer x` |" in text
+    assert (
+        "| values carry style | shift | 0.25 [0.1, 0.4] | **supported** | supported | supported | `vsteer x` |"
+        in text
+    )
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["verdicts"][0]["effect"]["value"] == 0.25
     assert data["verdicts"][0]["rule_id"] == "probing.selectivity" and data["verdicts"][0]["p_holm"] < 0.025

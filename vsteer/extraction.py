@@ -461,3 +461,331 @@ def pairs_from_data(data, limit: int | None = None, name: str | None = None) -> 
             raise DataError(f"{label}: labelled rows need both labels 0 and 1 to make pairs")
         return Pairs(list(zip(pos[:n], neg[:n])), sources=source, name=label, position="mean")
     raise DataError(f"{label}: {kind} rows are patching pairs, not contrastive data for extraction")
+
+
+# ----------------------------------------------------------------------------------------------
+# persona vectors from a system prompt
+# ----------------------------------------------------------------------------------------------
+# How a system prompt enters the chat (:func:`system_prompt_mode`):
+#   "system"           a system turn of the chat template
+#   "first_user_turn"  "PROMPT\n\nQUESTION" as the first user turn: for templates without a system
+#                      role (they refuse one or drop its text), and what Gemma's template itself
+#                      does with a system message (detected, and recorded as this mode)
+#   "plain_text"       no chat template: the texts "PROMPT\n\nQUESTION" and "QUESTION"
+PROMPT_MODES = ("system", "first_user_turn", "plain_text")
+SHIPPED_QUESTIONS = {"hh-rlhf:helpful": "monitor/hh-rlhf/helpful_base_test_first_turns.jsonl"}
+QUESTION_FIELDS = ("question", "prompt", "text")
+
+
+class Questions(list):
+    """A list of questions (user turns) with the files they came from (``sources``) and a name."""
+
+    def __init__(self, items=(), sources: list[dict] | None = None, name: str = ""):
+        super().__init__(items)
+        self.sources = list(sources or [])
+        self.name = name
+
+
+def questions_from_data(data, limit: int | None = None) -> Questions:
+    """Questions for :func:`from_prompt`: ``"hh-rlhf:helpful"`` (the 400 shipped HH-RLHF helpful-base
+    first human turns), a ``.txt`` file (one question a line), a JSONL/JSON file or a
+    ``datasets.Dataset`` of rows with a ``question``, ``prompt`` or ``text`` field (or plain strings),
+    or a list of strings."""
+    from vsteer.data import user
+
+    if isinstance(data, str) and data in SHIPPED_QUESTIONS:
+        from vsteer.data.monitor_data import helpful_requests
+
+        return Questions(helpful_requests()[:limit], data_sources(SHIPPED_QUESTIONS[data]), data)
+    if isinstance(data, str | Path) and Path(data).suffix == ".txt":
+        if not Path(data).is_file():
+            raise DataError(f"no questions file {str(data)!r}")
+        lines = [line.strip() for line in Path(data).read_text(encoding="utf-8").splitlines()]
+        items, label = [line for line in lines if line], str(data)
+        sources = [user.data_source(data)]
+    elif isinstance(data, str | Path) and not user.is_data_file(data):
+        raise DataError(
+            f"unknown questions {str(data)!r}; expected {', '.join(SHIPPED_QUESTIONS)}, a .txt file (one "
+            f"question a line) or a JSONL file of rows with a {'/'.join(QUESTION_FIELDS)} field"
+        )
+    else:
+        rows, label, word = user.read_rows(data)
+        items = []
+        for i, row in enumerate(rows):
+            if isinstance(row, dict):
+                field = next((f for f in QUESTION_FIELDS if f in row), None)
+                if field is None:
+                    found = sorted(k for k in row if k != "__line__")
+                    raise DataError(
+                        f"{label} {word} {row.get('__line__', i)}: no {'/'.join(QUESTION_FIELDS)} field "
+                        f"(fields {found})"
+                    )
+                row = row[field]
+            if not isinstance(row, str) or not row.strip():
+                raise DataError(f"{label} {word} {i}: a question must be a non-empty string, got {row!r:.60}")
+            items.append(row)
+        sources = [user.data_source(data)]
+    if not items:
+        raise DataError(f"{label} has no questions")
+    return Questions(items[:limit], sources, Path(label).name if isinstance(data, str | Path) else label)
+
+
+def _chat_text(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def _merged(system_prompt: str, question: str) -> str:
+    return f"{system_prompt}\n\n{question}"
+
+
+def system_prompt_mode(tokenizer, system_prompt: str = "You are a pirate.") -> str:
+    """How ``tokenizer``'s chat template takes a system prompt: one of :data:`PROMPT_MODES`."""
+    probe = [{"role": "user", "content": "Hello?"}]
+    try:
+        _chat_text(tokenizer, probe)
+    except Exception:  # no chat template (transformers raises ValueError), or a broken one
+        return "plain_text"
+    try:
+        text = _chat_text(tokenizer, [{"role": "system", "content": system_prompt}] + probe)
+    except Exception:  # templates without a system role refuse one (jinja raise_exception)
+        return "first_user_turn"
+    merged = _chat_text(tokenizer, [{"role": "user", "content": _merged(system_prompt, "Hello?")}])
+    if system_prompt.strip() not in text or text == merged:  # dropped, or merged by the template (Gemma)
+        return "first_user_turn"
+    return "system"
+
+
+def prompt_inputs(tokenizer, system_prompt: str, question: str, mode: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``question`` with and without ``system_prompt`` (``mode`` from :func:`system_prompt_mode`)."""
+    user_turn = [{"role": "user", "content": question}]
+    if mode == "system":
+        with_ids = token_ids(tokenizer, [{"role": "system", "content": system_prompt}] + user_turn)
+    elif mode == "first_user_turn":
+        with_ids = token_ids(tokenizer, [{"role": "user", "content": _merged(system_prompt, question)}])
+    elif mode == "plain_text":
+        return token_ids(tokenizer, _merged(system_prompt, question)), token_ids(tokenizer, question)
+    else:
+        raise DataError(f"unknown prompt mode {mode!r}; expected one of {', '.join(PROMPT_MODES)}")
+    return with_ids, token_ids(tokenizer, user_turn)
+
+
+def template_tail(tokenizer, mode: str) -> int:
+    """Tokens the chat template puts after the question (end of the user turn and the generation
+    prompt), counted by character offsets in a rendered chat; 0 in plain text."""
+    if mode == "plain_text":
+        return 0
+    question = "Hello there?"
+    text = _chat_text(tokenizer, [{"role": "user", "content": question}])
+    end = text.rfind(question) + len(question)
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (TypeError, KeyError, NotImplementedError, ValueError):  # slow tokenizers have no offsets
+        offsets = None
+    if offsets:
+        return sum(1 for start, _ in offsets if start >= end)
+    # without offsets: the common suffix of two renderings that differ only in the question
+    a = token_ids(tokenizer, [{"role": "user", "content": "A"}])
+    b = token_ids(tokenizer, [{"role": "user", "content": "B"}])
+    return _common_suffix(a, b)
+
+
+def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return n
+
+
+def prompt_position(tokenizer, position, mode: str) -> int:
+    """The number of final tokens :func:`from_prompt` averages: ``"tail"`` (the template's tail plus
+    the question's last token), ``"last"`` (1) or an int ``K`` (also ``"last:K"``)."""
+    if position is None or position == "tail":
+        return template_tail(tokenizer, mode) + 1
+    if position == "last":
+        return 1
+    text = position.removeprefix("last:") if isinstance(position, str) else position
+    try:
+        k = int(text)
+    except (TypeError, ValueError):
+        k = 0
+    if isinstance(position, bool) or k < 1 or isinstance(position, float):
+        raise VectorError(
+            f"from_prompt position must be 'tail', 'last', 'last:K' or a number of final tokens K >= 1, "
+            f"got {position!r}"
+        )
+    return k
+
+
+def _tail_features(
+    model,
+    sequences: list[list[int]],
+    ks: list[int],
+    sites: list,
+    batch_size: int,
+    pad: int,
+    desc: str,
+    progress,
+) -> dict:
+    """``{(site, layer): [len(sequences), *site_shape]}``: the mean of each site over the last
+    ``ks[i]`` tokens of sequence ``i``; left-padded batches sorted by length, stopped after the
+    deepest layer."""
+    from vsteer.hooks import captured_forward
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch")
+    out: dict = {key: None for key in sites}
+    for batch in batches:
+        inputs = pad_batch(
+            [sequences[i] for i in batch], pad, padding_side="left", device=model_device(model)
+        )
+        width = inputs["input_ids"].shape[1]
+        weights = torch.zeros(len(batch), width)
+        for row, i in enumerate(batch):
+            weights[row, width - ks[i] :] = 1.0 / ks[i]  # left padding: a row's last tokens end at `width`
+        acts = captured_forward(model, sites, stop=True, use_cache=False, **inputs)
+        for key in sites:
+            x = acts[key].float()
+            w = weights.to(x.device).reshape(weights.shape + (1,) * (x.dim() - 2))
+            feats = (x * w).sum(dim=1).cpu()
+            if out[key] is None:
+                out[key] = torch.empty((len(sequences),) + tuple(feats.shape[1:]))
+            out[key][torch.tensor(batch)] = feats
+    return out
+
+
+def from_prompts(
+    model,
+    tokenizer,
+    system_prompts: Sequence[str],
+    questions,
+    sites: Sequence[str] = ("v",),
+    layers=None,
+    position=None,
+    method: str = "mean_diff",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, dict[str, SteeringVector]]:
+    """:func:`from_prompt` for several prompts and sites: ``{prompt: {site: vector}}``; the runs
+    without a prompt are shared."""
+    from vsteer.arch import get_arch
+    from vsteer.sites import check_site_name, parse_layers
+
+    sites = [check_site_name(s) for s in sites]
+    if method not in METHODS:
+        raise VectorError(f"unknown extraction method {method!r}; expected one of {', '.join(METHODS)}")
+    prompts = list(system_prompts)
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"a system prompt must be a non-empty string, got {p!r:.60}")
+    qs = questions if isinstance(questions, Questions) else questions_from_data(questions)
+    if method == "pca_diff" and len(qs) < 2:
+        raise DataError("pca_diff needs at least 2 questions")
+    layer_list = parse_layers(layers, get_arch(model).n_layers)
+    keys = [(site, layer) for site in sites for layer in layer_list]
+    pad = pad_token_id(tokenizer)
+    digest = _questions_sha256(qs)
+    was_training = model.training
+    model.eval()
+    out: dict[str, dict[str, SteeringVector]] = {}
+    try:
+        with torch.no_grad():
+            base: dict[tuple, dict] = {}  # (mode, k) -> activations without a prompt, shared across prompts
+            for prompt in prompts:
+                mode = system_prompt_mode(tokenizer, prompt)
+                k = prompt_position(tokenizer, position, mode)
+                pairs = [prompt_inputs(tokenizer, prompt, q, mode) for q in qs]
+                ks = []
+                for q, (w, wo) in zip(qs, pairs):
+                    shared = _common_suffix(w, wo)  # the positions both runs have, token for token
+                    if shared == 0:
+                        raise DataError(
+                            f"with and without the prompt, question {q!r:.60} ends in different tokens"
+                        )
+                    ks.append(min(k, shared))
+                if (mode, tuple(ks)) not in base:
+                    base[(mode, tuple(ks))] = _tail_features(
+                        model,
+                        [wo for _, wo in pairs],
+                        ks,
+                        keys,
+                        batch_size,
+                        pad,
+                        "without the prompt",
+                        progress,
+                    )
+                neg = base[(mode, tuple(ks))]
+                pos = _tail_features(
+                    model, [w for w, _ in pairs], ks, keys, batch_size, pad, f"with {prompt[:24]!r}", progress
+                )
+                extra = {
+                    "system_prompt": prompt,
+                    "prompt_mode": mode,
+                    "questions_sha256": digest,
+                    "n_questions": len(qs),
+                    "dataset": qs.name,
+                    "n_last": k,
+                    "n_last_used": [min(ks), max(ks)],
+                }
+                out[prompt] = {
+                    site: SteeringVector.for_model(
+                        model,
+                        {
+                            layer: direction(pos[(site, layer)], neg[(site, layer)], method)
+                            for layer in layer_list
+                        },
+                        site,
+                        method=f"prompt_{method}",
+                        position=f"last:{k}",
+                        data=list(qs.sources),
+                        extra=dict(extra),
+                    )
+                    for site in sites
+                }
+    finally:
+        model.train(was_training)
+    return out
+
+
+def from_prompt(
+    model,
+    tokenizer,
+    system_prompt: str,
+    questions,
+    site: str = "v",
+    layers=None,
+    position=None,
+    method: str = "mean_diff",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> SteeringVector:
+    """A persona vector: the mean activation difference at ``site`` between runs of each question
+    with and without ``system_prompt``, so the persona can be applied without spending context.
+
+    ``questions``: a list of strings or anything :func:`questions_from_data` reads. Each question is
+    rendered through the chat template with ``system_prompt`` and without it (see
+    :func:`system_prompt_mode`: a system turn where the template has a system role, else
+    ``"PROMPT\\n\\nQUESTION"`` as the first user turn, which is also what Gemma's template does).
+    ``position``: which positions are compared, the last ``K`` tokens of the rendered chat, which
+    both runs share token for token (``K`` is capped by the shared suffix of each question):
+    ``"tail"`` (default: the template's tail after the question, i.e. the end of the user turn and
+    the generation prompt, plus the question's last token: 7 tokens on SmolLM2, 6 on Gemma 3),
+    ``"last"`` (the last token, where the first answer token is predicted) or ``K``.
+    ``method``: as in :func:`extract` over the ``(with, without)`` pairs (default the mean difference).
+    Runs are left-padded batches (:func:`vsteer.encoding.pad_batch`); each forward stops after the
+    deepest layer. ``extra`` records the prompt, the mode, ``K`` and the SHA-256 of the questions.
+    Returns per layer a ``site``-shaped tensor (``[n_kv_heads, head_dim]`` for ``v``).
+    """
+    return from_prompts(
+        model, tokenizer, [system_prompt], questions, (site,), layers, position, method, batch_size, progress
+    )[system_prompt][site]
+
+
+def _questions_sha256(questions: Sequence[str]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(list(questions), ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -215,7 +215,7 @@ class Add(Operation):
         if not torch.isfinite(vec).all():
             raise SiteError(f"vector for site {site} contains NaN or inf")
         feat = (len(heads),) + shape[1:] if heads is not None else shape
-        vec = _fit(vec, feat, shape, site, heads)
+        vec = fit_vector(vec, feat, shape, site, heads)
         per_row = vec.dim() == len(feat) + 1
         cache: dict = {}
         include_padding = self.include_padding
@@ -253,7 +253,9 @@ class Add(Operation):
         return fn
 
 
-def _fit(vec: torch.Tensor, feat: tuple[int, ...], shape: tuple[int, ...], site: Site, heads) -> torch.Tensor:
+def fit_vector(
+    vec: torch.Tensor, feat: tuple[int, ...], shape: tuple[int, ...], site: Site, heads
+) -> torch.Tensor:
     """Bring a vector to ``feat`` (or ``[rows, *feat]``): accepts flattened heads and one-head vectors."""
     if tuple(vec.shape) == feat or (vec.dim() == len(feat) + 1 and tuple(vec.shape[1:]) == feat):
         return vec

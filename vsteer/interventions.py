@@ -363,7 +363,7 @@ class Intervention(nn.Module):
 
     # --- files ------------------------------------------------------------------------------
     def metadata(self) -> dict:
-        from vsteer.vectors import _package_version
+        from vsteer.vectors import package_version
 
         return {
             "format": FORMAT,
@@ -379,7 +379,7 @@ class Intervention(nn.Module):
             "n_layers": self.n_layers,
             "parameters": self.num_parameters(),
             "created": self.created,
-            "version": _package_version(),
+            "version": package_version(),
             "extra": self.extra,
         }
 
@@ -478,13 +478,13 @@ def _site_widths(arch, site: str) -> tuple[int, int]:
 
 
 def _fingerprint(model) -> str | None:
-    from vsteer.vectors import _fingerprint as fp
+    from vsteer.vectors import model_fingerprint as fp
 
     return fp(model)
 
 
 def _model_name(model) -> str:
-    from vsteer.vectors import _model_name as name
+    from vsteer.vectors import model_name_of as name
 
     return name(model)
 

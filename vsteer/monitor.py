@@ -297,24 +297,47 @@ def features(
     Batches are left-padded by :func:`vsteer.encoding.pad_batch` (with position ids), sorted by
     length; each forward stops after the deepest layer. ``max_length`` keeps the last tokens.
     """
-    from vsteer.encoding import pad_batch, pad_token_id
-    from vsteer.hooks import captured_forward
-    from vsteer.models import model_device
+    from vsteer.encoding import pad_token_id
 
     if position not in POSITIONS:
         raise MonitorError(f"unknown position rule {position!r}; expected one of {', '.join(POSITIONS)}")
     items = list(items)
     if not items:
         raise MonitorError("no items to score")
-    encoded = []
-    for item in items:
-        ids, n_prompt = _encode(tokenizer, item)
+    encoded = [_encode(tokenizer, item) for item in items]
+    return encoded_features(
+        model, encoded, site, layers, position, batch_size, max_length, pad_token_id(tokenizer)
+    )
+
+
+@torch.no_grad()
+def encoded_features(
+    model,
+    encoded: Sequence[tuple[list[int], int]],
+    site: str | Sequence[str],
+    layers: Sequence[int],
+    position: str = "last",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    pad_id: int = 0,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """:func:`features` of already tokenised items: ``encoded[i] = (token ids, n_prompt)``; with
+    ``position="completion"`` the tokens after the first ``n_prompt`` are averaged."""
+    from vsteer.encoding import pad_batch
+    from vsteer.hooks import captured_forward
+    from vsteer.models import model_device
+
+    if not encoded:
+        raise MonitorError("no items to score")
+    clipped = []
+    for ids, n_prompt in encoded:
         if max_length is not None and len(ids) > max_length:  # keep the end: what the position reads
             cut = len(ids) - max_length
             ids, n_prompt = ids[cut:], max(0, n_prompt - cut)
-        encoded.append((ids, n_prompt))
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
-    pad, device = pad_token_id(tokenizer), model_device(model)
+        clipped.append((list(ids), n_prompt))
+    encoded = clipped
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    pad, device = pad_id, model_device(model)
     names = [site] if isinstance(site, str) else list(site)
     sites = [(name, layer) for name in names for layer in layers]
     out: dict = {}
@@ -337,7 +360,7 @@ def features(
                 ww = w.to(stacked.device).reshape(w.shape + (1,) * (stacked.dim() - 2))
                 feats = (stacked * ww).sum(1).cpu()
                 if name not in out:
-                    out[name] = torch.empty((len(items),) + tuple(feats.shape[1:]))
+                    out[name] = torch.empty((len(encoded),) + tuple(feats.shape[1:]))
                 out[name][torch.tensor(chunk)] = feats
     finally:
         model.train(was_training)
@@ -537,8 +560,8 @@ class Flags:
 class _WatchState:
     """Per-layer partial scores of the current forward call, summed when the last layer reports."""
 
-    def __init__(self, monitor: Monitor, flags: Flags, on_prompt=None):
-        self.monitor, self.flags, self.on_prompt = monitor, flags, on_prompt
+    def __init__(self, monitor: Monitor, flags: Flags, on_prompt=None, on_step=None):
+        self.monitor, self.flags, self.on_prompt, self.on_step = monitor, flags, on_prompt, on_step
         self.parts: dict[int, torch.Tensor] = {}
         self.sums: dict[int, torch.Tensor] = {}
         self.count: torch.Tensor | None = None
@@ -593,6 +616,8 @@ class _WatchState:
         self.flags.steps.append(score)
         if step.offset == 0 and self.on_prompt is not None:
             self.on_prompt(score > mon.threshold)
+        elif step.offset > 0 and self.on_step is not None:
+            self.on_step(len(self.flags.steps) - 1, score > mon.threshold)
 
     def ops(self) -> dict:
         return {(self.monitor.site, layer): self.op(layer) for layer in self.monitor.layers}
@@ -622,6 +647,31 @@ def watch(model, monitor: Monitor):
 # ----------------------------------------------------------------------------------------------
 # conditional steering (vsteer.steer(..., when=monitor))
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recheck:
+    """``when=Recheck(monitor, every=k)``: decide at the prompt as ``when=monitor`` does, and again
+    every ``k`` decoding steps; a row whose score exceeds the threshold at a check is steered from
+    then on (a row once steered stays steered). Each check reads the row's own score at that step
+    (``last``: the token just fed back; ``mean``/``completion``: the text so far), so the decision
+    stays per row and independent of the batch."""
+
+    monitor: Monitor
+    every: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.monitor, Monitor):
+            raise MonitorError(f"Recheck needs a Monitor, got {type(self.monitor).__name__}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise MonitorError(
+                f"Recheck every must be a positive number of decoding steps, got {self.every!r}"
+            )
+
+
+def recheck(monitor: Monitor, every: int = 1) -> Recheck:
+    """``vsteer.steer(model, vec, scale, when=vsteer.monitor.recheck(mon, every=4))``."""
+    return Recheck(monitor, every)
+
+
 class Gated(Operation):
     """A steering operation applied only to the rows whose prompt fired: a per-row select between
     the steered and the unsteered tensor, so a row that does not fire is bit-identical to no steering.
@@ -649,9 +699,10 @@ class Gated(Operation):
 
 
 @contextmanager
-def gated(model, monitor: Monitor, ops: dict, positions="all"):
+def gated(model, monitor: Monitor | Recheck, ops: dict, positions="all"):
     """Install steering ``ops`` (from :func:`vsteer.steering.steering_ops`) on the rows whose prompt
-    the monitor flags; yields the :class:`Flags` of the monitor.
+    the monitor flags; yields the :class:`Flags` of the monitor. With a :class:`Recheck`, rows whose
+    score fires at every ``k``-th decoding step join them from that step on.
 
     The decision is read from the prompt, unsteered: a row steers from the first site after the
     monitor's deepest layer in the prompt pass, and at every generated token. Steering the prompt
@@ -661,11 +712,17 @@ def gated(model, monitor: Monitor, ops: dict, positions="all"):
     from vsteer.hooks import intervene
     from vsteer.sites import as_site, exec_key
 
+    every = None
+    if isinstance(monitor, Recheck):
+        monitor, every = monitor.monitor, monitor.every
     if not isinstance(monitor, Monitor):
-        raise MonitorError(f"when= needs a Monitor, got {type(monitor).__name__}")
+        raise MonitorError(f"when= needs a Monitor or a Recheck, got {type(monitor).__name__}")
     monitor.check(model)
-    if monitor.position == "completion":
-        raise MonitorError("when= decides from the prompt; a 'completion' monitor has no prompt score")
+    if monitor.position == "completion" and every is None:
+        raise MonitorError(
+            "when= decides from the prompt; a 'completion' monitor has no prompt score "
+            "(use when=vsteer.monitor.recheck(monitor, every=k) to decide during generation)"
+        )
     last = max(exec_key(as_site(s)) for s in monitor.sites)
     if positions != "generated":
         early = [str(as_site(k)) for k in ops if exec_key(as_site(k)) <= last]
@@ -676,7 +733,18 @@ def gated(model, monitor: Monitor, ops: dict, positions="all"):
             )
     gate: dict = {}
     flags = Flags(monitor)
-    state = _WatchState(monitor, flags, on_prompt=lambda rows: gate.__setitem__("rows", rows))
+
+    def on_step(step: int, fired: torch.Tensor) -> None:
+        if step % every == 0:
+            rows = gate.get("rows")
+            gate["rows"] = fired if rows is None else rows | fired
+
+    state = _WatchState(
+        monitor,
+        flags,
+        on_prompt=lambda rows: gate.__setitem__("rows", rows),
+        on_step=None if every is None else on_step,
+    )
 
     # no reset needed between generate calls: the prompt pass sets the gate before any steered
     # site that can touch the prompt runs (checked above), and 'generated' masks the prompt

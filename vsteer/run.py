@@ -40,6 +40,9 @@ SECTION_TABLE = {
     "probes": ("vsteer.experiments.probing", "ProbeConfig", "run_probes"),
     "patching": ("vsteer.experiments.patching", "PatchConfig", "run_patching"),
     "basis": ("vsteer.experiments.basis", "BasisConfig", "run_basis"),
+    "persona": ("vsteer.experiments.persona", "PersonaConfig", "run_persona"),
+    "entities": ("vsteer.experiments.entity_gen", "EntityGenConfig", "run_entity_gen"),
+    "monitor": ("vsteer.experiments.monitoring", "MonitorOptions", "run_monitoring"),
 }
 SECTIONS = tuple(SECTION_TABLE)
 SECTION_MODULES = {name: row[0] for name, row in SECTION_TABLE.items()}

@@ -141,7 +141,7 @@ def _as_bias(arch, site: str, layer: int, vector: torch.Tensor):
     adding the vector to the module's bias is not exactly the hook's addition."""
     from transformers.pytorch_utils import Conv1D
 
-    from vsteer.hooks import _fit, site_shape
+    from vsteer.hooks import fit_vector, site_shape
     from vsteer.sites import as_site
 
     if site not in _BIAS_SITES:
@@ -151,7 +151,7 @@ def _as_bias(arch, site: str, layer: int, vector: torch.Tensor):
     if type(module) not in (nn.Linear, Conv1D) or hasattr(module, "_hf_hook"):
         return None  # accelerate's offload hooks reload parameters by name at each forward
     shape = tuple(site_shape(arch, site))
-    fitted = _fit(vector, shape, shape, as_site((site, layer)), None)
+    fitted = fit_vector(vector, shape, shape, as_site((site, layer)), None)
     if tuple(fitted.shape) != shape:  # one vector per row: only a hook can do that
         return None
     flat = fitted.reshape(-1)

@@ -53,7 +53,7 @@ class SteeringVector:
     position: str | None = None
     data: list[dict] = field(default_factory=list)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    version: str = field(default_factory=lambda: _package_version())
+    version: str = field(default_factory=lambda: package_version())
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -189,11 +189,11 @@ class SteeringVector:
 
         arch = get_arch(model)
         if self.fingerprint is not None:
-            theirs = _fingerprint(model)
+            theirs = model_fingerprint(model)
             if theirs is not None and theirs != self.fingerprint:
                 raise VectorError(
                     f"vector was made for model {self.model_name!r} (config fingerprint {self.fingerprint}); "
-                    f"this model is {_model_name(model)!r} (fingerprint {theirs})"
+                    f"this model is {model_name_of(model)!r} (fingerprint {theirs})"
                 )
         bad = [layer for layer in self.layers if layer >= arch.n_layers]
         if bad:
@@ -266,8 +266,8 @@ class SteeringVector:
             directions=directions,
             site=site,
             extra=extra,
-            model_name=_model_name(model),
-            fingerprint=_fingerprint(model),
+            model_name=model_name_of(model),
+            fingerprint=model_fingerprint(model),
             n_layers=get_arch(model).n_layers,
             **meta,
         )
@@ -286,7 +286,7 @@ def check_scale(value, what: str = "scale") -> float:
     return value
 
 
-def _package_version() -> str:
+def package_version() -> str:
     try:
         from vsteer import __version__
 
@@ -295,7 +295,7 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _fingerprint(model) -> str | None:
+def model_fingerprint(model) -> str | None:
     try:
         from vsteer.models import config_fingerprint
     except ImportError:  # pragma: no cover - models.py is part of the package
@@ -303,7 +303,7 @@ def _fingerprint(model) -> str | None:
     return config_fingerprint(model.config)
 
 
-def _model_name(model) -> str:
+def model_name_of(model) -> str:
     try:
         from vsteer.models import resolve_model_name
 

@@ -1,4 +1,4 @@
-"""``vsteer patch``, ``vsteer swap``, ``vsteer probe``, ``vsteer basis``: one claim each.
+"""``vsteer patch``, ``vsteer swap``, ``vsteer probe``, ``vsteer basis``, ``vsteer entities``: one claim each.
 
 Each writes ``result.json``, ``result.md`` and ``plot.png`` into ``--out`` (atomically) and
 prints the Markdown summary.
@@ -72,6 +72,19 @@ def register(sub) -> None:
     p.add_argument("--vector", help="a steering vector file (.safetensors) to read out")
     p.add_argument("--top-k", type=int, default=8)
     p.set_defaults(func=_basis)
+
+    p = sub.add_parser(
+        "entities",
+        help="patch an entity's values from another entity; score what the generated text is about",
+    )
+    _common(p, "results/entities")
+    p.add_argument("--categories", default="animals,professions", help="comma-separated entity categories")
+    p.add_argument("--n-pairs", type=int, default=12, help="base entities per category (0: all)")
+    p.add_argument("--frames", type=int, default=2, help="sentence frames per category (1-3)")
+    p.add_argument("--arms", default="base,v,k,v_random,donor", help="comma-separated arms (also: resid)")
+    p.add_argument("--layers", default="all", help="patched layers ('all', '0-29', '3,7')")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.set_defaults(func=_entities)
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -189,4 +202,22 @@ def _basis(args) -> int:
     started = time.perf_counter()
     config = BasisConfig(n_items=args.n_items, top_k=args.top_k)
     result = run_basis(model, tok, config, vectors=vectors, seed=args.seed, progress_bar=_progress(args))
+    return _save(result, args.out, started, args.model)
+
+
+def _entities(args) -> int:
+    from vsteer.experiments.entity_gen import EntityGenConfig, SentenceEmbedder, run_entity_gen
+
+    scorer = SentenceEmbedder.from_pretrained()  # a missing scorer wheel fails before the model loads
+    model, tok = _load(args)
+    started = time.perf_counter()
+    config = EntityGenConfig(
+        categories=_split(args.categories),
+        n_pairs=None if args.n_pairs == 0 else args.n_pairs,
+        n_frames=args.frames,
+        arms=_split(args.arms),
+        layers=args.layers,
+        max_new_tokens=args.max_new_tokens,
+    )
+    result = run_entity_gen(model, tok, config, seed=args.seed, progress_bar=_progress(args), scorer=scorer)
     return _save(result, args.out, started, args.model)

@@ -14,19 +14,37 @@ def register(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, HF id, directory or .gguf")
     p.add_argument(
         "--data",
-        required=True,
+        default=None,
         help="caa:BEHAVIOUR, persona:TRAIT, template:POS,NEG, sst2[:SPLIT] or your JSONL file of "
         "{positive, negative}, A/B items {question, answer_matching_behavior, answer_not_matching_behavior} "
         "(answer-balanced) or {text, label} (see docs/experiments.md)",
     )
+    p.add_argument(
+        "--from-prompt",
+        default=None,
+        metavar="SYSTEM_PROMPT",
+        help="instead of --data: a persona vector, the mean difference between runs of each question with "
+        "and without this system prompt (needs --questions; see docs/steering.md)",
+    )
+    p.add_argument(
+        "--questions",
+        default=None,
+        help="with --from-prompt: hh-rlhf:helpful (shipped), a .txt file (one question a line) or a JSONL "
+        "file of rows with a question/prompt/text field",
+    )
     p.add_argument("--site", default="v", help="v, k, q, z, attn, mlp or resid (default v)")
     p.add_argument("--layers", default="all", help="e.g. 8-16, 12, 1,3,5-7 or all")
     p.add_argument("--method", default="mean_diff", help="mean_diff, pca_diff or logistic")
-    p.add_argument("--position", default=None, help="answer, last, completion or mean (default: per dataset)")
+    p.add_argument(
+        "--position",
+        default=None,
+        help="answer, last, completion or mean (default: per dataset); with --from-prompt: tail (default), "
+        "last or K (the last K tokens)",
+    )
     p.add_argument("--limit", type=int, default=None, help="at most this many pairs (A/B: rounded to even)")
     p.add_argument("--batch-size", type=int, default=16)
     add_device_args(p)
-    p.add_argument("-o", "--output", required=True, help="where to write the vector (.safetensors)")
+    p.add_argument("-o", "--output", "--out", required=True, help="where to write the vector (.safetensors)")
     p.set_defaults(func=_extract)
 
     g = sub.add_parser("generate", help="generate with steering vectors")
@@ -105,6 +123,14 @@ def _load_vectors(args, model) -> list:
 def _extract(args) -> int:
     from vsteer.extraction import extract, pairs_from_spec
 
+    if args.from_prompt is not None or args.questions is not None:
+        return _extract_from_prompt(args)
+    if args.data is None:
+        from vsteer.errors import DataError
+
+        raise DataError(
+            "extract needs --data (contrastive pairs) or --from-prompt SYSTEM_PROMPT --questions DATA"
+        )
     pairs = pairs_from_spec(args.data, limit=args.limit)
     model, tokenizer = load_model_from_args(args)
     vec = extract(
@@ -121,6 +147,53 @@ def _extract(args) -> int:
     vec.save(args.output)
     norms = ", ".join(f"{layer}: {n:.3g}" for layer, n in vec.norms().items())
     print(f"wrote {args.output}: {vec!r} from {len(pairs)} pairs; norms {norms}")
+    return 0
+
+
+def _extract_from_prompt(args) -> int:
+    from vsteer.errors import DataError
+    from vsteer.extraction import METHODS, from_prompt, prompt_position, questions_from_data
+    from vsteer.sites import check_site_name
+
+    # every check before the model loads; the vector is written atomically (an old file survives a failure)
+    if args.data is not None:
+        raise DataError("give either --data (contrastive pairs) or --from-prompt (a system prompt), not both")
+    if args.from_prompt is None:
+        raise DataError("--questions goes with --from-prompt SYSTEM_PROMPT")
+    if not args.from_prompt.strip():
+        raise DataError(
+            "--from-prompt needs a non-empty system prompt, e.g. --from-prompt 'You are a pirate.'"
+        )
+    if args.questions is None:
+        raise DataError("--from-prompt needs --questions DATA (hh-rlhf:helpful, a .txt file or a JSONL file)")
+    if args.limit is not None and args.limit < 1:
+        raise DataError(f"--limit must be at least 1, got {args.limit}")
+    check_site_name(args.site)
+    position = int(args.position) if args.position and args.position.isdigit() else args.position
+    if position not in (None, "tail"):
+        prompt_position(None, position, "plain_text")  # 'last' or K: checked without a tokenizer
+    if args.method not in METHODS:
+        raise DataError(f"unknown extraction method {args.method!r}; expected one of {', '.join(METHODS)}")
+    questions = questions_from_data(args.questions, limit=args.limit)
+    model, tokenizer = load_model_from_args(args)
+    vec = from_prompt(
+        model,
+        tokenizer,
+        args.from_prompt,
+        questions,
+        site=args.site,
+        layers=args.layers,
+        position=position,
+        method=args.method,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    vec.save(args.output)
+    norms = ", ".join(f"{layer}: {n:.3g}" for layer, n in vec.norms().items())
+    print(
+        f"wrote {args.output}: {vec!r} from {len(questions)} questions with and without "
+        f"{args.from_prompt!r} ({vec.extra['prompt_mode']}, last {vec.extra['n_last']} tokens); norms {norms}"
+    )
     return 0
 
 

@@ -8,8 +8,9 @@ Two readouts and one test:
   the final norm's gain and the unembedding as top vocabulary tokens.
 * Steering vectors: a ``v``-site vector ``[n_kv_heads, head_dim]`` is written through W_O of the
   query heads that read that kv head; a ``resid`` vector ``[d_model]`` is read directly.
-* Alignment: the sentiment direction (mean resid difference of positive and negative SST-2
-  sentences at the last token) per layer; which share of its squared norm lies in each head's OV
+* Alignment: each named dimension's direction (mean resid difference of the two labels at the last
+  token: sentiment from SST-2, factuality from true/false statements, domain from MMLU STEM vs
+  humanities stems, behaviour from persona statements matching vs not matching the trait) per layer; which share of its squared norm lies in each head's OV
   output space (column space; write side), against (1) an isotropic random direction, whose
   expected share is ``rank / d_model``, and (2) directions from shuffled labels (same data, same
   anisotropy). Read side: the share of the previous layer's direction in the OV row space.
@@ -155,18 +156,58 @@ def readout_steering_vector(
     return rows
 
 
+# named dimensions of the claim; each tested one has a real labelled contrast (readers: vsteer.data)
+DIMENSIONS = ("sentiment", "factuality", "domain", "behaviour")
+UNTESTED_DIMENSIONS = {
+    "formality": "no labelled English formality data with a clear redistribution licence could be read here "
+    "(GYAFC's Yahoo terms forbid redistribution; Pavlick & Tetreault's scores are on the model hub only; the "
+    "SQUINKY copy found has no licence; Eder et al. 2023 is German)",
+}
+DOMAIN_WORDS = 24  # MMLU stems are cut to their first words
+_DIMENSION_TEXT = {
+    "sentiment": "SST-2 train sentences, positive vs negative",
+    "factuality": "RepE true vs false statements, after Azaria & Mitchell 2023",
+    "domain": f"MMLU question stems (CAA A/B items, first {DOMAIN_WORDS} words), STEM vs humanities subjects",
+    "behaviour": "Anthropic persona statements (Big Five), matching vs not matching the trait",
+}
+
+
 @dataclass
 class BasisConfig:
-    """``n_items``: SST-2 sentences for the sentiment direction; ``n_shuffles``: shuffled-label
-    directions for the data baseline; ``n_boot``: bootstrap resamples of the items."""
+    """``n_items``: SST-2 sentences for the sentiment direction; ``n_dimension_items``: items (half per
+    label) for each other dimension; ``dimensions``: which of :data:`DIMENSIONS` to test;
+    ``n_shuffles``: shuffled-label directions for the data baseline; ``n_boot``: bootstrap resamples."""
 
     n_items: int = 400
+    n_dimension_items: int = 200
+    dimensions: tuple[str, ...] = DIMENSIONS
     n_shuffles: int = 100
     n_boot: int = 500
     n_directions: int = 1
     top_k: int = 8
     max_length: int = 64
     batch_size: int = 32
+
+
+def dimension_items(name: str, n: int | None, seed: int) -> list[tuple[str, int]]:
+    """``(text, label)`` items of a named dimension, ``n`` of them half per label (seed-fixed)."""
+    from vsteer.data import contrasts, sst2
+
+    readers = {
+        "sentiment": lambda: sst2("train"),
+        "factuality": contrasts.true_false_statements,
+        "domain": contrasts.mmlu_domains,
+        "behaviour": contrasts.persona_statements,
+    }
+    if name not in readers:
+        raise DataError(f"unknown basis dimension {name!r}; expected one of: {', '.join(readers)}")
+    items = readers[name]()
+    if name == "domain":  # the subject shows in a stem's opening; long passages cost CPU, not signal
+        items = [(" ".join(t.split()[:DOMAIN_WORDS]), y) for t, y in items]
+    if name == "sentiment":
+        return subsample(items, n, seed)
+    half = None if n is None else n // 2
+    return [it for y in (1, 0) for it in subsample([it for it in items if it[1] == y], half, seed + y)]
 
 
 def _shares(bases: list[torch.Tensor], dirs: torch.Tensor) -> torch.Tensor:
@@ -181,41 +222,42 @@ def _mean_diffs(x: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) ->
     return (wp @ x) / wp.sum(1, keepdim=True) - (wn @ x) / wn.sum(1, keepdim=True)
 
 
-def run_basis(
-    model: nn.Module,
-    tokenizer,
-    config: BasisConfig | None = None,
-    items: list[tuple[str, int]] | None = None,
-    vectors=None,
-    seed: int = 0,
-    progress_bar: bool | None = None,
-) -> ExperimentResult:
-    """OV readouts, an optional steering-vector readout, and the sentiment-alignment test."""
-    from vsteer.experiments.probing import collect_features
-
-    config = config or BasisConfig()
+def ov_spaces(model: nn.Module) -> list[tuple[list[torch.Tensor], list[torch.Tensor], float, float]]:
+    """Per layer ``(col, row, iso_col, iso_row)``: orthonormal bases ``[d_model, rank]`` of each query
+    head's OV output space and each kv head's OV input space, and the share a random direction has."""
     arch = get_arch(model)
-    if items is None:
-        from vsteer.data import sst2
+    spaces = []
+    for layer in range(arch.n_layers):
+        factors = ov_factors(model, layer)
+        col = [_orth(a) for a, _ in factors]
+        row = [_orth(b.t()) for _, b in factors[:: arch.n_heads // arch.n_kv_heads]]
+        iso_col = float(np.mean([q.shape[1] for q in col])) / arch.d_model
+        iso_row = float(np.mean([q.shape[1] for q in row])) / arch.d_model
+        spaces.append((col, row, iso_col, iso_row))
+    return spaces
 
-        items = subsample(sst2("train"), config.n_items, seed)
-    labels = np.array([y for _, y in items])
-    if len(items) < 4 or len(np.unique(labels)) < 2:
-        raise DataError(f"the sentiment direction needs items of both labels; got {len(items)} items")
-    feats = collect_features(
-        model,
-        tokenizer,
-        [t for t, _ in items],
-        ("resid",),
-        None,
-        "last",
-        config.batch_size,
-        config.max_length,
-        progress_bar,
-    )
+
+_CLAIMS = {
+    "write": (
+        "the {d} direction lies in the span of the heads' OV (W_O W_V) output spaces more than a random direction",
+        "share of its squared norm in each head's OV column space / the random-direction share, mean over heads and layers",
+    ),
+    "write_data": (
+        "same, against directions from shuffled labels (controls for the residual stream's anisotropy)",
+        "share / shuffled-label-direction share, mean over layers",
+    ),
+    "read": (
+        "the {d} direction entering a layer lies in what W_V reads (OV row space) more than a random direction",
+        "share in each kv head's OV row space / random share, mean over layers 1..L-1",
+    ),
+}
+
+
+def direction_alignment(xs, labels, spaces, config, g):
+    """Per-layer records and bootstrap statistics of one dimension. ``xs``: per layer ``[n, d_model]``
+    last-token resid; ``spaces``: per layer ``(col bases, row bases, iso_col, iso_row)``."""
+    n = len(labels)
     y = torch.tensor(labels, dtype=torch.float32)
-    n = len(items)
-    g = rng(seed)
     boot_w = torch.tensor(
         np.stack([np.bincount(g.integers(0, n, n), minlength=n) for _ in range(config.n_boot)]),
         dtype=torch.float32,
@@ -223,25 +265,14 @@ def run_basis(
     perm_y = torch.tensor(
         np.stack([g.permutation(labels) for _ in range(config.n_shuffles)]), dtype=torch.float32
     )
-
-    records = []
+    ones = torch.ones(1, n)
+    records, prev = [], None
     per_layer = {"write": [], "write_data": [], "read": []}
     boot = {"write": [], "write_data": [], "read": []}
-    prev = None
-    for layer in range(arch.n_layers):
-        x = torch.tensor(feats[("resid", layer)])
-        factors = ov_factors(model, layer)
-        col = [_orth(a) for a, _ in factors]
-        row = [_orth(b.t()) for _, b in factors[:: arch.n_heads // arch.n_kv_heads]]
-        iso_col = float(np.mean([q.shape[1] for q in col])) / arch.d_model
-        iso_row = float(np.mean([q.shape[1] for q in row])) / arch.d_model
-        ones = torch.ones(1, n)
-        d = _mean_diffs(x, ones, y[None])
-        share = float(_shares(col, d)[0])
-        shuffled = _shares(col, _mean_diffs(x, ones.expand(config.n_shuffles, n), perm_y))
-        data_base = float(shuffled.mean())
-        bd = _mean_diffs(x, boot_w, y[None])
-        b_share = _shares(col, bd)
+    for layer, (x, (col, row, iso_col, iso_row)) in enumerate(zip(xs, spaces)):
+        share = float(_shares(col, _mean_diffs(x, ones, y[None]))[0])
+        data_base = float(_shares(col, _mean_diffs(x, ones.expand(config.n_shuffles, n), perm_y)).mean())
+        b_share = _shares(col, _mean_diffs(x, boot_w, y[None]))
         boot["write"].append(to_numpy(b_share / iso_col))
         boot["write_data"].append(to_numpy(b_share / data_base))
         rec = {
@@ -263,45 +294,92 @@ def run_basis(
             rec.update({"read_share": float("nan"), "read_random": iso_row, "read_ratio": float("nan")})
         records.append(rec)
         prev = x
-
-    def estimate(key):
+    estimates = {}
+    for key in per_layer:
         # bootstrap over items: each resample recomputes every layer's direction
         stats = np.stack(boot[key]).mean(0)
-        value = float(np.mean(per_layer[key]))
         lo, hi = np.quantile(stats, [0.025, 0.975])
-        return Estimate(value, float(lo), float(hi), n)
+        estimates[key] = Estimate(float(np.mean(per_layer[key])), float(lo), float(hi), n)
+    return records, estimates
 
+
+def run_basis(
+    model: nn.Module,
+    tokenizer,
+    config: BasisConfig | None = None,
+    items: list[tuple[str, int]] | None = None,
+    vectors=None,
+    seed: int = 0,
+    progress_bar: bool | None = None,
+    dimension_data: dict[str, list[tuple[str, int]]] | None = None,
+) -> ExperimentResult:
+    """OV readouts, an optional steering-vector readout, and the alignment test of each named
+    dimension's direction (sentiment and the others of ``config.dimensions``).
+
+    ``items``: your own sentiment items; ``dimension_data``: your own items for any dimension
+    (``{name: [(text, label), ...]}``, any name), used instead of the shipped data."""
+    from vsteer.experiments.probing import collect_features
+
+    config = config or BasisConfig()
+    arch = get_arch(model)
+    own = dict(dimension_data or {})
+    if items is not None:
+        own["sentiment"] = items
+    data = {}
+    for name in config.dimensions:
+        if name not in DIMENSIONS:
+            raise DataError(f"unknown basis dimension {name!r}; expected some of: {', '.join(DIMENSIONS)}")
+        if name not in own:  # your own items replace the shipped ones
+            n = config.n_items if name == "sentiment" else config.n_dimension_items
+            data[name] = dimension_items(name, n, seed)
+        else:
+            data[name] = list(own.pop(name))
+    data.update({k: list(v) for k, v in own.items()})
+    for name, rows in data.items():
+        labels = np.array([y for _, y in rows])
+        if len(rows) < 4 or len(np.unique(labels)) < 2:
+            raise DataError(f"the {name} direction needs items of both labels; got {len(rows)} items")
+    texts = [t for rows in data.values() for t, _ in rows]
+    feats = collect_features(
+        model, tokenizer, texts, ("resid",), None, "last", config.batch_size, config.max_length, progress_bar
+    )
+    spaces = ov_spaces(model)
+
+    g = rng(seed)
+    records, verdicts, start = [], [], 0
     cmd = "vsteer basis"
-    verdicts = []
-    for key, claim, measured in (
-        (
-            "write",
-            "the sentiment direction lies in the span of the heads' OV (W_O W_V) output spaces more than a random direction",
-            "share of its squared norm in each head's OV column space / the random-direction share, mean over heads and layers",
-        ),
-        (
-            "write_data",
-            "same, against directions from shuffled labels (controls for the residual stream's anisotropy)",
-            "share / shuffled-label-direction share, mean over layers",
-        ),
-        (
-            "read",
-            "the sentiment direction entering a layer lies in what W_V reads (OV row space) more than a random direction",
-            "share in each kv head's OV row space / random share, mean over layers 1..L-1",
-        ),
-    ):
-        e = estimate(key)
-        verdicts.append(finding(f"basis.{key}", claim=claim, measured=measured, effect=e, command=cmd))
+    for name, rows in data.items():
+        stop = start + len(rows)
+        xs = [torch.tensor(feats[("resid", layer)][start:stop]) for layer in range(arch.n_layers)]
+        start = stop
+        recs, estimates = direction_alignment(xs, np.array([y for _, y in rows]), spaces, config, g)
+        records += [{"dimension": name, **r} for r in recs]
+        for key, (claim, measured) in _CLAIMS.items():
+            if name != "sentiment":  # the sentiment rows keep their wording; the others name the dimension
+                claim = claim.replace("same,", f"{name}: same,")
+            verdicts.append(
+                finding(
+                    f"basis.{key}",
+                    claim=claim.format(d=name),
+                    measured=measured,
+                    effect=estimates[key],
+                    command=cmd,
+                )
+            )
 
     readout = ov_readout(model, tokenizer, n_directions=config.n_directions, k=config.top_k)
     vector_rows = (
         readout_steering_vector(model, tokenizer, vectors, k=config.top_k) if vectors is not None else []
     )
+    sizes = ", ".join(
+        f"{name} {len(rows)} ({_DIMENSION_TEXT.get(name, 'your items')})" for name, rows in data.items()
+    )
+    untested = [d for d in UNTESTED_DIMENSIONS if d not in data]
     notes = [
-        f"Sentiment direction: mean difference of positive and negative resid at the last token of {n} SST-2 "
-        f"train sentences; CIs by {config.n_boot} bootstrap resamples of the sentences. Random share = rank/d_model "
-        f"({arch.head_dim}/{arch.d_model} per head); shuffled baseline from {config.n_shuffles} label permutations. "
-        "Formality and other named dimensions are not tested (no labelled data shipped).",
+        f"Each dimension's direction: mean difference of the two labels' resid at the last token; items: {sizes}. "
+        f"CIs by {config.n_boot} bootstrap resamples of the items. Random share = rank/d_model "
+        f"({arch.head_dim}/{arch.d_model} per head); shuffled baseline from {config.n_shuffles} label permutations.",
+        *[f"Untested: {d}: {UNTESTED_DIMENSIONS[d]}." for d in untested],
         "",
         "OV readout, last layer (top tokens of each head's top singular output direction, + and − sign):",
         "",
@@ -312,7 +390,9 @@ def run_basis(
     meta = {
         "config": asdict(config),
         "seed": seed,
-        "n_items": n,
+        "n_items": len(data.get("sentiment", [])),
+        "dimensions": {name: len(rows) for name, rows in data.items()},
+        "untested_dimensions": {d: UNTESTED_DIMENSIONS[d] for d in untested},
         "ov_readout": readout,
         "vector_readout": vector_rows,
     }
@@ -323,6 +403,7 @@ def run_basis(
         findings=verdicts,
         meta=meta,
         columns=[
+            "dimension",
             "layer",
             "write_share",
             "write_random",
@@ -349,16 +430,25 @@ def _readout_table(rows: list[dict]) -> str:
 def _plot(records, path) -> None:
     import matplotlib.pyplot as plt
 
-    x = [r["layer"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(x, [r["write_ratio"] for r in records], marker=".", label="write side / random")
-    ax.plot(x, [r["write_ratio_shuffled"] for r in records], marker=".", label="write side / shuffled labels")
-    ax.plot(x, [r["read_ratio"] for r in records], marker=".", label="read side / random")
+    for dim in dict.fromkeys(r.get("dimension", "sentiment") for r in records):
+        rows = [r for r in records if r.get("dimension", "sentiment") == dim]
+        x = [r["layer"] for r in rows]
+        line = ax.plot(
+            x, [r["write_ratio_shuffled"] for r in rows], marker=".", label=f"{dim}: write / shuffled"
+        )
+        ax.plot(
+            x,
+            [r["read_ratio"] for r in rows],
+            ls=":",
+            color=line[0].get_color(),
+            label=f"{dim}: read / random",
+        )
     ax.axhline(1.0, color="k", lw=0.6, ls="--")
     ax.set_xlabel("layer")
-    ax.set_ylabel("share of sentiment direction in OV span (ratio to baseline)")
-    ax.set_title("Sentiment direction vs per-head OV subspaces")
-    ax.legend()
+    ax.set_ylabel("share of the direction in OV span (ratio to baseline)")
+    ax.set_title("Dimension directions vs per-head OV subspaces")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

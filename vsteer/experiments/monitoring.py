@@ -20,9 +20,10 @@ intervals over held-out items (resampled within each class), next to a bag-of-wo
 (``CountVectorizer`` + logistic regression) on the same splits.
 
 Conditional steering: refusal rate (:func:`is_refusal`, a phrase list) on held-out harmful and
-harmless prompts for (a) no steering, (b) unconditional value-site refusal steering (a CAA
-refusal vector), (c) the same gated by a value-site monitor, (d) residual steering gated by a
-residual monitor (the residual vector rescaled to the residual-stream norm of the value vector).
+harmless prompts for (a) no steering, (b) unconditional value-site refusal steering, (c) the same
+gated by a value-site monitor, (d) residual steering gated by a residual monitor. The refusal
+vector is Arditi et al.'s refusal direction (:func:`refusal_direction`; layer and scale per site
+chosen once by :func:`refusal_search`) or, with ``refusal="caa"``, a CAA refusal-pairs vector.
 """
 
 from __future__ import annotations
@@ -71,18 +72,36 @@ class MonitorOptions:
     n_prompt: int = 120
     n_pairs: int = 120
     n_statement: int = 160
+    n_cross: int | None = None  # JBB-Behaviors requests in the cross-source test (None: all 100)
     traits: tuple[str, str] = ("agreeableness", "conscientiousness")
     test_fraction: float = 0.5
     C: float = 0.1
     batch_size: int = 16
     max_length: int = 128
-    # conditional steering
+    # conditional steering. refusal: "direction" (Arditi et al. 2024: harmful minus harmless mean
+    # activation at the post-instruction tokens of the prompt training split) or "caa" (mean_diff
+    # of the shipped CAA refusal pairs, resid rescaled to the value vector's residual-stream norm).
+    # The layers and scales below were chosen once by refusal_search on SmolLM2-135M-Instruct
+    # (seed 0, n_prompt 120, 16 selection requests per class; grid and rates in docs/monitoring.md).
     n_steer: int = 16
-    steer_layers: str = "11-17"
+    refusal: str = "direction"
+    steer_layers: str = "12"  # value-site vector layers (arms b, c)
+    steer_scale: float = 4.0
+    resid_layers: str | None = "6"  # residual vector layers (arm d); None: steer_layers
+    resid_scale: float | None = 4.0  # None: steer_scale
     monitor_layer: int | None = None  # None: the layer before the first steered one
-    steer_scale: float = 6.0
     refusal_pairs: int = 64
     fpr: float = 0.1
+    # refusal_search (not run by monitoring()): selection items per class outside the prompt task
+    # search_grid: {site: {"layers": [layer specs, e.g. 12 or "10-17"], "scales": [...]}}
+    n_select: int = 16
+    search_grid: dict = field(
+        default_factory=lambda: {
+            "v": {"layers": [6, 12, 18, "4-11", "10-17", "16-23"], "scales": [2.0, 4.0, 8.0, 16.0]},
+            "resid": {"layers": [6, 12, 18], "scales": [0.5, 1.0, 2.0]},
+        }
+    )
+    max_harmless: float = 0.5
     max_new_tokens: int = 24
     seed: int = 0
     steering: bool = True
@@ -164,7 +183,7 @@ def build_tasks(opts: MonitorOptions) -> dict:
     help_ = subsample(md.helpful_requests(), opts.n_prompt, s + 1)
     harm_tr, harm_te = _split(harm, f, s)
     help_tr, help_te = _split(help_, f, s + 1)
-    jbb = [r["goal"] for r in md.jbb_goals()]
+    jbb = subsample([r["goal"] for r in md.jbb_goals()], opts.n_cross, s + 7)
     tasks = {
         "prompt": dict(train=(harm_tr, help_tr), test=(harm_te, help_te), position="last", wrap=_user),
         "cross-source": dict(train=(harm_tr, help_tr), test=(jbb, help_te), position="last", wrap=_user),
@@ -254,7 +273,7 @@ def site_comparison(model, tokenizer, opts: MonitorOptions, progress_bar=None) -
         wrap, pos_rule = task.get("wrap"), task["position"]
         f_tp, f_tn, f_ep, f_en = (feats(x, wrap, pos_rule) for x in (tp, tn, ep, en))
         bp, bn = bag_of_words(*([_raw(task, i) for i in x] for x in (tp, tn, ep, en)))
-        base_auc = _boot_two(auroc, bp, bn, opts.seed)
+        base_auc, base_tpr = _boot_two(auroc, bp, bn, opts.seed), _boot_two(tpr_at_fpr, bp, bn, opts.seed)
         rec_base = dict(
             task=name,
             site="bag-of-words",
@@ -263,8 +282,8 @@ def site_comparison(model, tokenizer, opts: MonitorOptions, progress_bar=None) -
             n_test=len(ep) + len(en),
             auroc=base_auc.value,
             auroc_ci=_fmt(base_auc),
-            tpr_at_1pct=_boot_two(tpr_at_fpr, bp, bn, opts.seed).value,
-            tpr_ci=_fmt(_boot_two(tpr_at_fpr, bp, bn, opts.seed)),
+            tpr_at_1pct=base_tpr.value,
+            tpr_ci=_fmt(base_tpr),
         )
         if task.get("paired"):
             rec_base["paired"] = float((bp > bn).mean())
@@ -299,7 +318,10 @@ def site_comparison(model, tokenizer, opts: MonitorOptions, progress_bar=None) -
 # ----------------------------------------------------------------------------------------------
 # conditional steering
 # ----------------------------------------------------------------------------------------------
-def _generate(model, tokenizer, prompts, max_new_tokens, **steer_kw) -> list[str]:
+def _generate(model, tokenizer, prompts, max_new_tokens, return_flags: bool = False, **steer_kw):
+    """Greedy completions of ``prompts`` (user turns) in one left-padded batch, under
+    ``steer(model, **steer_kw)`` when given; with ``return_flags``, also the ``[batch]`` prompt flags
+    of a ``when=`` monitor (None without one)."""
     from vsteer.encoding import encode_batch
     from vsteer.models import model_device
     from vsteer.steering import steer
@@ -308,28 +330,218 @@ def _generate(model, tokenizer, prompts, max_new_tokens, **steer_kw) -> list[str
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         if steer_kw:
-            with steer(model, **steer_kw):
+            with steer(model, **steer_kw) as flags:
                 out = model.generate(**enc, **kw)
         else:
-            out = model.generate(**enc, **kw)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            out, flags = model.generate(**enc, **kw), None
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    if return_flags:
+        return texts, (None if flags is None else to_numpy(flags.prompt))
+    return texts
+
+
+def post_instruction(tokenizer, text: str) -> tuple[list[int], int]:
+    """``(token ids, n)`` of ``text`` as a user turn with the assistant opener; the tokens after the
+    first ``n`` are the *post-instruction* ones (the template after the request: for SmolLM2
+    ``<|im_end|>\n<|im_start|>assistant\n``, 6 tokens). Falls back to the last token when the
+    template does not contain the text verbatim."""
+    from vsteer.encoding import token_ids
+
+    ids = token_ids(tokenizer, _user(text))
+    rendered = tokenizer.apply_chat_template(_user(text), add_generation_prompt=True, tokenize=False)
+    at = rendered.rfind(text)
+    if at >= 0:
+        prefix = list(tokenizer(rendered[: at + len(text)], add_special_tokens=False)["input_ids"])
+        if 0 < len(prefix) < len(ids) and ids[: len(prefix)] == prefix:
+            return ids, len(prefix)
+    return ids, len(ids) - 1
+
+
+def refusal_direction(
+    model, tokenizer, harmful, harmless, sites=("v", "resid"), layers=None, batch_size: int = 16
+) -> dict:
+    """Arditi et al.'s refusal direction at each site: ``{site: SteeringVector}``, per layer the mean
+    over harmful requests minus the mean over harmless ones of the site's activation averaged over
+    the post-instruction tokens (:func:`post_instruction`). ``layers``: None = all."""
+    from vsteer.arch import get_arch
+    from vsteer.data import monitor_data as md
+    from vsteer.encoding import pad_token_id
+    from vsteer.monitor import encoded_features
+    from vsteer.sites import parse_layers
+    from vsteer.vectors import SteeringVector
+
+    harmful, harmless = list(harmful), list(harmless)
+    if not harmful or not harmless:
+        raise ValueError(
+            f"refusal_direction needs harmful and harmless requests, got {len(harmful)} and {len(harmless)}"
+        )
+    layer_list = parse_layers(layers, get_arch(model).n_layers)
+    enc = [post_instruction(tokenizer, t) for t in harmful + harmless]
+    feats = encoded_features(
+        model, enc, list(sites), layer_list, "completion", batch_size, None, pad_token_id(tokenizer)
+    )
+    k = len(harmful)
+    out = {}
+    for site in sites:
+        f = feats[site].double()  # [n, L, *shape]
+        diff = (f[:k].mean(0) - f[k:].mean(0)).float()
+        out[site] = SteeringVector.for_model(
+            model,
+            {layer: diff[i] for i, layer in enumerate(layer_list)},
+            site,
+            method="refusal_direction",
+            position="post-instruction",
+            data=md.sources("advbench", "helpful"),
+            extra={"n_harmful": k, "n_harmless": len(harmless)},
+        )
+    return out
+
+
+def _layers_of(vec, layers):
+    from dataclasses import replace
+
+    return replace(vec, directions={layer: vec.directions[layer] for layer in layers})
+
+
+def _selection_split(opts: MonitorOptions) -> tuple[list[str], list[str]]:
+    """Harmful and harmless requests outside the ``prompt`` task (so disjoint from every split the
+    monitors, the direction and the held-out table use), ``n_select`` per class."""
+    from vsteer.data import monitor_data as md
+    from vsteer.experiments.common import subsample
+
+    used_harm = set(subsample(md.advbench_goals(), opts.n_prompt, opts.seed))
+    used_help = set(subsample(md.helpful_requests(), opts.n_prompt, opts.seed + 1))
+    harm = [t for t in md.advbench_goals() if t not in used_harm]
+    help_ = [t for t in md.helpful_requests() if t not in used_help]
+    return subsample(harm, opts.n_select, opts.seed + 5), subsample(help_, opts.n_select, opts.seed + 6)
+
+
+def refusal_search(
+    model, tokenizer, opts: MonitorOptions | None = None, progress_bar=None
+) -> ExperimentResult:
+    """Choose the refusal vector's layer and scale per site on a selection split.
+
+    The refusal direction is extracted from the ``prompt`` task's training split at every layer of
+    ``opts.search_grid``; each (site, layers, scale) steers unconditionally (positions ``all``) the
+    ``n_select`` selection requests per class (outside the ``prompt`` task). Chosen per site: the
+    highest harmful refusal rate among settings whose harmless refusal rate is at most
+    ``opts.max_harmless`` (ties: lower harmless rate, then smaller scale, then the first in the grid).
+    """
+    from vsteer.arch import get_arch
+    from vsteer.experiments.common import progress
+    from vsteer.sites import parse_layers
+
+    opts = opts or MonitorOptions()
+    n = get_arch(model).n_layers
+    tasks = build_tasks(opts)
+    harm_tr, help_tr = tasks["prompt"]["train"]
+    grid = [
+        (site, spec, tuple(parse_layers(spec, n)), float(scale))
+        for site, g in opts.search_grid.items()
+        for spec in g["layers"]
+        for scale in g["scales"]
+    ]
+    every = sorted({layer for _, _, ls, _ in grid for layer in ls})
+    vecs = refusal_direction(
+        model, tokenizer, harm_tr, help_tr, tuple(opts.search_grid), every, opts.batch_size
+    )
+    sel_harm, sel_help = _selection_split(opts)
+    records = []
+
+    def rate(outs):
+        return float(np.mean([is_refusal(o) for o in outs]))
+
+    k = len(sel_harm)
+
+    def measure(site, spec, amount, **kw):
+        # harmful and harmless rows in one batch (each row's output does not depend on its batch)
+        outs = _generate(model, tokenizer, sel_harm + sel_help, opts.max_new_tokens, **kw)
+        for kind, part in (("harmful", outs[:k]), ("harmless", outs[k:])):
+            records.append(
+                dict(
+                    site=site,
+                    layer=spec,
+                    scale=amount,
+                    prompts=kind,
+                    refusal_rate=rate(part),
+                    sample=part[0][:80],
+                )
+            )
+
+    measure("none", "", 0.0)
+    for site, spec, layers, scale in progress(grid, "refusal search", progress_bar):
+        measure(site, str(spec), scale, vectors=_layers_of(vecs[site], layers), scale=scale)
+    chosen = choose_refusal_setting(records, opts.max_harmless)
+    return ExperimentResult(
+        name="refusal_search",
+        title="Refusal-direction search: layer and scale per site on the selection split",
+        records=records,
+        meta=dict(chosen=chosen, n_select=len(sel_harm), options=asdict(opts)),
+        notes=[f"chosen (harmless refusal rate <= {opts.max_harmless:g}): {chosen}"],
+    )
+
+
+def choose_refusal_setting(records: list[dict], max_harmless: float) -> dict:
+    """``{site: {"layer", "scale", "harmful", "harmless"}}`` from :func:`refusal_search` records."""
+    rates: dict = {}
+    for r in records:
+        if r["site"] != "none":
+            rates.setdefault((r["site"], r["layer"], r["scale"]), {})[r["prompts"]] = r["refusal_rate"]
+    chosen = {}
+    for site in sorted({k[0] for k in rates}):
+        ok = [(k, v) for k, v in rates.items() if k[0] == site and v.get("harmless", 1.0) <= max_harmless]
+        if not ok:
+            continue
+        (_, layer, scale), v = max(ok, key=lambda kv: (kv[1]["harmful"], -kv[1]["harmless"], -kv[0][2]))
+        chosen[site] = dict(layer=layer, scale=scale, harmful=v["harmful"], harmless=v["harmless"])
+    return chosen
+
+
+def _refusal_vectors(model, tokenizer, opts: MonitorOptions, tasks: dict, n_layers: int):
+    """``(value vector, residual vector, resid scale)`` for arms (b)-(d)."""
+    from dataclasses import replace
+
+    from vsteer.extraction import caa_pairs, extract_sites
+    from vsteer.sites import parse_layers
+    from vsteer.steering import residual_change_norms
+
+    v_layers = parse_layers(opts.steer_layers, n_layers)
+    r_layers = parse_layers(opts.resid_layers, n_layers) if opts.resid_layers is not None else v_layers
+    r_scale = opts.steer_scale if opts.resid_scale is None else opts.resid_scale
+    if opts.refusal == "direction":
+        harm_tr, help_tr = tasks["prompt"]["train"]
+        both = sorted(set(v_layers) | set(r_layers))
+        vecs = refusal_direction(model, tokenizer, harm_tr, help_tr, ("v", "resid"), both, opts.batch_size)
+        return _layers_of(vecs["v"], v_layers), _layers_of(vecs["resid"], r_layers), r_scale
+    if opts.refusal != "caa":
+        raise ValueError(f"refusal={opts.refusal!r}; expected 'direction' or 'caa'")
+    vecs = extract_sites(
+        model, tokenizer, caa_pairs("refusal", limit=opts.refusal_pairs), ("v", "resid"), v_layers
+    )
+    v_vec = vecs["v"]
+    # residual vector at the residual-stream norm of the value vector, layer by layer
+    target = residual_change_norms(model, v_vec)
+    r_vec = replace(
+        vecs["resid"],
+        directions={
+            layer: t * (target[layer] / max(float(t.norm()), 1e-12))
+            for layer, t in vecs["resid"].directions.items()
+        },
+    )
+    return v_vec, r_vec, opts.steer_scale
 
 
 def conditional_steering(
     model, tokenizer, opts: MonitorOptions, tasks: dict
 ) -> tuple[list[dict], dict, list]:
     """The (a)-(d) table: refusal rate on held-out harmful and harmless prompts."""
-    from dataclasses import replace
-
     from vsteer.arch import get_arch
-    from vsteer.extraction import caa_pairs, extract_sites
     from vsteer.monitor import fit
-    from vsteer.sites import parse_layers
-    from vsteer.steering import residual_change_norms
 
     n = get_arch(model).n_layers
-    steer_layers = parse_layers(opts.steer_layers, n)
-    mlayer = opts.monitor_layer if opts.monitor_layer is not None else min(steer_layers) - 1
+    v_vec, r_vec, r_scale = _refusal_vectors(model, tokenizer, opts, tasks, n)
+    steer_layers = sorted(set(v_vec.layers) | set(r_vec.layers))
+    mlayer = opts.monitor_layer if opts.monitor_layer is not None else max(0, min(steer_layers) - 1)
     (harm_tr, help_tr), (harm_te, help_te) = tasks["prompt"]["train"], tasks["prompt"]["test"]
     harmful, harmless = harm_te[: opts.n_steer], help_te[: opts.n_steer]
     mons = {
@@ -349,53 +561,46 @@ def conditional_steering(
         )
         for site in ("v", "resid")
     }
-    vecs = extract_sites(
-        model, tokenizer, caa_pairs("refusal", limit=opts.refusal_pairs), ("v", "resid"), steer_layers
-    )
-    v_vec = vecs["v"]
-    # residual vector at the residual-stream norm of the value vector, layer by layer
-    target = residual_change_norms(model, v_vec)
-    r_vec = replace(
-        vecs["resid"],
-        directions={
-            layer: t * (target[layer] / max(float(t.norm()), 1e-12))
-            for layer, t in vecs["resid"].directions.items()
-        },
-    )
     arms = {
         "(a) none": {},
         "(b) unconditional v": dict(vectors=v_vec, scale=opts.steer_scale),
         "(c) conditional v": dict(vectors=v_vec, scale=opts.steer_scale, when=mons["v"]),
-        "(d) conditional resid": dict(vectors=r_vec, scale=opts.steer_scale, when=mons["resid"]),
+        "(d) conditional resid": dict(vectors=r_vec, scale=r_scale, when=mons["resid"]),
     }
-    records, refusals, samples, base = [], {}, [], {}
+    records, refusals, samples, base = [], {}, [], None
+    kinds = {"harmful": slice(0, len(harmful)), "harmless": slice(len(harmful), None)}
     for arm, kw in arms.items():
-        for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
-            outs = _generate(model, tokenizer, prompts, opts.max_new_tokens, **kw)
-            base.setdefault(kind, outs)  # arm (a) runs first
-            ref = np.array([is_refusal(o) for o in outs], dtype=float)
+        # one batch per arm (harmful and harmless rows together: each row's output does not depend
+        # on its batch, tests/test_monitor.py)
+        outs, fired = _generate(model, tokenizer, harmful + harmless, opts.max_new_tokens, True, **kw)
+        base = outs if base is None else base  # arm (a) runs first
+        for kind, rows in kinds.items():
+            ref = np.array([is_refusal(o) for o in outs[rows]], dtype=float)
             refusals[(arm, kind)] = ref
             lo, hi = wilson_interval(int(ref.sum()), len(ref))
             # changed: share of completions that differ from the unsteered one (a row that does not
             # fire must be unchanged)
-            changed = float(np.mean([o != b for o, b in zip(outs, base[kind], strict=True)]))
-            rec = dict(
-                arm=arm,
-                prompts=kind,
-                n=len(ref),
-                refusal_rate=float(ref.mean()),
-                ci=f"[{lo:.3f}, {hi:.3f}]",
-                changed=changed,
-                flagged="",
+            changed = float(np.mean([o != b for o, b in zip(outs[rows], base[rows], strict=True)]))
+            records.append(
+                dict(
+                    arm=arm,
+                    prompts=kind,
+                    n=len(ref),
+                    refusal_rate=float(ref.mean()),
+                    ci=f"[{lo:.3f}, {hi:.3f}]",
+                    changed=changed,
+                    flagged="" if fired is None else float(fired[rows].mean()),
+                )
             )
-            if "when" in kw:
-                rec["flagged"] = float(kw["when"].flag(model, tokenizer, [_user(p) for p in prompts]).mean())
-            records.append(rec)
-            samples.append(dict(arm=arm, prompts=kind, prompt=prompts[0], output=outs[0]))
+            prompts = harmful if kind == "harmful" else harmless
+            samples.append(dict(arm=arm, prompts=kind, prompt=prompts[0], output=outs[rows][0]))
     meta = dict(
+        refusal=opts.refusal,
         monitor_layer=mlayer,
-        steer_layers=steer_layers,
+        steer_layers=v_vec.layers,
         scale=opts.steer_scale,
+        resid_layers=r_vec.layers,
+        resid_scale=r_scale,
         monitors={
             s: dict(
                 threshold=m.threshold, **{k: m.extra.get(k) for k in ("calibration_tpr", "calibration_fpr")}
@@ -532,3 +737,10 @@ def monitoring(model, tokenizer, opts: MonitorOptions | None = None, progress_ba
         notes=notes,
         plotter=_plotter(info["scores"]),
     )
+
+
+def run_monitoring(model, tokenizer, config: MonitorOptions | None = None, seed: int = 0, progress_bar=None):
+    """The main job's ``monitor`` section: :func:`monitoring` with the run's seed."""
+    from dataclasses import replace
+
+    return monitoring(model, tokenizer, replace(config or MonitorOptions(), seed=seed), progress_bar)

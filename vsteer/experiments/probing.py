@@ -185,7 +185,9 @@ class ProbeConfig:
     control draws averaged for the selectivity.
     ``layers``: ``"all"``, ``"0-29"``, ``"3,7"`` or a list (see :func:`vsteer.sites.parse_layers`);
     None: ``n_layers`` evenly spaced layers (the CPU default). The last layer and the middle
-    layer are always included."""
+    layer are always included. ``novel_*``: the novel-name test (:mod:`vsteer.experiments.novel`;
+    ``novel_names=0`` skips it); ``intensity_words``: the polarity/intensity probes
+    (:mod:`vsteer.experiments.intensity`; 0 skips them). The main job's profiles switch both on."""
 
     dataset: str = "sst2"
     n_train: int = 600
@@ -199,6 +201,13 @@ class ProbeConfig:
     Cs: tuple[float, ...] = (0.001, 0.01, 0.1)
     cv: int = 3
     n_control: int = 10
+    novel_names: int = (
+        0  # invented names for the novel-creature test (0: skip; the profiles set it); novel.py
+    )
+    novel_layers: int = 5
+    novel_C: float = 0.01
+    novel_frames: int = 1  # neutral frames per real name
+    intensity_words: int = 0  # VADER words for the polarity/intensity probes (0: skip); intensity.py
 
 
 def load_probe_dataset(dataset, n_train: int, n_test: int, seed: int):
@@ -322,6 +331,26 @@ def run_probes(
             }
         )
     verdicts = _verdicts(fits, config, last, middle, seed)
+    novel_notes, novel_meta = [], {}
+    novel_sites = [s for s in ("v", "k", "q", "resid") if s in config.sites]
+    if config.novel_names and novel_sites:
+        from vsteer.experiments.novel import run_novel
+
+        picks = np.linspace(0, arch.n_layers - 1, min(config.novel_layers, arch.n_layers)).round().astype(int)
+        _, found, novel_notes, novel_meta = run_novel(
+            model, tokenizer, novel_sites, sorted({int(x) for x in picks}), config.novel_names, config.novel_C,
+            seed, config.batch_size, config.max_length, progress_bar, config.novel_frames,
+        )  # fmt: skip
+        verdicts += found
+    if config.intensity_words:
+        from vsteer.experiments.intensity import run_intensity
+
+        found, more, more_meta = run_intensity(
+            model, tokenizer, middle, config.intensity_words, config, seed, progress_bar
+        )
+        verdicts += found
+        novel_notes += ["", *more]
+        novel_meta.update(more_meta)
     majority = max(y_test.mean(), 1 - y_test.mean())
     notes = [
         f"{config.dataset}: {len(train)} train / {len(test)} test items, features at the {config.position} "
@@ -331,6 +360,8 @@ def run_probes(
         f"{config.n_control} draws (control_sd: their spread); selectivity CIs bootstrap over test items "
         "and control draws."
     ]
+    if novel_notes:
+        notes += ["", *novel_notes]
     meta = {
         "config": asdict(config),
         "seed": seed,
@@ -338,6 +369,7 @@ def run_probes(
         "n_train": len(train),
         "n_test": len(test),
         "majority_accuracy": float(majority),
+        **novel_meta,
     }
     return ExperimentResult(
         name="probing",
