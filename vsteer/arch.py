@@ -225,7 +225,7 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _model_type(model: nn.Module) -> str | None:
+def model_type_of(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(_text_config(config), "model_type", None) if config is not None else None
 
@@ -233,7 +233,7 @@ def _model_type(model: nn.Module) -> str | None:
 def spec_for(model: nn.Module) -> ArchSpec:
     """The spec for ``model``, chosen by ``config.model_type`` (not the class name)."""
     model = unwrap(model)
-    model_type = _model_type(model)
+    model_type = model_type_of(model)
     for spec in SPECS:
         if model_type in spec.model_types:
             return spec

@@ -26,6 +26,12 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, model_hint: str
     """Write ``vector`` (site ``resid``) as a llama.cpp control-vector GGUF at ``path`` (atomically)."""
     import gguf
 
+    if vector.site == "v":  # why, in docs/llamacpp.md: not even W_O v is exact before the MLP
+        raise VectorError(
+            "a value-site vector cannot be a llama.cpp control vector: those are added to a block's output "
+            "(the residual stream after the MLP), while a v vector acts inside attention, before W_O and the "
+            "block's MLP; extract a vector with site='resid' instead (see docs/llamacpp.md)"
+        )
     if vector.site != "resid":
         raise VectorError(
             f"llama.cpp control vectors are added to the residual stream (site 'resid'); this vector is at "
