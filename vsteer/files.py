@@ -160,15 +160,13 @@ def save_layer_tensors(path: str | os.PathLike, tensors: dict, metadata: dict) -
     return atomic_write(path, save(blob, metadata={"vsteer": json.dumps(metadata, default=str)}))
 
 
-def load_layer_tensors(
-    path: str | os.PathLike, kind: str, fmt: str, error: type[Exception]
-) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of a file written by :func:`save_layer_tensors`: ``{N: tensor}`` (in
-    file order) and the JSON metadata, whose ``format`` must be ``fmt``.
+def load_tensors(path: str | os.PathLike, kind: str, fmt: str, error: type[Exception]) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a vsteer safetensors file: ``{name: tensor}`` (in file order) and
+    the JSON metadata under the header key ``vsteer``, whose ``format`` must be ``fmt``.
 
-    Anything else (no file, not safetensors, no or unreadable ``vsteer`` metadata, another format,
-    a tensor not named ``layer.N``, metadata ``layers`` other than the tensors') is one ``error``
-    line naming the file and calling it what it should have been, a ``kind`` (``"monitor"``).
+    Anything else (no file, not safetensors, no or unreadable ``vsteer`` metadata, another format)
+    is one ``error`` line naming the file and calling it what it should have been, a ``kind``
+    (``"monitor"``).
     """
     import json
 
@@ -194,6 +192,17 @@ def load_layer_tensors(
         raise error(f"{str(path)!r} has unreadable vsteer metadata (not a JSON object); not a {kind}")
     if meta.get("format") != fmt:
         raise error(f"{str(path)!r} has format {meta.get('format')!r}; expected {fmt!r} (a {kind})")
+    return tensors, meta
+
+
+def load_layer_tensors(
+    path: str | os.PathLike, kind: str, fmt: str, error: type[Exception]
+) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a file written by :func:`save_layer_tensors`: ``{N: tensor}`` (in
+    file order) and the JSON metadata (checked as in :func:`load_tensors`); a tensor not named
+    ``layer.N`` or metadata ``layers`` other than the tensors' is one ``error`` line too.
+    """
+    tensors, meta = load_tensors(path, kind, fmt, error)
     out = {}
     for name, t in tensors.items():
         prefix, _, layer = name.partition(".")

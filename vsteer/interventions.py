@@ -409,29 +409,12 @@ class Intervention(nn.Module):
     def load(cls, path: str | os.PathLike, model=None, site: str | None = None) -> Intervention:
         """Read a file written by :meth:`save` (or a directory holding one); with ``model`` (and
         ``site``), check that it fits (:meth:`check`). Any mismatch is one :class:`InterventionError`."""
-        from safetensors import safe_open
+        from vsteer.files import load_tensors
 
         path = Path(path)
         if path.is_dir():
             path = path / FILE_NAME
-        if not path.is_file():
-            raise InterventionError(f"no intervention file at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("vsteer")
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InterventionError(f"cannot read intervention {str(path)!r}: {first}") from None
-        try:
-            meta = json.loads(raw) if raw is not None else None
-        except json.JSONDecodeError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise InterventionError(
-                f"{str(path)!r} has format {found!r}; expected {FORMAT!r} (an intervention)"
-            )
+        tensors, meta = load_tensors(path, "intervention", FORMAT, InterventionError)
         try:
             iv = cls(
                 meta["kind"],

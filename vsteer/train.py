@@ -57,6 +57,22 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
+def _run_metrics(out, trainer, runtime: float, threads, recipe, before: dict, after: dict) -> dict:
+    """What a training run records in ``metrics.json``: loss, steps, time, processes, precision,
+    and the evaluation before and after."""
+    return {
+        "train_loss": float(out.training_loss),
+        "steps": int(trainer.state.global_step),
+        "train_runtime": round(runtime, 3),
+        "processes": _world_size(),
+        "threads": threads,
+        "precision": recipe["training.precision"],
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        **{f"{k}_before": v for k, v in before.items()},
+        **{f"{k}_after": v for k, v in after.items()},
+    }
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -485,17 +501,7 @@ def _train(
     after = _evaluate(trainer, recipe, peft_model, tokenizer, data)
     check_masked_rows(peft_model)
 
-    metrics = {
-        "train_loss": float(out.training_loss),
-        "steps": int(trainer.state.global_step),
-        "train_runtime": round(runtime, 3),
-        "processes": _world_size(),
-        "threads": threads,
-        "precision": recipe["training.precision"],
-        "mixed_precision": trainer.accelerator.mixed_precision,
-        **{f"{k}_before": v for k, v in before.items()},
-        **{f"{k}_after": v for k, v in after.items()},
-    }
+    metrics = _run_metrics(out, trainer, runtime, threads, recipe, before, after)
     adapter = {
         **plan.to_dict(),
         "trainable_params_measured": counts["trainable"],
@@ -567,17 +573,7 @@ def _train_intervention(
         for name, p in model.named_parameters():
             p.requires_grad_(frozen.get(name, p.requires_grad))
     iv = iv.cpu()
-    metrics = {
-        "train_loss": float(out.training_loss),
-        "steps": int(trainer.state.global_step),
-        "train_runtime": round(runtime, 3),
-        "processes": _world_size(),
-        "threads": threads,
-        "precision": recipe["training.precision"],
-        "mixed_precision": trainer.accelerator.mixed_precision,
-        **{f"{k}_before": v for k, v in before.items()},
-        **{f"{k}_after": v for k, v in after.items()},
-    }
+    metrics = _run_metrics(out, trainer, runtime, threads, recipe, before, after)
     adapter = {
         "kind": "intervention",
         "intervention": iv.kind,
