@@ -252,6 +252,8 @@ def export_gguf_lora(
     import gguf
 
     adapter_dir = Path(adapter_dir)
+    from vsteer.encoding import to_numpy
+
     config, weights, meta = _read_adapter(adapter_dir)
     path = Path(path) if path is not None else adapter_dir / ADAPTER_FILE
     if path.exists() and not overwrite:
@@ -276,8 +278,8 @@ def export_gguf_lora(
             "vsteer.scale_note", "per-module PEFT scale folded into lora_b (scale = alpha / rank)"
         )
         for module, ab in plan:
-            a = ab["A"].detach().float().cpu().numpy().astype(np.float32)
-            b = (ab["B"].detach().double() * module.b_factor).float().cpu().numpy().astype(np.float32)
+            a = to_numpy(ab["A"].float()).astype(np.float32)
+            b = to_numpy((ab["B"].detach().double() * module.b_factor).float()).astype(np.float32)
             writer.add_tensor(f"{module.gguf_name}.lora_a", np.ascontiguousarray(a))
             writer.add_tensor(f"{module.gguf_name}.lora_b", np.ascontiguousarray(b))
         writer.write_header_to_file()

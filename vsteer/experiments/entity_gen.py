@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from vsteer.arch import get_arch, unwrap
-from vsteer.encoding import pad_batch, pad_token_id
+from vsteer.encoding import pad_batch, pad_token_id, to_numpy
 from vsteer.errors import DataError
 from vsteer.evaluate import Estimate, bootstrap, finding, paired_difference
 from vsteer.experiments.common import progress, require_items, rng
@@ -355,7 +355,7 @@ class SentenceEmbedder:
                 hidden = self.model(**enc).last_hidden_state  # [batch, seq, 384]
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(mean, dim=-1).numpy())
+            out.append(to_numpy(torch.nn.functional.normalize(mean, dim=-1)))
         return np.concatenate(out).astype(np.float64)
 
     def margins(self, texts, base: list[str], donor: list[str]) -> np.ndarray:

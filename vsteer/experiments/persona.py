@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from vsteer.encoding import pad_batch, pad_token_id
+from vsteer.encoding import pad_batch, pad_token_id, to_numpy
 from vsteer.errors import DataError
 from vsteer.evaluate import bootstrap, finding
 from vsteer.experiments.result import ExperimentResult
@@ -209,11 +209,11 @@ def _scorer(model, tokenizer, prompt: str, mode: str, questions, n_positions: in
         model, tokenizer, [w for w, _ in enc], n_positions, batch_size, counter
     )
     unprompted = [wo for _, wo in enc]
-    mask = valid.numpy()
+    mask = to_numpy(valid)
 
     def score(steering=None, scale=1.0) -> np.ndarray:
         kl = kl_to_targets(model, tokenizer, unprompted, answers, logp, steering, scale, batch_size, counter)
-        return kl.numpy() * mask
+        return to_numpy(kl) * mask
 
     return score, answers, mask
 
