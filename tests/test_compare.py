@@ -409,3 +409,128 @@ def test_loads_from_two_threads_leave_no_meta_tensors(tiny_dir):
         list(pool.map(lambda _: load_model(str(tiny_dir)), range(8)))
     model, _ = load_model(str(tiny_dir))
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_item_blocks_are_disjoint_cover_every_item_balance_labels_and_keep_pairs_whole():
+    from vsteer.compare_eval import item_blocks
+
+    items = [Item("", f"t{i}", int(i < 7)) for i in range(16)]  # 7 positives, 9 negatives
+    blocks = item_blocks(items, 3)
+    assert sorted(i for b in blocks for i in b) == list(range(16))
+    for b in blocks:  # each label dealt out in turn: block sizes per label differ by at most one
+        assert sum(items[i].label for i in b) in (2, 3) and sum(1 - items[i].label for i in b) == 3
+    pairs = [Item("p", f"t{i}", i % 2, group=i // 2) for i in range(14)]
+    for b in item_blocks(pairs, 3):
+        assert all((i ^ 1) in b for i in b)  # both sides of a pair in one block
+    assert item_blocks(items, 1) == [list(range(16))]
+
+
+def test_per_seed_test_items_score_each_seed_on_its_own_block(tiny_dir, user_files, tmp_path, monkeypatch):
+    """test_items: per-seed: every run is scored on its seed's block only, every arm on the same
+    blocks; the effect pools all items with one shift each; the arms' difference stays paired."""
+    import vsteer.compare as compare
+    from vsteer.compare_eval import item_blocks
+
+    train, _ = user_files
+    ev = [{"text": f"loved it, great {i}", "label": 1} for i in range(12)]
+    ev += [{"text": f"awful, hated it {i}", "label": 0} for i in range(12)]
+    val = _jsonl(tmp_path / "val.jsonl", ev[::3])
+    test = _jsonl(tmp_path / "test.jsonl", [r for i, r in enumerate(ev) if i % 3])
+    data = {"source": "user", "train": str(train), "val": str(val), "test": str(test)}
+    scored = []
+    real_scores = compare._scores
+
+    def spy(model, ctx, split, index=None):
+        scored.append((split, None if index is None else tuple(index)))
+        return real_scores(model, ctx, split, index)
+
+    monkeypatch.setattr(compare, "_scores", spy)
+    recipe = _recipe(
+        tiny_dir,
+        train,
+        None,
+        data=data,
+        arms=["v", "qk"],
+        learning_rates=[3e-2],
+        seeds=[0, 1],
+        checkpoints=[],
+    )
+    res = run_compare(load_compare_recipe({**recipe, "test_items": "per-seed"}), progress=False)
+    blocks = item_blocks(res.data.test, 2)
+    test_calls = [index for split, index in scored if split == "test"]
+    assert test_calls.count(None) == 1  # the base scores every item
+    assert sorted(test_calls[1:], key=str) == sorted([tuple(blocks[0])] * 2 + [tuple(blocks[1])] * 2, key=str)
+    for arm in ("v", "qk"):
+        for j, s in enumerate((0, 1)):
+            assert len(res.runs[("eval", arm, s)]["test"]) == len(blocks[j])
+    shifts = res.test_shifts("v")
+    assert np.isnan(shifts).sum() == len(res.data.test)  # each item scored by exactly one seed
+    d = res.item_shifts("v") - res.item_shifts("qk")
+    labels = np.array([i.label for i in res.data.test])
+    assert res.effect("v", "qk").value == pytest.approx(d[labels == 1].mean() - d[labels == 0].mean())
+    assert res.effect("v").n == len(res.data.test)
+    seeds = res.seed_effects("v")
+    for j in range(2):  # each seed's effect on its own block
+        b = np.array(blocks[j])
+        e = shifts[j, b]
+        assert seeds[j] == pytest.approx(e[labels[b] == 1].mean() - e[labels[b] == 0].mean())
+    assert "own" in res.findings()[0].measured or "own" in " ".join(res.notes())
+
+
+def test_per_seed_test_items_on_a_shipped_task_take_n_test_per_seed():
+    from vsteer.compare import build_data
+
+    spec = load_compare_recipe(
+        "compare_sentiment_dpo",
+        [
+            "steps=2",
+            "batch_size=2",
+            "checkpoints=[]",
+            "data.n_val=3",
+            "data.n_test=5",
+            "seeds=[0,1,2]",
+            "data.completion_tokens=160",
+        ],
+    )
+    assert spec.test_items == "per-seed"
+    data = build_data(spec, char_tokenizer())
+    assert len(data.test) == 2 * 5 * 3 and len(data.val) == 2 * 3
+    texts = lambda items: {i.text for i in items}  # noqa: E731
+    assert not texts(data.val) & texts(data.test)
+    trained = {r["chosen"] for r in data.train} | {r["rejected"] for r in data.train}
+    assert not trained & texts(data.val) and not trained & texts(data.test)
+    with pytest.raises(DataError, match="held-out IMDB pairs"):
+        build_data(load_compare_recipe("compare_sentiment_dpo", ["data.n_test=67"]), char_tokenizer())
+    with pytest.raises(RecipeError, match="test_items must be one of"):
+        load_compare_recipe("compare_style_sft", ["test_items=each"])
+
+
+def test_seed_item_effect_counts_the_spread_between_seeds():
+    """Two-level bootstrap: with seeds that agree it is about as wide as the item bootstrap
+    (conservative: resampling both levels counts the item noise of block means twice, ~1.4x
+    here); with one seed far off it widens to cover the seeds' spread; the item bootstrap does not."""
+    from vsteer.compare_eval import item_blocks, seed_item_effect
+
+    rng = np.random.default_rng(0)
+    items = [Item("", f"t{i}", i % 2) for i in range(600)]
+    labels = np.array([i.label for i in items])
+    blocks = item_blocks(items, 3)
+    noise = rng.normal(0, 0.3, len(items))
+    for seed_effects, wide in (((0.1, 0.1, 0.1), False), ((0.02, 0.04, 0.3), True)):
+        shifts = np.full((3, len(items)), np.nan)
+        for j, b in enumerate(blocks):
+            shifts[j, b] = noise[b] + seed_effects[j] * labels[b]
+        d = np.nanmean(shifts, 0)
+        items_only = shift_effect(d, labels)
+        two = seed_item_effect(shifts, labels, blocks=blocks)
+        assert two.value == pytest.approx(items_only.value)
+        ratio = (two.high - two.low) / (items_only.high - items_only.low)
+        assert (ratio > 2.5) if wide else (0.9 < ratio < 1.6), ratio
+    # shared items: seeds (rows) and items (columns) cross
+    shared = np.stack([noise + e * labels for e in (0.02, 0.04, 0.3)])
+    two = seed_item_effect(shared, labels)
+    assert two.low < 0.05 and two.high > 0.2
+    pairs = [Item("p", f"t{i}", i % 2, group=i // 2) for i in range(40)]
+    s = np.tile(np.where(np.arange(40) % 2, 0.2, 0.0), (2, 1))
+    e = seed_item_effect(s, np.array([i.label for i in pairs]), [i.group for i in pairs])
+    assert e.low == pytest.approx(0.2) and e.high == pytest.approx(0.2)  # every pair differs by 0.2

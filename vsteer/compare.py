@@ -74,6 +74,11 @@ class CompareSpec:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     checkpoints: list = field(default_factory=lambda: [8, 16])
     rope: list = field(default_factory=lambda: [-0.01, 0.01])
+    # shared: every seed's runs are scored on the same test items (per-item shifts averaged over
+    # seeds); per-seed: seed j's runs on their own disjoint block of the test items
+    # (data.n_test per label, or pairs, per block), so the same scoring buys len(seeds) times the
+    # items: the power to use when items vary far more than seeds do
+    test_items: str = "shared"
     ablation: bool = True
     # the ablation's five extra scorings on a fixed subset of the test split: this many items
     # per label (pairs, for paired data); null: the whole split
@@ -101,6 +106,7 @@ class CompareSpec:
 _METRICS = ("kl", "mmlu", "vader")
 _TASKS = ("sft", "dpo")
 _PRECISIONS = ("fp32", "bf16", "fp16")
+_TEST_ITEMS = ("shared", "per-seed")
 
 
 def load_compare_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = ()) -> CompareSpec:
@@ -173,6 +179,8 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
         v = getattr(spec, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise RecipeError(f"{key} must be a positive int, got {v!r}")
+    if spec.test_items not in _TEST_ITEMS:
+        raise RecipeError(f"test_items must be one of {', '.join(_TEST_ITEMS)}, got {spec.test_items!r}")
     for key in ("length_buckets", "shared_reference", "ablation"):
         if not isinstance(getattr(spec, key), bool):
             raise RecipeError(f"{key} must be true or false, got {getattr(spec, key)!r}")
@@ -236,18 +244,40 @@ def build_data(spec: CompareSpec, tokenizer, seed: int = 0):
 
     d = spec.data
     n_train = d.get("n_train", spec.steps * spec.batch_size)
+    # per-seed: data.n_test items (per label, or pairs) for each seed's own block
+    blocks = len(spec.seeds) if spec.test_items == "per-seed" else 1
     if d["source"] == "sst2-sentiment":
-        return cd.sst2_sentiment(n_train, d.get("n_val", 64), d.get("n_test", 200), seed)
+        return cd.sst2_sentiment(n_train, d.get("n_val", 64), d.get("n_test", 200) * blocks, seed)
     if d["source"] == "imdb-openings":
         return cd.imdb_openings(
-            tokenizer, n_train, d.get("n_val", 40), d.get("n_test", 150), d.get("completion_tokens", 24), seed
+            tokenizer,
+            n_train,
+            d.get("n_val", 40),
+            d.get("n_test", 150) * blocks,
+            d.get("completion_tokens", 24),
+            seed,
         )
     data = cd.user_data(
         d["train"], spec.task, d.get("eval"), d.get("val"), d.get("test"), d.get("val_fraction", 0.3), seed
     )
     if "n_train" in d:
         data.train = data.train[: d["n_train"]]
+    if blocks > 1 and len(data.test) < 2 * blocks:
+        raise DataError(
+            f"test_items: per-seed needs at least {2 * blocks} test items for {blocks} seeds, "
+            f"the test split has {len(data.test)}"
+        )
     return data
+
+
+def scored_index(spec: CompareSpec, items, seed: int) -> list[int] | None:
+    """The test items a run of ``seed`` is scored on: None (all of them) for
+    ``test_items: shared``, else that seed's block (:func:`vsteer.compare_eval.item_blocks`)."""
+    if spec.test_items != "per-seed":
+        return None
+    from vsteer.compare_eval import item_blocks
+
+    return item_blocks(items, len(spec.seeds))[spec.seeds.index(seed)]
 
 
 def plan_budgets(model, spec: CompareSpec) -> tuple[int, dict]:
@@ -393,6 +423,11 @@ def _scores(model, ctx, split: str, index: list[int] | None = None):
     )
 
 
+def _index(ctx, split: str, seed: int) -> list[int] | None:
+    """The items of ``split`` a run of ``seed`` is scored on (None: all)."""
+    return scored_index(ctx["spec"], ctx["data"].test, seed) if split == "test" else None
+
+
 def base_job(spec_dict: dict) -> dict:
     """The untrained base model's scores (negative control): val, test, cost metrics."""
     cpu0 = time.process_time()
@@ -529,7 +564,7 @@ def train_job(
         "precision": spec.precision,
         "effective_params": result.adapter.get("effective_params_measured"),
         "trainable_params": result.adapter.get("trainable_params_measured"),
-        split: _scores(model, ctx, split).tolist(),
+        split: _scores(model, ctx, split, _index(ctx, split, seed)).tolist(),
         "cpu_s": time.process_time() - cpu0,  # this process's CPU time: the quiet-machine cost at 1 thread
     }
 
@@ -561,7 +596,9 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
     spec = ctx["spec"]
     run = Path(run_dir)
     model = _load_adapter(ctx, run / "adapter")
-    out = {"test": _scores(model, ctx, "test").tolist()}
+    first = spec.seeds[0]
+    block = _index(ctx, "test", first)
+    out = {"test": _scores(model, ctx, "test", block).tolist()}
     if extras:
         out.update(_cost(model, ctx))
         from vsteer.interventions import FILE_NAME
@@ -596,7 +633,10 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
     if ablation:
         from vsteer.compare_eval import item_subset
 
-        index = item_subset(ctx["data"].test, spec.ablation_items, seed=spec.seeds[0])
+        # a fixed subset of the items the first seed was scored on (indices into the test split)
+        block = block if block is not None else list(range(len(ctx["data"].test)))
+        sub = item_subset([ctx["data"].test[i] for i in block], spec.ablation_items, seed=first)
+        index = [block[i] for i in sub]
         out["ablation"], out["ablation_index"] = {}, index
         for proj in PROJECTION_TYPES:
             with ablate(model, proj) as n:

@@ -54,21 +54,59 @@ class CompareResult:
     def _base(self, split: str) -> np.ndarray:
         return np.array(self.runs[("base",)][split])
 
+    @property
+    def per_seed(self) -> bool:
+        return getattr(self.spec, "test_items", "shared") == "per-seed"
+
+    def block(self, seed: int) -> np.ndarray:
+        """Indices of the test items the runs of ``seed`` were scored on."""
+        from vsteer.compare import scored_index
+
+        index = scored_index(self.spec, self.data.test, seed)
+        return np.arange(len(self.data.test)) if index is None else np.array(index, dtype=int)
+
     def test_shifts(self, arm: str) -> np.ndarray:
-        """``[n_seeds, n_test]`` per-item shift of the arm's log p relative to the base."""
+        """``[n_seeds, n_test]`` per-item shift of the arm's log p relative to the base; NaN where
+        a seed's runs did not score the item (``test_items: per-seed``)."""
         base = self._base("test")
-        return np.array([np.array(self.runs[("eval", arm, s)]["test"]) - base for s in self.spec.seeds])
+        out = np.full((len(self.spec.seeds), len(base)), np.nan)
+        for j, s in enumerate(self.spec.seeds):
+            idx = self.block(s)
+            out[j, idx] = np.array(self.runs[("eval", arm, s)]["test"]) - base[idx]
+        return out
+
+    def item_shifts(self, arm: str) -> np.ndarray:
+        """``[n_test]`` one shift per item: the mean over the seeds that scored it."""
+        return np.nanmean(self.test_shifts(arm), axis=0)
 
     def effect(self, arm: str, minus: str | None = None) -> Estimate:
+        """The arm's shift over all test items (``minus``: paired item by item against another
+        arm's runs of the same seeds); 95% bootstrap over items (by label; pairs whole)."""
         labels, groups = self._labels("test")
-        d = self.test_shifts(arm).mean(0)
+        d = self.item_shifts(arm)
         if minus is not None:
-            d = d - self.test_shifts(minus).mean(0)
+            d = d - self.item_shifts(minus)
         return shift_effect(d, labels, groups, seed=self.first)
+
+    def seed_item_effect(self, arm: str, minus: str | None = None) -> Estimate:
+        """:meth:`effect` with seeds resampled too (:func:`vsteer.compare_eval.seed_item_effect`)."""
+        from vsteer.compare_eval import seed_item_effect
+
+        labels, groups = self._labels("test")
+        s = self.test_shifts(arm)
+        if minus is not None:
+            s = s - self.test_shifts(minus)
+        blocks = [self.block(x) for x in self.spec.seeds] if self.per_seed else None
+        return seed_item_effect(s, labels, groups, blocks, seed=self.first)
 
     def seed_effects(self, arm: str) -> list[float]:
         labels, _ = self._labels("test")
-        return [float(d[labels == 1].mean() - d[labels == 0].mean()) for d in self.test_shifts(arm)]
+        out = []
+        for s, d in zip(self.spec.seeds, self.test_shifts(arm), strict=True):
+            idx = self.block(s)
+            d, lab = d[idx], labels[idx]
+            out.append(float(d[lab == 1].mean() - d[lab == 0].mean()))
+        return out
 
     def controlled(self) -> bool:
         """Whether the positive control moved the primary metric beyond the ROPE."""
@@ -86,7 +124,7 @@ class CompareResult:
             return None
         labels, groups = self._labels("test")
         base = self._base("test")
-        full = np.array(ev["test"]) - base
+        full = self.test_shifts(CONTROL)[0]  # the first seed's run (NaN off its block)
         index = np.array(ev.get("ablation_index", range(len(base))), dtype=int)  # the scored subset
         full, base, labels = full[index], base[index], labels[index]
         groups = None if groups is None else [groups[i] for i in index]
@@ -106,12 +144,17 @@ class CompareResult:
         unit = "nats/token"
         what = "test likelihood shift of target over contrast items vs the base"
         n_seeds = len(self.spec.seeds)
+        seeds = (
+            f"{n_seeds} seeds, each scored on its own {len(self.block(self.first))} test items"
+            if self.per_seed
+            else f"mean of {n_seeds} seeds"
+        )
         if CONTROL in arms:
             out.append(
                 Finding(
                     f"{prefix}.control_moves",
                     f"the positive control (all projections) moves {task}",
-                    f"{what}, {CONTROL} arm, mean of {n_seeds} seeds ({unit})",
+                    f"{what}, {CONTROL} arm, {seeds} ({unit})",
                     self.effect(CONTROL),
                     command,
                 )
@@ -123,7 +166,7 @@ class CompareResult:
                 Finding(
                     f"{prefix}.v_moves",
                     f"a value-only LoRA shifts {task}",
-                    f"{what}, v arm, mean of {n_seeds} seeds ({unit})",
+                    f"{what}, v arm, {seeds} ({unit})",
                     self.effect("v"),
                     command,
                 )
@@ -181,6 +224,7 @@ class CompareResult:
                 "ci_low": e.low,
                 "ci_high": e.high,
                 "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else 0.0,
+                **self._seed_item_cols(arm),
                 "seeds": " ".join(f"{s:+.3f}" for s in seeds),
                 "train_s": float(
                     np.mean(
@@ -192,7 +236,14 @@ class CompareResult:
             rows.append(row)
         return [base_row, *rows]
 
+    def _seed_item_cols(self, arm: str) -> dict:
+        if len(self.spec.seeds) < 2:
+            return {}
+        e = self.seed_item_effect(arm)
+        return {"seeds_ci_low": e.low, "seeds_ci_high": e.high}
+
     def _cost_cols(self, ev: dict, base: dict | None) -> dict:
+        """Cost columns of a first-seed evaluation ``ev`` (the base's when ``base`` is None)."""
         out = {}
         if "kl" in ev:
             out["kl"] = ev["kl"]
@@ -202,7 +253,10 @@ class CompareResult:
         if "vader" in ev:
             out["vader"] = float(np.mean(ev["vader"]))
         if self.spec.task == "dpo" and "test" in ev:
-            out["pref_acc"] = preference_accuracy(np.array(ev["test"]), self.data.test)
+            items = self.data.test
+            if len(ev["test"]) != len(items):  # a first-seed run scored on its own block
+                items = [items[i] for i in self.block(self.first)]
+            out["pref_acc"] = preference_accuracy(np.array(ev["test"]), items)
         return out
 
     def selection_records(self) -> list[dict]:
@@ -289,11 +343,29 @@ class CompareResult:
             f"{len(s.learning_rates)} learning rates {s.learning_rates} tried on seed {self.first} and chosen per arm on the val "
             f"split, then seeds {s.seeds} at the chosen rate scored on the test split; ROPE {s.rope} nats/token, stated in the recipe. "
             "Primary metric: per item, the arm's mean token log p minus the base's, target-label mean minus contrast-label mean "
-            "(so a shift in format that moves both labels cancels); per-item shifts averaged over seeds, 95% bootstrap over items"
+            "(so a shift in format that moves both labels cancels); "
+            + (
+                f"each seed's runs scored on their own disjoint block of {len(self.block(self.first))} test items "
+                f"({len(self.data.test)} in all, every arm on the same blocks, so arm differences stay paired item by item), "
+                "95% bootstrap over all items"
+                if self.per_seed
+                else "per-item shifts averaged over seeds, 95% bootstrap over items"
+            )
             + (" (pairs resampled whole)." if s.task == "dpo" else " (stratified by label).")
             + f" Training precision {s.precision}, scoring precision {s.eval_precision}.",
             "",
         ]
+        if len(s.seeds) > 1:
+            pairs = [(a, None) for a in s.arms] + ([("v", "qk")] if {"v", "qk"} <= set(s.arms) else [])
+            two = "; ".join(
+                f"{a if m is None else f'{a} minus {m}'} {self.seed_item_effect(a, m)}" for a, m in pairs
+            )
+            notes += [
+                "The intervals above hold the trained seeds fixed. With seeds resampled as well as items "
+                f"(two-level bootstrap over {len(s.seeds)} seeds: crude, but it counts the seed-to-seed spread; "
+                f"columns seeds_ci_low/high): {two}. The verdicts use the item intervals.",
+                "",
+            ]
         if CONTROL in s.arms and not self.controlled():
             e = self.effect(CONTROL)
             notes.append(
@@ -342,6 +414,11 @@ class CompareResult:
             "chosen_lr": self.chosen,
             "effects": eff,
             "seed_effects": {a: self.seed_effects(a) for a in self.spec.arms},
+            "seed_item_effects": (
+                {a: _est(self.seed_item_effect(a)) for a in self.spec.arms}
+                if len(self.spec.seeds) > 1
+                else {}
+            ),
             "controlled": self.controlled(),
             "arms": self.arm_records(),
             "selection": self.selection_records(),

@@ -623,6 +623,9 @@ class _WatchState:
         return {(self.monitor.site, layer): self.op(layer) for layer in self.monitor.layers}
 
 
+WatchState = _WatchState  # public for vsteer.serve, which runs one per forward of its batch
+
+
 @contextmanager
 def watch(model, monitor: Monitor):
     """Score every row at the prompt and at each decoding step of the forwards run inside::

@@ -13,6 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server with per-request steering and adapters")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default {DEFAULT_MODEL})")
     p.add_argument("--vectors", default=None, help="directory of NAME.safetensors steering vectors")
+    p.add_argument("--monitors", default=None, help="directory of NAME.safetensors monitors")
     p.add_argument("--adapters", default=None, help="directory of PEFT adapter directories (one per name)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -40,9 +41,10 @@ def _serve(args) -> int:
 
         raise VsteerError('vsteer serve needs the serve extra: pip install "vsteer[serve]"') from None
     from vsteer.models import resolve_model_name
-    from vsteer.serve import Engine, Limits, create_app, find_adapters, load_vectors
+    from vsteer.serve import Engine, Limits, create_app, find_adapters, load_monitors, load_vectors
 
     vectors = load_vectors(args.vectors) if args.vectors else {}
+    monitors = load_monitors(args.monitors) if args.monitors else {}
     adapters = find_adapters(args.adapters) if args.adapters else {}
     model, tokenizer = load_model_from_args(args)
     engine = Engine(
@@ -53,11 +55,14 @@ def _serve(args) -> int:
         adapters=adapters,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        monitors=monitors,
     ).start()
     app = create_app(engine, api_key=args.api_key, limits=Limits(max_tokens=args.max_tokens))
+    for line in engine.refusals():
+        print(f"vsteer serve: {line}", flush=True)
     print(
         f"vsteer serve: {engine.model_name} on http://{args.host}:{args.port} "
-        f"({len(engine.vectors)} vectors, {len(engine.adapters)} adapters)",
+        f"({len(engine.vectors)} vectors, {len(engine.monitors)} monitors, {len(engine.adapters)} adapters)",
         flush=True,
     )
     try:

@@ -13,8 +13,9 @@ Shipped tasks (nothing invented, sources in ``SOURCES.md``):
   SST-2 *test* sentences, balanced positive/negative.
 * ``imdb-openings`` (DPO; the controlled-sentiment setting of Rafailov et al. 2023 §6.1): prompt
   ``"Here is a movie review:"``, chosen = the first ``completion_tokens`` tokens of a positive
-  IMDB review, rejected = of a negative one; train pairs from the training reviews, val/test pairs
-  from the held-out reviews (:func:`vsteer.data.imdb_held_out`).
+  IMDB review, rejected = of a negative one; train and val pairs from the training reviews (val
+  pairs from reviews the comparison does not train on), test pairs from the held-out reviews
+  (:func:`vsteer.data.imdb_held_out`, 200 pairs).
 
 User data: JSONL files (``.jsonl`` or ``.jsonl.gz``). ``train`` as above; ``eval`` (split into
 val/test) or ``val`` + ``test``: SFT rows ``{"text" | "completion", "label": 0|1, "prompt"?}``,
@@ -124,16 +125,19 @@ def imdb_openings(
         )
 
     train_pairs, held = pairs("train"), pairs("eval")
-    if n_train > len(train_pairs):
-        raise DataError(f"n_train={n_train} exceeds the {len(train_pairs)} IMDB training pairs")
-    if n_val + n_test > len(held):
-        raise DataError(f"n_val + n_test = {n_val + n_test} exceeds the {len(held)} held-out IMDB pairs")
+    if n_train + n_val > len(train_pairs):
+        raise DataError(
+            f"n_train + n_val = {n_train + n_val} exceeds the {len(train_pairs)} IMDB training-review pairs"
+        )
+    if n_test > len(held):
+        raise DataError(f"n_test = {n_test} exceeds the {len(held)} held-out IMDB pairs")
     train = [{"prompt": IMDB_PROMPT, "chosen": c, "rejected": r} for c, r in train_pairs[:n_train]]
     return CompareData(
         "dpo",
         train,
-        _pair_items(held[:n_val], IMDB_PROMPT),
-        _pair_items(held[n_val : n_val + n_test], IMDB_PROMPT),
+        # val: training-split reviews this comparison never trains on; test: the held-out reviews
+        _pair_items(train_pairs[n_train : n_train + n_val], IMDB_PROMPT),
+        _pair_items(held[:n_test], IMDB_PROMPT),
         {"name": "imdb-openings", "completion_tokens": completion_tokens, "prompt": IMDB_PROMPT},
     )
 

@@ -8,7 +8,17 @@ forward); :func:`~vsteer.serve.app.create_app` puts OpenAI's routes in front of 
 from vsteer.serve.engine import Engine, Request, Steer
 from vsteer.serve.schema import ApiError, Limits
 
-__all__ = ["Engine", "Request", "Steer", "ApiError", "Limits", "create_app", "load_vectors", "find_adapters"]
+__all__ = [
+    "Engine",
+    "Request",
+    "Steer",
+    "ApiError",
+    "Limits",
+    "create_app",
+    "load_vectors",
+    "load_monitors",
+    "find_adapters",
+]
 
 
 def create_app(*args, **kwargs):
@@ -28,6 +38,18 @@ def load_vectors(directory) -> dict:
     if not d.is_dir():
         raise VectorError(f"--vectors {str(d)!r} is not a directory")
     return {p.stem: SteeringVector.load(p) for p in sorted(d.glob("*.safetensors"))}
+
+
+def load_monitors(directory) -> dict:
+    """``{name: Monitor}`` for every ``NAME.safetensors`` directly in ``directory``."""
+    from pathlib import Path
+
+    from vsteer.monitor import Monitor, MonitorError
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise MonitorError(f"--monitors {str(d)!r} is not a directory")
+    return {p.stem: Monitor.load(p) for p in sorted(d.glob("*.safetensors"))}
 
 
 def find_adapters(directory) -> dict:

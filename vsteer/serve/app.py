@@ -3,8 +3,9 @@
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` gives
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``
 (the base model, then each adapter with ``parent`` = base, as vLLM lists LoRA adapters),
-``GET /v1/steering/vectors``, ``GET /health``. Every response carries a ``vsteer`` object:
-the adapter, the steering entries applied and a fingerprint of that configuration.
+``GET /v1/steering/vectors``, ``GET /v1/monitors``, ``GET /health``. Every response carries a
+``vsteer`` object: the adapter, the steering entries applied and a fingerprint of that
+configuration; with a ``monitor``, also its scores (in a stream: in each choice's last chunk).
 
 ``n`` choices are ``n`` rows of the batch; ``stop``, ``logprobs`` (chat: ``logprobs`` +
 ``top_logprobs``; completions: ``logprobs`` 0-5) come back in OpenAI's shapes, streamed too.
@@ -78,13 +79,38 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             ) from None
 
     def applied(req: Request) -> dict:
-        return {
+        info = {
             "adapter": req.adapter,
             "steering": [
                 {"vector": s.vector, "scale": s.scale, "positions": s.positions} for s in req.steering
             ],
-            "fingerprint": engine.fingerprint(req.adapter, req.steering),
+            "fingerprint": engine.fingerprint(req.adapter, req.steering, req.monitor),
         }
+        if req.monitor is not None:
+            info["monitor"] = {
+                "name": req.monitor,
+                "threshold": engine.monitors[req.monitor].threshold,
+                "gate": [i for i, s in enumerate(req.steering) if s.gate is not None],
+            }
+        return info
+
+    def scored(info: dict, done: dict[int, dict]) -> dict:
+        """``info`` with the monitor's scores: the prompt's, and the generated steps' of each choice
+        in ``done`` (``{index: done payload}``)."""
+        if "monitor" not in info or not done:
+            return info
+        first = next(iter(done.values()))["monitor"]
+        generated = [
+            {
+                "index": index,
+                "max_score": p["monitor"]["max_score"],
+                "flagged": p["monitor"]["max_flagged"],
+                "steps": p["monitor"]["steps"],
+            }
+            for index, p in sorted(done.items())
+        ]
+        prompt = {"score": first["prompt_score"], "flagged": first["prompt_flagged"]}
+        return {**info, "monitor": {**info["monitor"], "prompt": prompt, "generated": generated}}
 
     def chat_logprobs(entries: list[dict]) -> dict:
         """OpenAI chat shape: ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}``."""
@@ -136,7 +162,9 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             entries = entries or []
             return chat_logprobs(entries) if chat else completion_logprobs(entries, req.text_offset)
 
-        def chunk(index: int, text: str | None, finish: str | None, lps, role: bool = False) -> str:
+        def chunk(
+            index: int, text: str | None, finish: str | None, lps, role: bool = False, extra=None
+        ) -> str:
             if chat:
                 delta = {}
                 if role:
@@ -152,7 +180,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                 "created": int(time.time()),
                 "model": model,
                 "choices": [choice],
-                "vsteer": info,
+                "vsteer": info if extra is None else extra,
             }
             return f"data: {json.dumps(body)}\n\n"
 
@@ -188,7 +216,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                     "model": model,
                     "choices": out,
                     "usage": usage(sum(p["completion_tokens"] for p in done.values())),
-                    "vsteer": info,
+                    "vsteer": scored(info, done),
                 }
             )
 
@@ -208,7 +236,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                     elif kind == "done":
                         lps = pending.pop(index, None)
                         lps = logprobs(lps) if lps else None
-                        yield chunk(index, None if chat else "", payload["finish_reason"], lps)
+                        final = scored(info, {index: payload})
+                        yield chunk(index, None if chat else "", payload["finish_reason"], lps, extra=final)
                         left -= 1
                     else:
                         err = ApiError(500, payload).body()
@@ -280,6 +309,30 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
         data += [
             {"name": name, "object": "steering_vector", "compatible": False, "reason": why}
             for name, why in engine.incompatible.items()
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/monitors")
+    async def monitors(request: HttpRequest):
+        authorize(request)
+        data = [
+            {
+                "name": name,
+                "object": "monitor",
+                "site": m.site,
+                "layers": m.layers,
+                "position": m.position,
+                "threshold": m.threshold,
+                "fpr": m.fpr,
+                "model_name": m.model_name,
+                "digest": engine.monitor_digests[name],
+                "compatible": True,
+            }
+            for name, m in engine.monitors.items()
+        ]
+        data += [
+            {"name": name, "object": "monitor", "compatible": False, "reason": why}
+            for name, why in engine.incompatible_monitors.items()
         ]
         return {"object": "list", "data": data}
 

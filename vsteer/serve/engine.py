@@ -17,6 +17,14 @@ sampler, steering and adapter. ``stop`` strings end a row before their first occ
 text that may be the start of a stop string is held back from the stream until it is not.
 ``logprobs`` come from the very logits the sampler picks from (after steering and adapter).
 
+A request may name a preloaded :class:`~vsteer.monitor.Monitor`: its op (the one
+:func:`vsteer.watch` installs) scores every row of each forward that uses it, at the prompt and at
+each decoding step, and steering entries gated on it apply only to rows whose prompt it flags, as
+``vsteer.steer(..., when=monitor)`` does: in the prefill a per-row select
+(:class:`~vsteer.monitor.Gated`) set by the monitor mid-forward, in decoding steps the row's own
+decision (scale 0 where it did not fire). Running sums for ``mean``/``completion`` monitors live on
+the row, so rows joining and leaving change nothing.
+
 Caches with sliding-window layers (Gemma 3) are not padded and merged: there new requests
 wait until the running batch has finished (static batching).
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import queue
 import threading
 import time
@@ -36,6 +45,7 @@ from pathlib import Path
 import torch
 
 from vsteer.errors import VectorError
+from vsteer.monitor import Flags, Gated, Monitor, MonitorError, WatchState
 from vsteer.vectors import SteeringVector
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -52,6 +62,7 @@ class Steer:
     vector: str
     scale: float
     positions: str  # "generated" | "prompt" | "all"
+    gate: str | None = None  # a monitor's name: applies only to rows whose prompt it flags
 
 
 @dataclass
@@ -66,6 +77,8 @@ class Request:
     ``stop``: strings that end generation before their first occurrence (excluded from the
     text). ``logprobs``: how many top alternatives to return per token (0 = only the chosen
     token's), ``None`` for no logprobs. ``n``: choices wanted; ``index``: which one this is.
+    ``monitor``: a preloaded monitor's name; with it, ``done`` carries ``"monitor": {"prompt_score",
+    "prompt_flagged", "max_score", "max_flagged", "steps"}`` (scores of the row's own activations).
     """
 
     prompt_ids: list[int]
@@ -80,6 +93,7 @@ class Request:
     n: int = 1
     index: int = 0
     text_offset: int = 0  # characters before the completion text (the prompt, for completions)
+    monitor: str | None = None
     emit: object = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -111,11 +125,21 @@ def vector_digest(vec: SteeringVector) -> str:
     return h.hexdigest()[:16]
 
 
+def monitor_digest(mon: Monitor) -> str:
+    """sha256 (16 hex) of a monitor's site, position, layers, tensors, bias and threshold."""
+    h = hashlib.sha256(f"{mon.site}:{mon.position}:{mon.bias!r}:{mon.threshold!r}".encode())
+    for layer, t in mon.weights.items():
+        h.update(str(layer).encode())
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Engine:
     """Owns the model, the preloaded vectors and adapters, and the worker thread.
 
     ``vectors``: ``{name: SteeringVector}``; those that do not fit the model are kept out and
     listed in ``incompatible`` (``{name: reason}``). ``adapters``: ``{name: PEFT directory}``.
+    ``monitors``: ``{name: Monitor}``, likewise checked (misfits in ``incompatible_monitors``).
     """
 
     def __init__(
@@ -127,6 +151,7 @@ class Engine:
         adapters: dict[str, str | Path] | None = None,
         max_batch: int = 16,
         max_queue: int = 256,
+        monitors: dict[str, Monitor] | None = None,
     ):
         self.base = model
         self.tokenizer = tokenizer
@@ -144,6 +169,17 @@ class Engine:
                 continue
             self.vectors[name] = vec
             self.digests[name] = vector_digest(vec)
+        self.monitors: dict[str, Monitor] = {}
+        self.monitor_digests: dict[str, str] = {}
+        self.incompatible_monitors: dict[str, str] = {}
+        for name, mon in sorted((monitors or {}).items()):
+            try:
+                mon.check(model)
+            except MonitorError as exc:
+                self.incompatible_monitors[name] = str(exc)
+                continue
+            self.monitors[name] = mon
+            self.monitor_digests[name] = monitor_digest(mon)
         self.adapters: dict[str, str] = {}  # public name -> PEFT adapter name
         self.model = model
         if adapters:
@@ -207,6 +243,12 @@ class Engine:
             self._queue.put(req)
             self.submitted += 1
 
+    def refusals(self) -> list[str]:
+        """One line per preloaded vector or monitor kept out because it does not fit the model."""
+        return [f"vector {n!r} refused: {why}" for n, why in self.incompatible.items()] + [
+            f"monitor {n!r} refused: {why}" for n, why in self.incompatible_monitors.items()
+        ]
+
     def waiting(self) -> int:
         return self._queue.qsize()
 
@@ -233,47 +275,112 @@ class Engine:
             _emit(row.req, "error", "server is shutting down")
 
     # --- fingerprint ---------------------------------------------------------------------------
-    def fingerprint(self, adapter: str | None, steering: list[Steer]) -> str:
-        """sha256 (16 hex) of the base model, adapter and steering entries (with vector digests)."""
-        cfg = {
-            "model": self.model_name,
-            "adapter": adapter,
-            "steering": [
-                {
-                    "vector": s.vector,
-                    "digest": self.digests[s.vector],
-                    "scale": s.scale,
-                    "positions": s.positions,
-                }
-                for s in steering
-            ],
-        }
+    def fingerprint(self, adapter: str | None, steering: list[Steer], monitor: str | None = None) -> str:
+        """sha256 (16 hex) of the base model, adapter and steering entries (with vector digests),
+        and the monitor (with its digest) and gates when there is one."""
+        entries = []
+        for s in steering:
+            entry = {
+                "vector": s.vector,
+                "digest": self.digests[s.vector],
+                "scale": s.scale,
+                "positions": s.positions,
+            }
+            if s.gate is not None:
+                entry["gate"] = s.gate
+            entries.append(entry)
+        cfg = {"model": self.model_name, "adapter": adapter, "steering": entries}
+        if monitor is not None:
+            cfg["monitor"] = {"name": monitor, "digest": self.monitor_digests[monitor]}
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- one batch -----------------------------------------------------------------------------
-    def _ops(self, reqs: list[Request], kinds: tuple[str, ...]) -> dict:
+    def _ops(self, rows: list[_Row], kinds: tuple[str, ...], gates: dict | None = None) -> dict:
         """Hook operations for one forward: one add per vector and layer, with per-row scales.
 
         Only entries whose ``positions`` is in ``kinds`` apply; a row outside a group gets scale
-        0, which adds exactly nothing.
+        0, which adds exactly nothing. Gated entries: with ``gates`` (the prefill, ``{monitor:
+        gate dict}`` that the monitor's op fills mid-forward) their group is wrapped in
+        :class:`~vsteer.monitor.Gated`; without (decoding steps) they count for the rows that fired.
         """
         from vsteer.steering import steering_ops
 
-        n = len(reqs)
+        n = len(rows)
         groups: dict[str, torch.Tensor] = {}
-        for row, r in enumerate(reqs):
-            for s in r.steering:
+        for i, row in enumerate(rows):
+            for s in row.req.steering:
                 if s.positions not in kinds:
                     continue
-                scales = groups.setdefault((s.vector, s.positions), torch.zeros(n))
-                scales[row] += s.scale
+                gate = s.gate or ""
+                if gates is None and gate:
+                    if not row.fired:
+                        continue
+                    gate = ""  # decided at the prompt: from here on a plain entry of this row
+                scales = groups.setdefault((s.vector, s.positions, gate), torch.zeros(n))
+                scales[i] += s.scale
         ops: dict = {}
-        for (name, positions), scales in sorted(groups.items()):
+        for (name, positions, gate), scales in sorted(groups.items()):
             for key, op in steering_ops(
                 self.base, [(self.vectors[name], scales)], positions=positions
             ).items():
-                ops.setdefault(key, []).append(op)
+                ops.setdefault(key, []).append(Gated(op, gates[gate]) if gate else op)
         return ops
+
+    def _watchers(self, rows: list[_Row], prompt: bool) -> tuple[dict, dict, dict]:
+        """``(watch states, gate dicts, hook ops)`` of the monitors the rows of one forward use.
+
+        Each is :func:`vsteer.watch`'s op, fresh per forward (rows join and leave between
+        forwards); at the prompt it also sets its gate dict to the rows it flags, which the
+        :class:`~vsteer.monitor.Gated` entries read in the same forward.
+        """
+        states, gates, ops = {}, {}, {}
+        for name in sorted({row.req.monitor for row in rows if row.req.monitor}):
+            mon = self.monitors[name]
+            gate = gates[name] = {}
+            on_prompt = (lambda fired, g=gate: g.__setitem__("rows", fired)) if prompt else None
+            states[name] = WatchState(mon, Flags(mon), on_prompt=on_prompt)
+            for key, op in states[name].ops().items():
+                ops.setdefault(key, []).append(op)
+        return states, gates, ops
+
+    def _read_monitors(self, rows: list[_Row], states: dict, prompt: bool) -> None:
+        """Store each monitored row's score of this forward: the prompt score and decision, or one
+        more generated step (``mean``/``completion``: the running mean from the row's own sums)."""
+        for name, state in states.items():
+            mon = self.monitors[name]
+            if not state.flags.steps:
+                continue
+            scores = state.flags.steps[-1].tolist()
+            # the very comparison the prompt pass gated on (float32 scores against the threshold)
+            above = (state.flags.steps[-1] > mon.threshold).tolist()
+            sums = {layer: t.tolist() for layer, t in state.sums.items()}
+            counts = state.count.tolist() if state.count is not None else None
+            for i, row in enumerate(rows):
+                if row.req.monitor != name:
+                    continue
+                score = scores[i]
+                if mon.position != "last":  # per-forward sums -> the row's running sums
+                    for layer in mon.layers:
+                        row.sums[layer] = row.sums.get(layer, 0.0) + sums[layer][i]
+                    row.count += counts[i]
+                    if not prompt:
+                        score = sum(row.sums.values()) / row.count + mon.bias
+                if prompt:
+                    row.prompt_score = None if math.isnan(score) else score
+                    row.fired = bool(above[i])
+                else:
+                    row.steps += 1
+                    row.step_max = score if row.step_max is None else max(row.step_max, score)
+
+    def _monitor_result(self, row: _Row) -> dict:
+        mon = self.monitors[row.req.monitor]
+        return {
+            "prompt_score": row.prompt_score,
+            "prompt_flagged": row.fired,
+            "max_score": row.step_max,
+            "max_flagged": row.step_max is not None and row.step_max > mon.threshold,
+            "steps": row.steps,
+        }
 
     def _admit(self, fresh: list[Request], n_active: int) -> list[Request]:
         """Waiting requests that fit the batch (with ``fresh``, those already taken from the queue)."""
@@ -314,7 +421,7 @@ class Engine:
         state["positions"] = state["positions"] + 1
         ids = torch.tensor([row.pending for row in active], device=self.device)[:, None]
         logits = self._forward(
-            [row.req for row in active],
+            active,
             ("generated", "all"),
             ids,
             state["mask"],
@@ -341,31 +448,41 @@ class Engine:
         # position ids from the mask: a padded row sees the positions it has alone
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.base.config)
-        logits = self._forward(reqs, ("prompt", "all"), ids, mask, positions, cache)
         rows = [_Row(r) for r in reqs]
+        logits = self._forward(rows, ("prompt", "all"), ids, mask, positions, cache)
         for i, row in enumerate(rows):
             self._advance(row, logits[i])
         mergeable = all(type(layer) is DynamicLayer for layer in cache.layers)
         return rows, {"cache": cache, "mask": mask, "positions": positions[:, -1:], "mergeable": mergeable}
 
-    def _forward(self, reqs, kinds: tuple[str, ...], ids, mask, positions, cache) -> torch.Tensor:
-        """Last-token logits ``[rows, vocab]`` of one forward, each row with its steering and adapter.
+    def _forward(self, rows: list[_Row], kinds: tuple[str, ...], ids, mask, positions, cache) -> torch.Tensor:
+        """Last-token logits ``[rows, vocab]`` of one forward, each row with its steering, adapter
+        and monitor (whose scores land on the rows).
 
         ``kinds``: the position rules that apply to these tokens (a prefill is all prompt, a
         decoding step all generated), so each group's op covers every (non-padding) token.
         """
         from vsteer.hooks import intervene
 
+        reqs = [row.req for row in rows]
+        prompt = kinds == ("prompt", "all")
         extra = {}
         if self.adapters:
             extra["adapter_names"] = [self.adapters[r.adapter] if r.adapter else BASE for r in reqs]
+        states, gates, watch_ops = self._watchers(rows, prompt)
         # the ops change only when rows join or leave: build them once per batch composition
+        # (a row's gate decision is made at its prefill, before it decodes)
         key = (kinds, tuple(r.id for r in reqs))
         ops = self._ops_cache.get(key)
         if ops is None:
-            ops = self._ops(reqs, kinds)
-            if kinds == ("generated", "all"):
+            ops = self._ops(rows, kinds, gates if prompt else None)
+            if not prompt:
                 self._ops_cache = {key: ops}
+        if watch_ops:  # the monitors read first, so at their own site they see the unsteered value
+            merged = {k: list(v) for k, v in watch_ops.items()}
+            for k, v in ops.items():
+                merged.setdefault(k, []).extend(v)
+            ops = merged
         with intervene(self.base, ops) if ops else nullcontext():
             out = self.model(
                 input_ids=ids,
@@ -375,6 +492,7 @@ class Engine:
                 **{self._cache_kw: cache},
                 **extra,
             )
+        self._read_monitors(rows, states, prompt)
         return out.logits[:, -1, :].float()
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> None:
@@ -421,6 +539,7 @@ class Engine:
                 "completion_tokens": len(row.ids),
                 "text": text,
                 "logprobs": row.lps if r.logprobs is not None else None,
+                **({"monitor": self._monitor_result(row)} if r.monitor else {}),
             },
         )
 
@@ -490,6 +609,12 @@ class _Row:
     pending: int = 0
     done: bool = False
     gen: torch.Generator | None = None
+    prompt_score: float | None = None  # the monitor's score of the prompt (None: no prompt score)
+    fired: bool = False  # the prompt score exceeds the threshold: gated entries apply
+    step_max: float | None = None  # highest score over the generated tokens fed back so far
+    steps: int = 0
+    sums: dict = field(default_factory=dict)  # mean/completion monitors: running sums per layer
+    count: float = 0.0
 
 
 def _merge(state: dict, new: dict) -> None:

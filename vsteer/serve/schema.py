@@ -2,8 +2,8 @@
 
 Every problem raises :class:`ApiError` with its HTTP status and one line naming the field, the
 value and what was expected (OpenAI's error shape: ``{"error": {"message", "type", "param",
-"code"}}``). Steering names a preloaded vector; anything that looks like a file path is refused
-before any lookup.
+"code"}}``). Steering names a preloaded vector, ``monitor`` a preloaded monitor; anything that
+looks like a file path is refused before any lookup.
 """
 
 from __future__ import annotations
@@ -131,6 +131,76 @@ def parse_steering(raw, engine, limits: Limits) -> list[Steer]:
     return out
 
 
+def parse_monitor(raw, engine, steering: list[Steer]) -> str | None:
+    """``monitor: {"name": NAME, "gate": [steering indices]}`` -> the monitor's name; marks the
+    gated entries of ``steering`` (they apply only to rows whose prompt the monitor flags)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"monitor must be an object {{name, gate}}, got {raw!r:.60}", "monitor")
+    unknown = sorted(set(raw) - {"name", "gate"})
+    if unknown:
+        raise ApiError(400, f"monitor has unknown keys {unknown}; expected name, gate", "monitor")
+    name = check_name(raw.get("name"), "monitor", "monitor.name")
+    if name in engine.incompatible_monitors:
+        raise ApiError(
+            400,
+            f"monitor {name!r} does not fit this model: {engine.incompatible_monitors[name]}",
+            "monitor.name",
+        )
+    if name not in engine.monitors:
+        known = ", ".join(engine.monitors) or "none loaded"
+        raise ApiError(404, f"no monitor named {name!r}; available: {known}", "monitor.name")
+    gate = raw.get("gate", [])
+    if gate is None:
+        gate = []
+    if not isinstance(gate, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in gate):
+        raise ApiError(
+            400, f"monitor.gate must be a list of steering entry indices, got {gate!r:.60}", "monitor.gate"
+        )
+    if not gate:
+        return name
+    mon = engine.monitors[name]
+    if mon.position == "completion":
+        raise ApiError(
+            400,
+            f"monitor {name!r} reads position 'completion' and has no prompt score to gate on; "
+            "use a 'last' or 'mean' monitor",
+            "monitor.gate",
+        )
+    from vsteer.sites import as_site, exec_key
+
+    last = max(exec_key(as_site(site)) for site in mon.sites)
+    for j, i in enumerate(gate):
+        param = f"monitor.gate[{j}]"
+        if not 0 <= i < len(steering):
+            raise ApiError(
+                400,
+                f"{param} is {i}, but steering has {len(steering)} entries (indices 0..{len(steering) - 1})"
+                if steering
+                else f"{param} is {i}, but the request has no steering entries to gate",
+                param,
+            )
+        if i in gate[:j]:
+            raise ApiError(400, f"{param} repeats steering entry {i}", param)
+        s = steering[i]
+        vec = engine.vectors[s.vector]
+        # as vsteer.steer(when=): the decision exists only once the monitor's last site has run
+        early = [
+            f"{vec.site}.{layer}" for layer in vec.layers if exec_key(as_site((vec.site, layer))) <= last
+        ]
+        if s.positions != "generated" and early:
+            raise ApiError(
+                400,
+                f"steering[{i}] is gated by monitor {name!r}, which decides after "
+                f"{mon.site}.{max(mon.layers)}, so it cannot steer the prompt at {', '.join(early)}; "
+                "use positions 'generated' or a vector at later layers",
+                param,
+            )
+        s.gate = name
+    return name
+
+
 def parse_adapter(model, engine) -> str | None:
     if not isinstance(model, str) or not model:
         raise ApiError(400, f"model must be a non-empty string, got {model!r}", "model")
@@ -206,6 +276,7 @@ def _common(
     top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
     seed = _number(body, "seed", None, 0, 2**63 - 1, integer=True)
     steering = parse_steering(body.get("steering"), engine, limits)
+    monitor = parse_monitor(body.get("monitor"), engine, steering)
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise ApiError(
             400,
@@ -226,6 +297,7 @@ def _common(
         logprobs=logprobs,
         n=int(n),
         text_offset=text_offset,
+        monitor=monitor,
     )
 
 
