@@ -11,7 +11,8 @@ from conftest import make_tiny_model
 from test_train import char_tokenizer
 
 from vsteer.compare import load_compare_recipe, plan_budgets, run_compare, select_lr
-from vsteer.compare_eval import ablate, shift_effect
+from vsteer.compare_eval import ablate
+from vsteer.compare_stats import shift_effect
 from vsteer.data.compare_data import Item
 from vsteer.errors import DataError, RecipeError
 
@@ -509,7 +510,8 @@ def test_seed_item_effect_counts_the_spread_between_seeds():
     """Two-level bootstrap: with seeds that agree it is about as wide as the item bootstrap
     (conservative: resampling both levels counts the item noise of block means twice, ~1.4x
     here); with one seed far off it widens to cover the seeds' spread; the item bootstrap does not."""
-    from vsteer.compare_eval import item_blocks, seed_item_effect
+    from vsteer.compare_eval import item_blocks
+    from vsteer.compare_stats import seed_item_effect
 
     rng = np.random.default_rng(0)
     items = [Item("", f"t{i}", i % 2) for i in range(600)]
@@ -534,3 +536,14 @@ def test_seed_item_effect_counts_the_spread_between_seeds():
     s = np.tile(np.where(np.arange(40) % 2, 0.2, 0.0), (2, 1))
     e = seed_item_effect(s, np.array([i.label for i in pairs]), [i.group for i in pairs])
     assert e.low == pytest.approx(0.2) and e.high == pytest.approx(0.2)  # every pair differs by 0.2
+
+
+def test_statistics_code_is_not_an_input_of_a_comparison_piece():
+    """Pieces store per-item scores; the statistics and tables are computed afresh from them, so
+    their modules stay out of the pieces' code fingerprint while the scoring code is in it."""
+    from vsteer.compare import PIECE_CODE_EXCLUDED
+    from vsteer.pieces import code_closure
+
+    closure = code_closure(["vsteer.compare", "vsteer.compare_eval", "vsteer.train"], PIECE_CODE_EXCLUDED)
+    assert "vsteer.compare_eval" in closure and "vsteer.train" in closure
+    assert "vsteer.compare_stats" not in closure and "vsteer.compare_result" not in closure

@@ -58,6 +58,7 @@ MODULE_LAYER = {
     "vsteer.interventions": "capability",
     "vsteer.compare": "experiment",  # arms x budgets x lr grid, built on the experiments
     "vsteer.compare_eval": "experiment",
+    "vsteer.compare_stats": "experiment",
     "vsteer.compare_result": "experiment",
     "vsteer.serve": "capability",
     "vsteer.experiments": "experiment",

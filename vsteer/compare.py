@@ -41,6 +41,7 @@ import numpy as np
 import yaml
 
 from vsteer.errors import DataError, RecipeError, VsteerError
+from vsteer.pieces import CODE_EXCLUDED
 
 ARMS = ("v", "qk", "o", "qkvo", "all")
 # value-site interventions (vsteer.interventions) as arms: trained at the budget's largest rank, scored
@@ -698,8 +699,15 @@ def _common_inputs(model_key: dict, data_key: str) -> dict:
         "model": model_key,
         "data": data_key,
         "versions": package_versions(),
-        "code": code_fingerprint(["vsteer.compare", "vsteer.compare_eval", "vsteer.train"]),
+        "code": code_fingerprint(
+            ["vsteer.compare", "vsteer.compare_eval", "vsteer.train"], PIECE_CODE_EXCLUDED
+        ),
     }
+
+
+# the statistics and tables are computed afresh from the pieces' per-item scores on every run:
+# their code is not an input of a piece (a change there retrains nothing)
+PIECE_CODE_EXCLUDED = (*CODE_EXCLUDED, "vsteer.compare_result", "vsteer.compare_stats")
 
 
 def _inputs(spec: CompareSpec, common: dict, **extra) -> dict:

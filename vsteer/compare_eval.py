@@ -2,10 +2,8 @@
 
 * :func:`item_logps`: mean token log-probability of each scored text given its prompt
   (``[n_items]``); the primary metrics are shifts of it relative to the base model.
-* :func:`shift_effect`: the likelihood shift of target (label 1) over contrast (label 0) items,
-  ``mean(d | 1) - mean(d | 0)`` with ``d = logp_arm - logp_base`` per item, so learning the
-  dataset's format (which moves both labels alike) cancels out. Paired items (DPO) are
-  resampled as pairs, unpaired ones (SFT) within each label.
+* :func:`item_subset`, :func:`item_blocks`: which items a run scores (the statistics over them
+  are in :mod:`vsteer.compare_stats`).
 * :func:`kl_and_ppl`: per-token KL(arm || base) and perplexity on WikiText-2 windows (one forward).
 * :func:`ablate`: a context that drops the learned LoRA update of one projection type.
 """
@@ -19,7 +17,6 @@ import numpy as np
 import torch
 
 from vsteer.encoding import pad_batch, pad_token_id
-from vsteer.evaluate import Estimate
 
 PROJECTION_TYPES = ("q", "k", "v", "o", "mlp")
 
@@ -75,94 +72,6 @@ def item_logps(model, tokenizer, items, max_length: int = 128, batch_size: int =
     return out
 
 
-def _stat(d: np.ndarray, labels: np.ndarray) -> float:
-    return float(d[labels == 1].mean() - d[labels == 0].mean())
-
-
-def _resamples(labels: np.ndarray, groups, n_boot: int, seed: int) -> list[np.ndarray]:
-    """Index arrays of bootstrap resamples: whole pairs when ``groups`` is given, else per label."""
-    rng = np.random.default_rng(seed)
-    if groups is not None and all(g is not None for g in groups):
-        keys = sorted(set(groups))
-        members = {k: [] for k in keys}
-        for i, g in enumerate(groups):
-            members[g].append(i)
-        blocks = [np.array(members[k]) for k in keys]
-        return [
-            np.concatenate([blocks[j] for j in rng.integers(0, len(blocks), len(blocks))])
-            for _ in range(n_boot)
-        ]
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    return [np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)]
-
-
-def shift_effect(d, labels, groups=None, n_boot: int = 2000, seed: int = 0) -> Estimate:
-    """Likelihood shift of target over contrast items, ``mean(d|1) - mean(d|0)``, 95% bootstrap CI."""
-    d, labels = np.asarray(d, float), np.asarray(labels)
-    stats = [_stat(d[i], labels[i]) for i in _resamples(labels, groups, n_boot, seed)]
-    return Estimate(
-        _stat(d, labels), float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975)), len(d)
-    )
-
-
-def seed_item_effect(shifts, labels, groups=None, blocks=None, n_boot: int = 2000, seed: int = 0) -> Estimate:
-    """The effect with seeds resampled as well as items: a two-level bootstrap.
-
-    ``shifts``: ``[n_seeds, n_items]`` per-item shifts of each seed's run (NaN where a run did not
-    score the item). ``blocks``: each seed's scored item indices (``test_items: per-seed``): a
-    resample draws ``n_seeds`` seeds with replacement and, for each draw, that seed's items
-    with replacement (by label; whole pairs when ``groups`` is given). Without ``blocks`` every
-    seed scored every item: seeds (rows) and items (columns) are resampled independently. The
-    interval then answers for the seed-to-seed spread too, which an item bootstrap of
-    seed-averaged shifts leaves out (with 3 seeds a crude account of it, and a conservative one:
-    resampling both levels counts the item noise of each seed's mean twice, so with seeds that
-    agree it is about 1.4x as wide as the item interval)."""
-    shifts, labels = np.asarray(shifts, float), np.asarray(labels)
-    n_seeds = shifts.shape[0]
-    rng = np.random.default_rng(seed)
-    paired = groups is not None and all(g is not None for g in groups)
-    if blocks is None:
-        blocks = [np.arange(shifts.shape[1])] * n_seeds
-        shared = True
-    else:
-        blocks, shared = [np.asarray(b, dtype=int) for b in blocks], False
-
-    def units(idx: np.ndarray):
-        """(target units, contrast units) of ``idx``: pair rows (chosen, rejected) or label rows."""
-        if paired:
-            by: dict = {}
-            for i in idx:
-                by.setdefault(groups[i], {})[int(labels[i])] = i
-            keep = [g for g in by.values() if 0 in g and 1 in g]
-            return np.array([g[1] for g in keep]), np.array([g[0] for g in keep])
-        return idx[labels[idx] == 1], idx[labels[idx] == 0]
-
-    def draw(pos, neg):
-        if paired:
-            k = rng.integers(0, len(pos), len(pos))
-            return pos[k], neg[k]
-        return pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]
-
-    per_block = [units(b) for b in blocks]
-    stats = []
-    for _ in range(n_boot):
-        picks = rng.integers(0, n_seeds, n_seeds)
-        if shared:  # one item resample for all drawn seeds: items and seeds cross
-            pos, neg = draw(*per_block[0])
-            d = np.nanmean(shifts[picks], axis=0)
-            stats.append(d[pos].mean() - d[neg].mean())
-            continue
-        tp, tn = [], []
-        for j in picks:
-            pos, neg = draw(*per_block[j])
-            tp.append(shifts[j, pos])
-            tn.append(shifts[j, neg])
-        stats.append(np.concatenate(tp).mean() - np.concatenate(tn).mean())
-    d = np.nanmean(shifts, axis=0)
-    value = _stat(d, labels)
-    return Estimate(value, float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975)), len(d))
-
-
 def item_subset(items, n: int | None, seed: int = 0) -> list[int]:
     """Sorted indices of a fixed random subset of ``items``: ``n`` per label, or ``n`` whole
     pairs when the items come in groups (chosen/rejected); all items when ``n`` is None or not
@@ -203,44 +112,6 @@ def item_blocks(items, n_blocks: int) -> list[list[int]]:
         seen[it.label] = k + 1
         blocks[k % n_blocks].append(i)
     return blocks
-
-
-def share_removed(d_full, d_ablated: dict, labels, groups=None, n_boot: int = 2000, seed: int = 0):
-    """Per projection type, the share of the gained shift that dropping its update removes,
-    ``1 - shift(ablated) / shift(full)``, and the value share minus the largest other share; all
-    with intervals from the same resamples of items."""
-    d_full, labels = np.asarray(d_full, float), np.asarray(labels)
-    names = list(d_ablated)
-    samples = _resamples(labels, groups, n_boot, seed)
-
-    def shares(idx):
-        full = _stat(d_full[idx], labels[idx])
-        return {n: 1.0 - _stat(np.asarray(d_ablated[n])[idx], labels[idx]) / full for n in names}
-
-    point = shares(np.arange(len(d_full)))
-    boots = [shares(i) for i in samples]
-    out = {}
-    for n in names:
-        vals = [b[n] for b in boots]
-        out[n] = Estimate(
-            point[n], float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975)), len(d_full)
-        )
-    if "v" in names and len(names) > 1:
-        gap = [b["v"] - max(b[n] for n in names if n != "v") for b in boots]
-        p = point["v"] - max(point[n] for n in names if n != "v")
-        out["v_minus_next"] = Estimate(
-            p, float(np.quantile(gap, 0.025)), float(np.quantile(gap, 0.975)), len(d_full)
-        )
-    return out
-
-
-def preference_accuracy(logp: np.ndarray, items) -> float:
-    """Share of pairs whose chosen text has the higher mean log p (policy only, no reference)."""
-    by_group: dict = {}
-    for lp, it in zip(logp, items):
-        by_group.setdefault(it.group, {})[it.label] = lp
-    wins = [g[1] > g[0] for g in by_group.values() if 0 in g and 1 in g]
-    return float(np.mean(wins)) if wins else float("nan")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vsteer.compare_eval import preference_accuracy, share_removed, shift_effect
+from vsteer.compare_stats import preference_accuracy, share_removed, shift_effect
 from vsteer.evaluate import Estimate, Finding
 
 TASK_LABEL = {"sft": "style", "dpo": "alignment"}
@@ -89,8 +89,8 @@ class CompareResult:
         return shift_effect(d, labels, groups, seed=self.first)
 
     def seed_item_effect(self, arm: str, minus: str | None = None) -> Estimate:
-        """:meth:`effect` with seeds resampled too (:func:`vsteer.compare_eval.seed_item_effect`)."""
-        from vsteer.compare_eval import seed_item_effect
+        """:meth:`effect` with seeds resampled too (:func:`vsteer.compare_stats.seed_item_effect`)."""
+        from vsteer.compare_stats import seed_item_effect
 
         labels, groups = self._labels("test")
         s = self.test_shifts(arm)
