@@ -141,6 +141,8 @@ def run_adapter_comparison(
         "ci_low",
         "ci_high",
         "seed_sd",
+        "seeds_ci_low",
+        "seeds_ci_high",
         "seeds",
         "kl",
         "wikitext_ppl",
