@@ -404,23 +404,34 @@ def _same_logits(trace, alone_ids, together_ids):
         assert torch.allclose(la, lb, atol=1e-4, rtol=0), f"max diff {(la - lb).abs().max():.2e}"
 
 
-def test_real_vsteer_serve_process(served):
-    """`vsteer serve` as its own process: same answers as the in-process server on the same weights."""
-    root, port = served["root"], _free_port()
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", "--model", str(root / "model"), "--device", "cpu"]
-    cmd += ["--vectors", str(root / "vectors"), "--adapters", str(root / "adapters")]
-    cmd += ["--port", str(port), "--api-key", KEY]
+def serve_process(*args: str):
+    """``vsteer serve ARGS --port P`` as its own process, once ``/health`` answers: (process, URL).
+    The caller stops it (``proc.terminate()``) and may read its output."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vsteer.cli", "serve", *args, "--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(600):  # bounded wait (60 s) for the model to load and the port to open
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if _http(url + "/health")[0] == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise AssertionError(f"vsteer serve did not answer /health within 60 s: {' '.join(cmd)}")
+
+
+def test_real_vsteer_serve_process(served):
+    """`vsteer serve` as its own process: same answers as the in-process server on the same weights."""
+    root = served["root"]
+    proc, url = serve_process(
+        *("--model", str(root / "model"), "--device", "cpu", "--vectors", str(root / "vectors")),
+        *("--adapters", str(root / "adapters"), "--api-key", KEY),
+    )
     try:
-        for _ in range(600):  # bounded wait (60 s) for the model to load and the port to open
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if _http(url + "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         models = client.models.list().data
         base = models[0].id

@@ -7,9 +7,6 @@ a threshold between two prompts' scores, so one prompt fires and the other does 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,7 +18,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_serve import _free_port, _http, tiny_tokenizer  # noqa: E402
+from test_serve import _free_port, _http, serve_process, tiny_tokenizer  # noqa: E402
 
 import vsteer  # noqa: E402
 from vsteer.models import config_fingerprint  # noqa: E402
@@ -293,20 +290,12 @@ def test_bad_monitor_refused(served, body, status, words, param):
 
 def test_real_vsteer_serve_process_with_monitors(served):
     """`vsteer serve --monitors DIR`: one startup line per misfit, same gated answers and scores."""
-    root, port = served["root"], _free_port()
-    cmd = [sys.executable, "-m", "vsteer.cli", "serve", "--model", str(root / "model"), "--device", "cpu"]
-    cmd += ["--vectors", str(root / "vectors"), "--monitors", str(root / "monitors"), "--port", str(port)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    url = f"http://127.0.0.1:{port}"
+    root = served["root"]
+    proc, url = serve_process(
+        *("--model", str(root / "model"), "--device", "cpu", "--vectors", str(root / "vectors")),
+        *("--monitors", str(root / "monitors")),
+    )
     try:
-        for _ in range(600):  # bounded wait (60 s) for the model to load and the port to open
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if _http(url + "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         kw = dict(monitor={"name": "trig", "gate": [0]}, steering=[{"vector": "boost", "scale": 8.0}])
         for content in (served["fire"], served["pass"]):

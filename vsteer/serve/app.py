@@ -30,6 +30,14 @@ from vsteer.serve.schema import ApiError, Limits, parse_chat, parse_completion
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
+def _listing(kind: str, compatible: list[dict], refused: dict[str, str]) -> dict:
+    """An OpenAI-style list of preloaded objects: the usable ones, then each refused one with why."""
+    data = compatible + [
+        {"name": name, "object": kind, "compatible": False, "reason": why} for name, why in refused.items()
+    ]
+    return {"object": "list", "data": data}
+
+
 def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None = None):
 
     limits = limits or Limits()
@@ -306,11 +314,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             }
             for name, v in engine.vectors.items()
         ]
-        data += [
-            {"name": name, "object": "steering_vector", "compatible": False, "reason": why}
-            for name, why in engine.incompatible.items()
-        ]
-        return {"object": "list", "data": data}
+        return _listing("steering_vector", data, engine.incompatible)
 
     @app.get("/v1/monitors")
     async def monitors(request: HttpRequest):
@@ -330,11 +334,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             }
             for name, m in engine.monitors.items()
         ]
-        data += [
-            {"name": name, "object": "monitor", "compatible": False, "reason": why}
-            for name, why in engine.incompatible_monitors.items()
-        ]
-        return {"object": "list", "data": data}
+        return _listing("monitor", data, engine.incompatible_monitors)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
