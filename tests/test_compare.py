@@ -547,3 +547,22 @@ def test_statistics_code_is_not_an_input_of_a_comparison_piece():
     closure = code_closure(["vsteer.compare", "vsteer.compare_eval", "vsteer.train"], PIECE_CODE_EXCLUDED)
     assert "vsteer.compare_eval" in closure and "vsteer.train" in closure
     assert "vsteer.compare_stats" not in closure and "vsteer.compare_result" not in closure
+
+
+def test_per_seed_test_items_on_too_small_a_test_split_is_one_clear_error(tiny_dir, user_files, tmp_path):
+    train, ev = user_files
+    rows = [json.loads(x) for x in ev.read_text().splitlines()]
+    val, test = (
+        _jsonl(tmp_path / "v.jsonl", rows[:3] + rows[-3:]),
+        _jsonl(tmp_path / "t.jsonl", rows[-5:-3] + rows[3:4]),
+    )
+    data = {"source": "user", "train": str(train), "val": str(val), "test": str(test)}
+    spec = load_compare_recipe(
+        {**_recipe(tiny_dir, train, ev, data=data, seeds=[0, 1, 2]), "test_items": "per-seed"}
+    )
+    out = tmp_path / "cache"
+    with pytest.raises(
+        DataError, match=r"per-seed needs at least 6 test items for 3 seeds, the test split has 3"
+    ):
+        run_compare(spec, cache=out, progress=False)
+    assert not out.exists()  # bad input leaves nothing behind

@@ -62,6 +62,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_in_thread(app):
+    """``app`` served by uvicorn on 127.0.0.1 in a daemon thread, once started: (server, thread,
+    port). Stop it with ``server.should_exit = True; thread.join(10)``."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):  # bounded wait for startup
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    return server, thread, port
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
@@ -105,22 +120,9 @@ def served(tmp_path_factory):
         return advance(row, logits)
 
     engine._advance = traced
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(engine, api_key=KEY, limits=Limits(max_body_bytes=BODY_LIMIT)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
+    server, thread, port = start_in_thread(
+        create_app(engine, api_key=KEY, limits=Limits(max_body_bytes=BODY_LIMIT))
     )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):  # bounded wait for startup
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "server did not start"
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
     yield {
         "client": client,

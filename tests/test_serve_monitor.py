@@ -7,7 +7,6 @@ a threshold between two prompts' scores, so one prompt fires and the other does 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -18,7 +17,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_serve import _free_port, _http, serve_process, tiny_tokenizer  # noqa: E402
+from test_serve import _http, serve_process, start_in_thread, tiny_tokenizer  # noqa: E402
 
 import vsteer  # noqa: E402
 from vsteer.models import config_fingerprint  # noqa: E402
@@ -78,17 +77,7 @@ def served(tmp_path_factory):
     engine = Engine(
         model, tok, "tiny-llama", vectors=load_vectors(vdir), monitors=load_monitors(mdir)
     ).start()
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, api_key=KEY), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "server did not start"
+    server, thread, port = start_in_thread(create_app(engine, api_key=KEY))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
     yield {
         "client": client,

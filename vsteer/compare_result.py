@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class CompareResult:
     runs: dict
     chosen: dict
     seconds: float
+    # two-level bootstraps, each read by the tables, the notes and results.json: computed once
+    _seed_item: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- numbers ---------------------------------------------------------------------------
     @property
@@ -56,7 +58,7 @@ class CompareResult:
 
     @property
     def per_seed(self) -> bool:
-        return getattr(self.spec, "test_items", "shared") == "per-seed"
+        return self.spec.test_items == "per-seed"
 
     def block(self, seed: int) -> np.ndarray:
         """Indices of the test items the runs of ``seed`` were scored on."""
@@ -92,12 +94,14 @@ class CompareResult:
         """:meth:`effect` with seeds resampled too (:func:`vsteer.compare_stats.seed_item_effect`)."""
         from vsteer.compare_stats import seed_item_effect
 
-        labels, groups = self._labels("test")
-        s = self.test_shifts(arm)
-        if minus is not None:
-            s = s - self.test_shifts(minus)
-        blocks = [self.block(x) for x in self.spec.seeds] if self.per_seed else None
-        return seed_item_effect(s, labels, groups, blocks, seed=self.first)
+        if (arm, minus) not in self._seed_item:
+            labels, groups = self._labels("test")
+            s = self.test_shifts(arm)
+            if minus is not None:
+                s = s - self.test_shifts(minus)
+            blocks = [self.block(x) for x in self.spec.seeds] if self.per_seed else None
+            self._seed_item[(arm, minus)] = seed_item_effect(s, labels, groups, blocks, seed=self.first)
+        return self._seed_item[(arm, minus)]
 
     def seed_effects(self, arm: str) -> list[float]:
         labels, _ = self._labels("test")
