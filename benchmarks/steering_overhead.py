@@ -25,7 +25,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import vsteer
     from vsteer.hooks import site_shape
@@ -62,11 +65,13 @@ def main() -> None:
         plain = statistics.median(res[(b, "plain")]["wall"])
         for m in modes[1:]:
             r, lo, hi = median_interval(res[(b, m)]["ratio"])
+            c, clo, chi = median_interval(res[(b, m)]["cpu_ratio"])
             per_layer_us = (1 / (r * plain) - 1 / plain) * b / arch.n_layers * 1e6
             print(
                 f"batch {b}: {m:4s} path ratio {r:.4f} [{lo:.4f}, {hi:.4f}] "
                 f"(plain {plain:.1f} tok/s; {per_layer_us:+.1f} us per decoding step per layer; "
-                f"{args.repeats} paired repeats)"
+                f"{args.repeats} paired repeats, {torch.get_num_threads()} thread(s)); "
+                f"in process CPU time {c:.4f} [{clo:.4f}, {chi:.4f}]"
             )
             if m == "bias":
                 headline[b] = r

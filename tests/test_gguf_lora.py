@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+import vsteer
 from vsteer.cli import main
 from vsteer.errors import VectorError
 from vsteer.gguf_lora import GGUFLoraError, export_gguf_lora
@@ -261,8 +262,77 @@ def test_value_site_vector_is_refused_as_a_control_vector(tmp_path):
     vec = SteeringVector(directions={1: torch.ones(2, 8)}, site="v", model_name="m", fingerprint=None)
     with pytest.raises(VectorError, match="added to a block's output") as info:
         export_gguf(vec, tmp_path / "v.gguf")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "--model" in str(info.value)
     assert not (tmp_path / "v.gguf").exists()
+    llama = make_tiny_model("llama")  # sequential blocks: refused even with the model
+    vec = SteeringVector.for_model(llama, {1: torch.ones(2, 8)}, site="v")
+    with pytest.raises(VectorError, match="on llama: its blocks are sequential") as info:
+        export_gguf(vec, tmp_path / "v.gguf", model=llama)
+    assert "\n" not in str(info.value) and not (tmp_path / "v.gguf").exists()
+
+
+def _parallel_models():
+    import transformers
+
+    neox = make_tiny_model("gpt_neox")  # use_parallel_residual defaults to True
+    sequential = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(**{**neox.config.to_dict(), "use_parallel_residual": False})
+    ).eval()
+    torch.manual_seed(3)
+    phi = transformers.PhiForCausalLM(
+        transformers.PhiConfig(
+            vocab_size=neox.config.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    ).eval()
+    return {"gpt_neox": neox, "phi": phi}, sequential
+
+
+def test_value_vector_exports_exactly_on_parallel_residual_models(tmp_path):
+    """On x + attn(ln x) + mlp(ln x) blocks the exported direction.l = W_O v gives, added at block
+    l's output, the logits of the v vector itself (every position, padding masked); sequential
+    blocks and layer 0 are refused."""
+    from vsteer.arch import get_arch, parallel_residual
+    from vsteer.gguf_io import export_gguf, import_gguf
+    from vsteer.hooks import site_shape
+    from vsteer.vectors import SteeringVector
+
+    parallel, sequential = _parallel_models()
+    assert not parallel_residual(sequential) and not parallel_residual(make_tiny_model("llama"))
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    for family, model in parallel.items():
+        assert parallel_residual(model), family
+        g = torch.Generator().manual_seed(7)
+        shape = site_shape(get_arch(model), "v")
+        vec = SteeringVector.for_model(
+            model, {1: torch.randn(shape, generator=g), 2: torch.randn(shape, generator=g)}, "v"
+        )
+        out = export_gguf(vec, tmp_path / f"{family}.gguf", model=model)
+        back = import_gguf(out, model)
+        assert back.site == "resid" and back.layers == [1, 2]
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask).logits
+            with vsteer.steer(model, vec, 1.5, as_bias=False):
+                want = model(input_ids=ids, attention_mask=mask).logits
+            with vsteer.steer(model, back, 1.5):
+                got = model(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert (want - plain)[real].abs().max() > 1e-2, family  # the vector does something
+        torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+        with pytest.raises(VectorError, match="layer 0 cannot be exported"):
+            export_gguf(
+                SteeringVector.for_model(model, {0: torch.ones(shape)}, "v"), tmp_path / "z.gguf", model=model
+            )
+    vec = SteeringVector.for_model(sequential, {1: torch.ones(site_shape(get_arch(sequential), "v"))}, "v")
+    with pytest.raises(VectorError, match="sequential"):
+        export_gguf(vec, tmp_path / "s.gguf", model=sequential)
+    assert not (tmp_path / "s.gguf").exists() and not (tmp_path / "z.gguf").exists()
 
 
 # --------------------------------------------------------------------------------------------

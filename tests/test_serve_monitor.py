@@ -67,6 +67,20 @@ def served(tmp_path_factory):
     hi, lo = (0, 1) if scores[0] > scores[1] else (1, 0)
     trig.threshold = float(scores.mean())  # between the two: PROMPTS[hi] fires, PROMPTS[lo] does not
     trig.save(mdir / "trig.safetensors")
+    # for monitor.recheck: a monitor that passes PROMPTS[lo] at the prompt but fires while it decodes
+    # (threshold between the prompt's score and the highest of its first 3 unsteered steps)
+    calm = torch.tensor([ids[lo]])
+    for _ in range(50):
+        late = monitor(1, "last")
+        with vsteer.watch(model, late) as flags, torch.no_grad():
+            model.generate(calm, max_new_tokens=4, do_sample=False)
+        prompt_score, early_max = float(flags.scores[0, 0]), float(flags.scores[0, 1:4].max())
+        if early_max > prompt_score + 0.5:
+            late.threshold = (prompt_score + early_max) / 2
+            break
+    else:
+        raise AssertionError("no monitor for the recheck tests")
+    late.save(mdir / "late.safetensors")
     monitor(0, "mean").save(mdir / "avg.safetensors")
     monitor(2, "completion").save(mdir / "comp.safetensors")
     foreign = monitor(0, "last")
@@ -110,7 +124,7 @@ def test_monitors_listed_and_misfits_refused(served, tmp_path):
     status, body = _http(served["url"] + "/v1/monitors", headers={"Authorization": f"Bearer {KEY}"})
     assert status == 200
     rows = {m["name"]: m for m in body["data"]}
-    assert {n for n, m in rows.items() if m["compatible"]} == {"avg", "comp", "trig"}
+    assert {n for n, m in rows.items() if m["compatible"]} == {"avg", "comp", "late", "trig"}
     assert rows["trig"]["site"] == "v" and rows["trig"]["layers"] == [1] and len(rows["trig"]["digest"]) == 16
     assert not rows["foreign"]["compatible"] and "fingerprint" in rows["foreign"]["reason"]
     lines = served["engine"].refusals()  # what `vsteer serve` prints at startup
@@ -226,7 +240,7 @@ BAD = [
     (
         {"monitor": {"name": "nope"}},
         404,
-        "no monitor named 'nope'; available: avg, comp, trig",
+        "no monitor named 'nope'; available: avg, comp, late, trig",
         "monitor.name",
     ),
     ({"monitor": {"name": "foreign"}}, 400, "does not fit this model", "monitor.name"),
@@ -254,6 +268,19 @@ BAD = [
         "has no prompt score",
         "monitor.gate",
     ),
+    (
+        {"monitor": {"name": "trig", "gate": [0], "recheck": 0}, "steering": BOOST},
+        400,
+        "monitor.recheck must be a positive number of decoding steps, got 0",
+        "monitor.recheck",
+    ),
+    (
+        {"monitor": {"name": "trig", "gate": [0], "recheck": True}, "steering": BOOST},
+        400,
+        "monitor.recheck must be a positive number",
+        "monitor.recheck",
+    ),
+    ({"monitor": {"name": "trig", "recheck": 2}, "steering": BOOST}, 400, "list the entries to gate", None),
     (
         {"monitor": {"name": "trig", "gate": [0]}, "steering": [{"vector": "early", "positions": "all"}]},
         400,
@@ -300,7 +327,7 @@ def test_real_vsteer_serve_process_with_monitors(served):
     refused = [line for line in out.splitlines() if "refused" in line]
     assert len(refused) == 1
     assert refused[0].startswith("vsteer serve: monitor 'foreign' refused: monitor was fitted")
-    assert "3 monitors" in out
+    assert "4 monitors" in out
 
 
 def test_monitored_rows_join_a_running_batch(served):
@@ -344,3 +371,77 @@ def test_monitored_rows_join_a_running_batch(served):
         assert t == {k: v for k, v in a.items() if k != "monitor"}
         assert tm["prompt_flagged"] == am["prompt_flagged"] and tm["steps"] == am["steps"]
         assert tm["max_score"] == pytest.approx(am["max_score"], abs=1e-4)
+
+
+def _first_recheck(flags, threshold: float, every: int) -> int | None:
+    """The step vsteer.steer(when=recheck(..., every)) starts steering at: 0 if the prompt fires,
+    else the first generated step ``s`` with ``s % every == 0`` whose score exceeds the threshold."""
+    scores = flags.scores[0]
+    if scores[0] > threshold:
+        return 0
+    hits = [s for s in range(1, len(scores)) if s % every == 0 and scores[s] > threshold]
+    return hits[0] if hits else None
+
+
+def test_recheck_steers_from_the_step_that_fires_as_the_library_does(served):
+    """``monitor.recheck``: a row the prompt does not flag is steered from the first decoding step
+    (every k-th) that fires; the text, scores and that step equal vsteer.steer(when=recheck(...)),
+    alone and batched with other gated and plain rows."""
+    engine, model, tok, calm, fire = (served[k] for k in ("engine", "model", "tok", "pass", "fire"))
+    boost = [{"vector": "boost", "scale": 8.0, "positions": "all"}]
+    after = [{"vector": "boost", "scale": 8.0, "positions": "generated"}]
+    ids = torch.tensor([chat_ids(tok, calm)])
+    specs, expected = [], []
+    for name, every, steering in (("late", 1, boost), ("late", 2, boost), ("comp", 1, after)):
+        mon = engine.monitors[name]
+        with engine._lock:  # the model is idle while the test uses it directly
+            vec = engine.vectors["boost"]
+            when = vsteer.monitor.recheck(mon, every=every)
+            with vsteer.steer(model, vec, 8.0, positions=steering[0]["positions"], when=when) as flags:
+                out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        specs.append((calm, steering, {"name": name, "gate": [0], "recheck": every}, 8))
+        expected.append((text, _first_recheck(flags, mon.threshold, every)))
+    assert expected[0][1] is not None and expected[0][1] >= 1, "the fixture's monitor fires while decoding"
+    plain = engine.generate(_request(engine, calm, max_tokens=8))["text"]
+    assert expected[0][0] != plain, "steering from the recheck on must show"
+    specs += [(fire, boost, {"name": "trig", "gate": [0]}, 8), (calm, None, None, 8)]
+
+    alone = [engine.generate(_request(engine, *spec)) for spec in specs]
+    for got, (text, step) in zip(alone, expected):
+        assert got["text"] == text
+        assert got["monitor"]["steered_from"] == step and got["monitor"]["prompt_flagged"] is False
+    assert alone[3]["monitor"]["steered_from"] == 0  # flagged at the prompt
+    events: dict[int, dict] = {}
+    reqs = [_request(engine, *spec) for spec in specs]
+    for i, r in enumerate(reqs):
+        r.emit = lambda kind, payload, i=i: events.__setitem__(i, payload) if kind == "done" else None
+    with engine._lock:  # queue them all, so they prefill as one batch
+        for r in reqs:
+            engine.submit(r)
+    for _ in range(4000):
+        if len(events) == len(reqs):
+            break
+        time.sleep(0.005)
+    together = [events[i] for i in range(len(reqs))]
+    for a, t in zip(alone, together, strict=True):
+        assert t["text"] == a["text"]
+        if "monitor" in a:
+            assert t["monitor"]["steered_from"] == a["monitor"]["steered_from"]
+            assert t["monitor"]["max_score"] == pytest.approx(a["monitor"]["max_score"], abs=1e-4)
+
+
+def test_recheck_in_the_response(served):
+    client, calm = served["client"], served["pass"]
+    kw = dict(
+        monitor={"name": "late", "gate": [0], "recheck": 1},
+        steering=[{"vector": "boost", "scale": 8.0}],
+        max_tokens=8,
+    )
+    info = chat(client, calm, **kw).model_extra["vsteer"]
+    assert info["monitor"]["recheck"] == 1 and not info["monitor"]["prompt"]["flagged"]
+    (gen,) = info["monitor"]["generated"]
+    assert gen["steered_from"] >= 1 and gen["flagged"]
+    once = chat(client, calm, **{**kw, "monitor": {"name": "late", "gate": [0]}}).model_extra["vsteer"]
+    assert once["monitor"]["recheck"] is None and once["monitor"]["generated"][0]["steered_from"] is None
+    assert once["fingerprint"] != info["fingerprint"]

@@ -230,6 +230,28 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(_text_config(config), "model_type", None) if config is not None else None
 
 
+# blocks computing x + attn(norm(x)) + mlp(norm'(x)) whatever the config says
+_PARALLEL_TYPES = frozenset({"gptj", "codegen", "phi", "cohere", "cohere2"})
+
+
+def parallel_residual(model: nn.Module) -> bool:
+    """Whether every block adds its attention and its MLP to the same input, ``x + attn(norm x) +
+    mlp(norm' x)`` (GPT-J, CodeGen, Phi-1/2, Cohere; GPT-NeoX and StableLM with
+    ``use_parallel_residual``; Falcon with ``parallel_attn`` or the new decoder architecture): then
+    the MLP never sees the attention output, and a constant added to it moves the block output by
+    exactly that constant."""
+    config = _text_config(getattr(unwrap(model), "config", None))
+    if config is None:
+        return False
+    if getattr(config, "model_type", None) == "falcon":
+        return bool(
+            getattr(config, "parallel_attn", False) or getattr(config, "new_decoder_architecture", False)
+        )
+    if hasattr(config, "use_parallel_residual"):
+        return bool(config.use_parallel_residual)
+    return getattr(config, "model_type", None) in _PARALLEL_TYPES
+
+
 def spec_for(model: nn.Module) -> ArchSpec:
     """The spec for ``model``, chosen by ``config.model_type`` (not the class name)."""
     model = unwrap(model)

@@ -10,6 +10,7 @@ is vsteer's ``resid`` site at layer ``N``; it rejects ``N = 0``, so block 0 cann
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,20 @@ from vsteer.vectors import SteeringVector
 ARCH = "controlvector"
 
 
-def export_gguf(vector: SteeringVector, path: str | os.PathLike, model_hint: str | None = None) -> Path:
-    """Write ``vector`` (site ``resid``) as a llama.cpp control-vector GGUF at ``path`` (atomically)."""
+def export_gguf(
+    vector: SteeringVector, path: str | os.PathLike, model_hint: str | None = None, model=None
+) -> Path:
+    """Write ``vector`` as a llama.cpp control-vector GGUF at ``path`` (atomically).
+
+    Site ``resid`` as it is. Site ``v`` only with ``model`` and only where it is exact: on a
+    parallel-residual model (:func:`vsteer.arch.parallel_residual`) a value vector added at every
+    position moves block ``l``'s output by exactly ``W_O δ`` (:func:`vsteer.steering.residual_change`),
+    which becomes ``direction.l`` (docs/llamacpp.md); elsewhere it is refused with the reason.
+    """
     import gguf
 
-    if vector.site == "v":  # why, in docs/llamacpp.md: not even W_O v is exact before the MLP
-        raise VectorError(
-            "a value-site vector cannot be a llama.cpp control vector: those are added to a block's output "
-            "(the residual stream after the MLP), while a v vector acts inside attention, before W_O and the "
-            "block's MLP; extract a vector with site='resid' instead (see docs/llamacpp.md)"
-        )
+    if vector.site == "v":
+        vector = _value_as_residual(vector, model)
     if vector.site != "resid":
         raise VectorError(
             f"llama.cpp control vectors are added to the residual stream (site 'resid'); this vector is at "
@@ -63,6 +68,35 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, model_hint: str
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _value_as_residual(vector: SteeringVector, model) -> SteeringVector:
+    """The ``resid`` vector a ``v`` vector equals on a parallel-residual ``model``; else refuse."""
+    from vsteer.arch import model_type_of, parallel_residual
+    from vsteer.steering import residual_change
+
+    if model is None:  # why, in docs/llamacpp.md: not even W_O v is exact before the MLP
+        raise VectorError(
+            "a value-site vector cannot be a llama.cpp control vector on a sequential block: those are "
+            "added to a block's output (the residual stream after the MLP), while a v vector acts inside "
+            "attention, before W_O and the block's MLP; it is exact only on parallel-residual models "
+            "(pass the model: --model NAME), otherwise extract a vector with site='resid' (docs/llamacpp.md)"
+        )
+    vector.check(model)
+    if not parallel_residual(model):
+        raise VectorError(
+            f"a value-site vector cannot be a llama.cpp control vector on {model_type_of(model)}: its blocks "
+            "are sequential (the MLP reads the attention output), so no constant added to a block's output "
+            "equals it; extract a vector with site='resid' instead (docs/llamacpp.md)"
+        )
+    if 0 in vector.directions:
+        raise VectorError(
+            "layer 0 cannot be exported: llama.cpp's direction.N is added to the output of block N and it "
+            "rejects N = 0; drop layer 0 (vector.select_layers(...)) before exporting"
+        )
+    change = residual_change(model, vector)
+    extra = {**vector.extra, "converted_from": "v", "model_type": model_type_of(model)}
+    return replace(change, site="resid", extra=extra)
 
 
 def import_gguf(path: str | os.PathLike, model=None) -> SteeringVector:

@@ -67,6 +67,12 @@ def register(sub) -> None:
     e.add_argument("vector", help="a .safetensors steering vector at site resid")
     e.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     e.add_argument("--model-hint", default=None, help="controlvector.model_hint (default: the model type)")
+    e.add_argument(
+        "--model",
+        default=None,
+        help="the vector's model; needed for a v vector, exported exactly on parallel-residual models",
+    )
+    add_device_args(e)
     e.set_defaults(func=_export)
 
 
@@ -297,6 +303,10 @@ def _export(args) -> int:
     from vsteer.vectors import SteeringVector
 
     vec = SteeringVector.load(args.vector)
-    path = export_gguf(vec, args.output, model_hint=args.model_hint)
-    print(f"wrote {path}: {len(vec.layers)} direction(s) for layers {vec.layers}")
+    model = None
+    if args.model is not None:
+        model, _ = load_model_from_args(args)
+    path = export_gguf(vec, args.output, model_hint=args.model_hint, model=model)
+    note = " (the v vector's exact residual change, W_O v)" if vec.site == "v" else ""
+    print(f"wrote {path}: {len(vec.layers)} direction(s) for layers {vec.layers}{note}")
     return 0

@@ -92,13 +92,14 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
             "steering": [
                 {"vector": s.vector, "scale": s.scale, "positions": s.positions} for s in req.steering
             ],
-            "fingerprint": engine.fingerprint(req.adapter, req.steering, req.monitor),
+            "fingerprint": engine.fingerprint(req.adapter, req.steering, req.monitor, req.recheck),
         }
         if req.monitor is not None:
             info["monitor"] = {
                 "name": req.monitor,
                 "threshold": engine.monitors[req.monitor].threshold,
                 "gate": [i for i, s in enumerate(req.steering) if s.gate is not None],
+                "recheck": req.recheck,
             }
         return info
 
@@ -114,6 +115,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits | None
                 "max_score": p["monitor"]["max_score"],
                 "flagged": p["monitor"]["max_flagged"],
                 "steps": p["monitor"]["steps"],
+                "steered_from": p["monitor"]["steered_from"],
             }
             for index, p in sorted(done.items())
         ]

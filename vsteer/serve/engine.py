@@ -78,7 +78,10 @@ class Request:
     text). ``logprobs``: how many top alternatives to return per token (0 = only the chosen
     token's), ``None`` for no logprobs. ``n``: choices wanted; ``index``: which one this is.
     ``monitor``: a preloaded monitor's name; with it, ``done`` carries ``"monitor": {"prompt_score",
-    "prompt_flagged", "max_score", "max_flagged", "steps"}`` (scores of the row's own activations).
+    "prompt_flagged", "max_score", "max_flagged", "steps", "steered_from"}`` (scores of the row's
+    own activations; ``steered_from``: the step from which gated entries applied, 0 for the prompt,
+    ``None`` if never or nothing is gated). ``recheck``: rows not flagged at the prompt are scored
+    again at every ``recheck``-th decoding step and steered from the first that fires.
     """
 
     prompt_ids: list[int]
@@ -94,6 +97,7 @@ class Request:
     index: int = 0
     text_offset: int = 0  # characters before the completion text (the prompt, for completions)
     monitor: str | None = None
+    recheck: int | None = None  # gated entries: decide again every ``recheck`` decoding steps
     emit: object = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -217,6 +221,7 @@ class Engine:
         self.submitted = 0
         self.joins = 0  # requests that joined a batch already decoding
         self._ops_cache: dict = {}
+        self._gates: dict[str, dict] = {}  # monitor name -> its gate dict (see _watchers)
         self.max_rows_seen = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -275,9 +280,15 @@ class Engine:
             _emit(row.req, "error", "server is shutting down")
 
     # --- fingerprint ---------------------------------------------------------------------------
-    def fingerprint(self, adapter: str | None, steering: list[Steer], monitor: str | None = None) -> str:
+    def fingerprint(
+        self,
+        adapter: str | None,
+        steering: list[Steer],
+        monitor: str | None = None,
+        recheck: int | None = None,
+    ) -> str:
         """sha256 (16 hex) of the base model, adapter and steering entries (with vector digests),
-        and the monitor (with its digest) and gates when there is one."""
+        and the monitor (with its digest), gates and recheck interval when there is one."""
         entries = []
         for s in steering:
             entry = {
@@ -292,16 +303,20 @@ class Engine:
         cfg = {"model": self.model_name, "adapter": adapter, "steering": entries}
         if monitor is not None:
             cfg["monitor"] = {"name": monitor, "digest": self.monitor_digests[monitor]}
+            if recheck is not None:
+                cfg["monitor"]["recheck"] = recheck
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- one batch -----------------------------------------------------------------------------
-    def _ops(self, rows: list[_Row], kinds: tuple[str, ...], gates: dict | None = None) -> dict:
+    def _ops(self, rows: list[_Row], kinds: tuple[str, ...], prompt: bool, due: list[bool]) -> dict:
         """Hook operations for one forward: one add per vector and layer, with per-row scales.
 
         Only entries whose ``positions`` is in ``kinds`` apply; a row outside a group gets scale
-        0, which adds exactly nothing. Gated entries: with ``gates`` (the prefill, ``{monitor:
-        gate dict}`` that the monitor's op fills mid-forward) their group is wrapped in
-        :class:`~vsteer.monitor.Gated`; without (decoding steps) they count for the rows that fired.
+        0, which adds exactly nothing. Gated entries are decided mid-forward where a decision is
+        due (the prefill, and rows ``due`` for a recheck at this step): their group is wrapped in
+        :class:`~vsteer.monitor.Gated`, reading the gate dict that the monitor's op fills at its
+        last layer (``self._gates``); rows already decided count as plain entries (fired) or not
+        at all.
         """
         from vsteer.steering import steering_ops
 
@@ -312,10 +327,11 @@ class Engine:
                 if s.positions not in kinds:
                     continue
                 gate = s.gate or ""
-                if gates is None and gate:
-                    if not row.fired:
+                if gate and not prompt:
+                    if row.fired:
+                        gate = ""  # decided: from here on a plain entry of this row
+                    elif not due[i]:
                         continue
-                    gate = ""  # decided at the prompt: from here on a plain entry of this row
                 scales = groups.setdefault((s.vector, s.positions, gate), torch.zeros(n))
                 scales[i] += s.scale
         ops: dict = {}
@@ -323,25 +339,63 @@ class Engine:
             for key, op in steering_ops(
                 self.base, [(self.vectors[name], scales)], positions=positions
             ).items():
-                ops.setdefault(key, []).append(Gated(op, gates[gate]) if gate else op)
+                ops.setdefault(key, []).append(Gated(op, self._gates.setdefault(gate, {})) if gate else op)
         return ops
 
-    def _watchers(self, rows: list[_Row], prompt: bool) -> tuple[dict, dict, dict]:
-        """``(watch states, gate dicts, hook ops)`` of the monitors the rows of one forward use.
+    def _due(self, rows: list[_Row], prompt: bool) -> list[bool]:
+        """Rows whose gated entries are re-decided in this decoding step: a recheck request not
+        yet steered, at its every ``recheck``-th generated token."""
+        if prompt:
+            return [False] * len(rows)
+        return [
+            row.req.recheck is not None and not row.fired and (row.steps + 1) % row.req.recheck == 0
+            for row in rows
+        ]
+
+    def _row_scores(self, rows: list[_Row], name: str, state: WatchState, prompt: bool) -> torch.Tensor:
+        """``[rows]`` float32 scores of this forward: the prompt's, or at a decoding step the
+        token's own (``last``) or the row's running mean over its text so far (``mean``,
+        ``completion``: the row's stored sums plus this forward's), as one watch over the row's
+        whole generation gives."""
+        mon = self.monitors[name]
+        score = state.flags.steps[-1]
+        if prompt or mon.position == "last":
+            return score
+        sums = {layer: t.tolist() for layer, t in state.sums.items()}
+        counts = state.count.tolist()
+        out = []
+        for i, row in enumerate(rows):
+            total = sum(row.sums.get(layer, 0.0) + sums[layer][i] for layer in mon.layers)
+            count = row.count + counts[i]
+            out.append(total / count + mon.bias if count else math.nan)
+        return torch.tensor(out, dtype=torch.float32)
+
+    def _watchers(self, rows: list[_Row], prompt: bool, due: list[bool]) -> tuple[dict, dict]:
+        """``(watch states, hook ops)`` of the monitors the rows of one forward use.
 
         Each is :func:`vsteer.watch`'s op, fresh per forward (rows join and leave between
-        forwards); at the prompt it also sets its gate dict to the rows it flags, which the
-        :class:`~vsteer.monitor.Gated` entries read in the same forward.
+        forwards). Where a decision is due (the prompt; ``due`` rows of a decoding step) it sets
+        its gate dict (``self._gates[name]``, emptied first) to the rows it flags when its last
+        layer has run, which the :class:`~vsteer.monitor.Gated` entries read in the same forward.
         """
-        states, gates, ops = {}, {}, {}
+        states, ops = {}, {}
         for name in sorted({row.req.monitor for row in rows if row.req.monitor}):
             mon = self.monitors[name]
-            gate = gates[name] = {}
-            on_prompt = (lambda fired, g=gate: g.__setitem__("rows", fired)) if prompt else None
-            states[name] = WatchState(mon, Flags(mon), on_prompt=on_prompt)
-            for key, op in states[name].ops().items():
+            gate = self._gates.setdefault(name, {})
+            gate.clear()
+            state = states[name] = WatchState(mon, Flags(mon))
+            mine = torch.tensor([d and row.req.monitor == name for d, row in zip(due, rows)])
+            if prompt:
+                state.on_prompt = lambda fired, g=gate: g.__setitem__("rows", fired)
+            elif bool(mine.any()):
+
+                def on_step(_step, _fired, g=gate, st=state, n=name, m=mine, th=mon.threshold):
+                    g["rows"] = m & (self._row_scores(rows, n, st, False) > th)
+
+                state.on_step = on_step
+            for key, op in state.ops().items():
                 ops.setdefault(key, []).append(op)
-        return states, gates, ops
+        return states, ops
 
     def _read_monitors(self, rows: list[_Row], states: dict, prompt: bool) -> None:
         """Store each monitored row's score of this forward: the prompt score and decision, or one
@@ -350,36 +404,44 @@ class Engine:
             mon = self.monitors[name]
             if not state.flags.steps:
                 continue
-            scores = state.flags.steps[-1].tolist()
-            # the very comparison the prompt pass gated on (float32 scores against the threshold)
-            above = (state.flags.steps[-1] > mon.threshold).tolist()
+            scores = self._row_scores(rows, name, state, prompt)
+            # the very comparison the gates used mid-forward (float32 scores against the threshold)
+            above = (scores > mon.threshold).tolist()
+            decided = self._gates.get(name, {}).get("rows")
+            decided = decided.tolist() if decided is not None else [False] * len(rows)
             sums = {layer: t.tolist() for layer, t in state.sums.items()}
             counts = state.count.tolist() if state.count is not None else None
-            for i, row in enumerate(rows):
+            gated = [any(s.gate for s in row.req.steering) for row in rows]
+            for i, (row, score) in enumerate(zip(rows, scores.tolist(), strict=True)):
                 if row.req.monitor != name:
                     continue
-                score = scores[i]
                 if mon.position != "last":  # per-forward sums -> the row's running sums
                     for layer in mon.layers:
                         row.sums[layer] = row.sums.get(layer, 0.0) + sums[layer][i]
                     row.count += counts[i]
-                    if not prompt:
-                        score = sum(row.sums.values()) / row.count + mon.bias
+                if math.isnan(score):
+                    score = None  # a completion monitor before any completion token
                 if prompt:
-                    row.prompt_score = None if math.isnan(score) else score
-                    row.fired = bool(above[i])
+                    row.prompt_score = score
+                    row.prompt_flagged = row.fired = bool(above[i])
+                    if row.fired and gated[i]:
+                        row.steered_from = 0
                 else:
                     row.steps += 1
-                    row.step_max = score if row.step_max is None else max(row.step_max, score)
+                    if score is not None:
+                        row.step_max = score if row.step_max is None else max(row.step_max, score)
+                    if decided[i]:  # a recheck fired: steered from this step's later sites on
+                        row.fired, row.steered_from = True, row.steps
 
     def _monitor_result(self, row: _Row) -> dict:
         mon = self.monitors[row.req.monitor]
         return {
             "prompt_score": row.prompt_score,
-            "prompt_flagged": row.fired,
+            "prompt_flagged": row.prompt_flagged,
             "max_score": row.step_max,
             "max_flagged": row.step_max is not None and row.step_max > mon.threshold,
             "steps": row.steps,
+            "steered_from": row.steered_from,
         }
 
     def _admit(self, fresh: list[Request], n_active: int) -> list[Request]:
@@ -469,15 +531,18 @@ class Engine:
         extra = {}
         if self.adapters:
             extra["adapter_names"] = [self.adapters[r.adapter] if r.adapter else BASE for r in reqs]
-        states, gates, watch_ops = self._watchers(rows, prompt)
-        # the ops change only when rows join or leave: build them once per batch composition
-        # (a row's gate decision is made at its prefill, before it decodes)
-        key = (kinds, tuple(r.id for r in reqs))
+        due = self._due(rows, prompt)
+        states, watch_ops = self._watchers(rows, prompt, due)
+        # the ops change only when rows join or leave or a gate decision changes: build them once
+        # per batch composition and decision state
+        key = (kinds, tuple((r.id, row.fired, d) for r, row, d in zip(reqs, rows, due)))
         ops = self._ops_cache.get(key)
         if ops is None:
-            ops = self._ops(rows, kinds, gates if prompt else None)
+            ops = self._ops(rows, kinds, prompt, due)
             if not prompt:
-                self._ops_cache = {key: ops}
+                if len(self._ops_cache) >= 4:  # a recheck interval alternates between a few
+                    self._ops_cache = {}
+                self._ops_cache[key] = ops
         if watch_ops:  # the monitors read first, so at their own site they see the unsteered value
             merged = {k: list(v) for k, v in watch_ops.items()}
             for k, v in ops.items():
@@ -610,7 +675,9 @@ class _Row:
     done: bool = False
     gen: torch.Generator | None = None
     prompt_score: float | None = None  # the monitor's score of the prompt (None: no prompt score)
-    fired: bool = False  # the prompt score exceeds the threshold: gated entries apply
+    prompt_flagged: bool = False  # the prompt score exceeds the threshold
+    fired: bool = False  # gated entries apply (flagged at the prompt or at a recheck)
+    steered_from: int | None = None  # the step gated entries began at (0: the prompt)
     step_max: float | None = None  # highest score over the generated tokens fed back so far
     steps: int = 0
     sums: dict = field(default_factory=dict)  # mean/completion monitors: running sums per layer

@@ -131,16 +131,18 @@ def parse_steering(raw, engine, limits: Limits) -> list[Steer]:
     return out
 
 
-def parse_monitor(raw, engine, steering: list[Steer]) -> str | None:
-    """``monitor: {"name": NAME, "gate": [steering indices]}`` -> the monitor's name; marks the
-    gated entries of ``steering`` (they apply only to rows whose prompt the monitor flags)."""
+def parse_monitor(raw, engine, steering: list[Steer]) -> tuple[str | None, int | None]:
+    """``monitor: {"name": NAME, "gate": [steering indices], "recheck": K}`` -> ``(the monitor's
+    name, K)``; marks the gated entries of ``steering``. They apply only to rows whose prompt the
+    monitor flags; with ``recheck`` also to rows it flags at every ``K``-th decoding step, from
+    that step on (``vsteer.steer(when=vsteer.monitor.recheck(monitor, every=K))``)."""
     if raw is None:
-        return None
+        return None, None
     if not isinstance(raw, dict):
         raise ApiError(400, f"monitor must be an object {{name, gate}}, got {raw!r:.60}", "monitor")
-    unknown = sorted(set(raw) - {"name", "gate"})
+    unknown = sorted(set(raw) - {"name", "gate", "recheck"})
     if unknown:
-        raise ApiError(400, f"monitor has unknown keys {unknown}; expected name, gate", "monitor")
+        raise ApiError(400, f"monitor has unknown keys {unknown}; expected name, gate, recheck", "monitor")
     name = check_name(raw.get("name"), "monitor", "monitor.name")
     if name in engine.incompatible_monitors:
         raise ApiError(
@@ -158,14 +160,28 @@ def parse_monitor(raw, engine, steering: list[Steer]) -> str | None:
         raise ApiError(
             400, f"monitor.gate must be a list of steering entry indices, got {gate!r:.60}", "monitor.gate"
         )
+    recheck = raw.get("recheck")
+    if recheck is not None:
+        if isinstance(recheck, bool) or not isinstance(recheck, int) or not 1 <= recheck <= 2**31:
+            raise ApiError(
+                400,
+                f"monitor.recheck must be a positive number of decoding steps, got {recheck!r:.60}",
+                "monitor.recheck",
+            )
+        if not gate:
+            raise ApiError(
+                400,
+                "monitor.recheck re-decides gated steering; list the entries to gate in monitor.gate",
+                "monitor.recheck",
+            )
     if not gate:
-        return name
+        return name, None
     mon = engine.monitors[name]
-    if mon.position == "completion":
+    if mon.position == "completion" and recheck is None:
         raise ApiError(
             400,
             f"monitor {name!r} reads position 'completion' and has no prompt score to gate on; "
-            "use a 'last' or 'mean' monitor",
+            "use a 'last' or 'mean' monitor, or decide during generation with monitor.recheck",
             "monitor.gate",
         )
     from vsteer.sites import as_site, exec_key
@@ -198,7 +214,7 @@ def parse_monitor(raw, engine, steering: list[Steer]) -> str | None:
                 param,
             )
         s.gate = name
-    return name
+    return name, recheck
 
 
 def parse_adapter(model, engine) -> str | None:
@@ -276,7 +292,7 @@ def _common(
     top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
     seed = _number(body, "seed", None, 0, 2**63 - 1, integer=True)
     steering = parse_steering(body.get("steering"), engine, limits)
-    monitor = parse_monitor(body.get("monitor"), engine, steering)
+    monitor, recheck = parse_monitor(body.get("monitor"), engine, steering)
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise ApiError(
             400,
@@ -298,6 +314,7 @@ def _common(
         n=int(n),
         text_offset=text_offset,
         monitor=monitor,
+        recheck=recheck,
     )
 
 
