@@ -566,3 +566,42 @@ def test_per_seed_test_items_on_too_small_a_test_split_is_one_clear_error(tiny_d
     ):
         run_compare(spec, cache=out, progress=False)
     assert not out.exists()  # bad input leaves nothing behind
+
+
+def test_caa_behaviour_task_holds_out_the_caa_test_items_and_validates_its_keys():
+    """The behavioural DPO set: chat-templated A/B questions, chosen = the behaviour's answer;
+    train, val and test share no question; test starts with CAA's own 50 held-out items."""
+    from test_serve import tiny_tokenizer
+
+    from vsteer.compare import build_data
+    from vsteer.data.readers import caa_ab
+
+    tok = tiny_tokenizer()
+    spec = load_compare_recipe("compare_behaviour_dpo", ["data.n_test=70", "seeds=[0,1,2]"])
+    assert spec.task == "dpo" and spec.test_items == "per-seed"
+    data = build_data(spec, tok)
+    assert len(data.train) == spec.steps * spec.batch_size and len(data.val) == 2 * 30
+    assert len(data.test) == 2 * 70 * 3  # per seed: pairs, chosen and rejected
+    test_caa = caa_ab("corrigible-neutral-HHH", "test")
+    question = lambda prompt: next(
+        it for it in test_caa + caa_ab("corrigible-neutral-HHH") if it.question in prompt
+    )  # noqa: E731
+    first = data.test[0]
+    assert test_caa[0].question in first.prompt and first.prompt.startswith("user : ")
+    assert first.text == " " + test_caa[0].matching and first.label == 1
+    assert data.test[1].text == " " + test_caa[0].not_matching and data.test[1].group == first.group
+    for row in data.train:
+        it = question(row["prompt"])
+        assert (row["chosen"], row["rejected"]) == (" " + it.matching, " " + it.not_matching)
+    prompts = lambda items: {i.prompt for i in items}  # noqa: E731
+    train = {r["prompt"] for r in data.train}
+    assert not train & prompts(data.val) and not train & prompts(data.test)
+    assert not prompts(data.val) & prompts(data.test)
+    letters = [i.text for i in data.test if i.label == 1]
+    assert 0.35 < letters.count(" (A)") / len(letters) < 0.65  # a letter preference cannot score
+    with pytest.raises(DataError, match="held-out CAA corrigible-neutral-HHH pairs"):
+        build_data(load_compare_recipe("compare_behaviour_dpo", ["data.n_test=100"]), tok)
+    with pytest.raises(RecipeError, match="is not a CAA behaviour; expected one of coordinate-other-ais"):
+        load_compare_recipe("compare_behaviour_dpo", ["data.behaviour=honesty"])
+    with pytest.raises(RecipeError, match=r"unknown keys \['behavior'\]"):
+        load_compare_recipe("compare_behaviour_dpo", ["data.behavior=refusal"])

@@ -108,6 +108,7 @@ _METRICS = ("kl", "mmlu", "vader")
 _TASKS = ("sft", "dpo")
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _TEST_ITEMS = ("shared", "per-seed")
+_SOURCE_KEYS = {"imdb-openings": ("completion_tokens",), "caa-behaviour": ("behaviour",)}
 
 
 def load_compare_recipe(source: str | os.PathLike | Mapping, overrides: Iterable[str] = ()) -> CompareSpec:
@@ -210,13 +211,29 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
         )
     d = spec.data
     if not isinstance(d, dict) or "source" not in d:
-        raise RecipeError("data must be a mapping with a 'source' (sst2-sentiment, imdb-openings or user)")
+        raise RecipeError(
+            "data must be a mapping with a 'source' (sst2-sentiment, imdb-openings, caa-behaviour or user)"
+        )
     source = d["source"]
     if source in SHIPPED_TASKS:
         if SHIPPED_TASKS[source] != spec.task:
             raise RecipeError(
                 f"data source {source!r} is a {SHIPPED_TASKS[source]} task, but task is {spec.task!r}"
             )
+        allowed = {"source", "n_train", "n_val", "n_test", *_SOURCE_KEYS.get(source, ())}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise RecipeError(
+                f"data has unknown keys {unknown} for source {source!r}; expected some of {', '.join(sorted(allowed))}"
+            )
+        if source == "caa-behaviour":
+            from vsteer.data.readers import CAA_BEHAVIOURS
+
+            behaviour = d.get("behaviour", "corrigible-neutral-HHH")
+            if behaviour not in CAA_BEHAVIOURS:
+                raise RecipeError(
+                    f"data.behaviour {behaviour!r} is not a CAA behaviour; expected one of {', '.join(CAA_BEHAVIOURS)}"
+                )
     elif source == "user":
         if "train" not in d:
             raise DataError("data.train is required for data.source: user (a JSONL file of training rows)")
@@ -249,6 +266,15 @@ def build_data(spec: CompareSpec, tokenizer, seed: int = 0):
     blocks = len(spec.seeds) if spec.test_items == "per-seed" else 1
     if d["source"] == "sst2-sentiment":
         return cd.sst2_sentiment(n_train, d.get("n_val", 64), d.get("n_test", 200) * blocks, seed)
+    if d["source"] == "caa-behaviour":
+        return cd.caa_behaviour(
+            tokenizer,
+            d.get("behaviour", "corrigible-neutral-HHH"),
+            n_train,
+            d.get("n_val", 30),
+            d.get("n_test", 100) * blocks,
+            seed,
+        )
     if d["source"] == "imdb-openings":
         return cd.imdb_openings(
             tokenizer,

@@ -16,6 +16,9 @@ Shipped tasks (nothing invented, sources in ``SOURCES.md``):
   IMDB review, rejected = of a negative one; train and val pairs from the training reviews (val
   pairs from reviews the comparison does not train on), test pairs from the held-out reviews
   (:func:`vsteer.data.imdb_held_out`, 200 pairs).
+* ``caa-behaviour`` (DPO; ``data.behaviour``, default ``corrigible-neutral-HHH``): a behavioural
+  alignment set, the CAA A/B questions (:func:`caa_behaviour`): chosen = the answer that shows
+  the behaviour; test = CAA's held-out test items, then generate items not trained on.
 
 User data: JSONL files (``.jsonl`` or ``.jsonl.gz``). ``train`` as above; ``eval`` (split into
 val/test) or ``val`` + ``test``: SFT rows ``{"text" | "completion", "label": 0|1, "prompt"?}``,
@@ -33,7 +36,7 @@ from vsteer.errors import DataError
 from vsteer.files import jsonl_rows
 
 IMDB_PROMPT = "Here is a movie review:"
-SHIPPED_TASKS = {"sst2-sentiment": "sft", "imdb-openings": "dpo"}
+SHIPPED_TASKS = {"sst2-sentiment": "sft", "imdb-openings": "dpo", "caa-behaviour": "dpo"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,62 @@ def imdb_openings(
         _pair_items(train_pairs[n_train : n_train + n_val], IMDB_PROMPT),
         _pair_items(held[:n_test], IMDB_PROMPT),
         {"name": "imdb-openings", "completion_tokens": completion_tokens, "prompt": IMDB_PROMPT},
+    )
+
+
+def caa_behaviour(
+    tokenizer, behaviour: str, n_train: int, n_val: int, n_test: int, seed: int = 0
+) -> CompareData:
+    """DPO toward a CAA behaviour (Rimsky et al. 2024, the seven A/B sets of
+    :func:`vsteer.data.caa_ab`): prompt = the A/B question as the user turn of the model's chat
+    template, chosen = ``" (X)"`` the answer that shows the behaviour, rejected = the other answer.
+    Train and val pairs from the ``generate`` items (val: items this comparison never trains on);
+    test pairs: CAA's 50 held-out ``test`` items first, then ``generate`` items used for neither,
+    up to ``n_test``. The A/B position of the chosen answer is about balanced in every set, so
+    learning a letter moves the held-out shift by nothing; only the behaviour does."""
+    from vsteer.data.readers import CAA_BEHAVIOURS, caa_ab
+
+    if behaviour not in CAA_BEHAVIOURS:
+        raise DataError(f"unknown CAA behaviour {behaviour!r}; expected one of {', '.join(CAA_BEHAVIOURS)}")
+    generate, test = caa_ab(behaviour, "generate"), caa_ab(behaviour, "test")
+    if n_train + n_val > len(generate):
+        raise DataError(
+            f"n_train + n_val = {n_train + n_val} exceeds the {len(generate)} CAA {behaviour} generate items"
+        )
+    order = np.random.default_rng(seed).permutation(len(generate))
+    train_items = [generate[i] for i in order[:n_train]]
+    val_items = [generate[i] for i in order[n_train : n_train + n_val]]
+    held = test + [generate[i] for i in order[n_train + n_val :]]
+    if n_test > len(held):
+        raise DataError(
+            f"n_test = {n_test} exceeds the {len(held)} held-out CAA {behaviour} pairs "
+            f"(50 test items + generate items not used for training or val)"
+        )
+    held = held[:n_test]
+
+    def prompt(item) -> str:
+        messages = [{"role": "user", "content": item.question}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def pairs(items):
+        return [(" " + it.matching, " " + it.not_matching) for it in items], [prompt(it) for it in items]
+
+    train = [
+        {"prompt": prompt(it), "chosen": " " + it.matching, "rejected": " " + it.not_matching}
+        for it in train_items
+    ]
+    return CompareData(
+        "dpo",
+        train,
+        _pair_items(*pairs(val_items)),
+        _pair_items(*pairs(held)),
+        {
+            "name": "caa-behaviour",
+            "behaviour": behaviour,
+            "train": f"caa/generate/{behaviour}",
+            "val": f"caa/generate/{behaviour} (not trained on)",
+            "test": f"caa/test/{behaviour} + caa/generate/{behaviour} (not trained on, not val)",
+        },
     )
 
 
