@@ -583,13 +583,17 @@ def test_caa_behaviour_task_holds_out_the_caa_test_items_and_validates_its_keys(
     assert len(data.train) == spec.steps * spec.batch_size and len(data.val) == 2 * 30
     assert len(data.test) == 2 * 70 * 3  # per seed: pairs, chosen and rejected
     test_caa = caa_ab("corrigible-neutral-HHH", "test")
-    question = lambda prompt: next(
-        it for it in test_caa + caa_ab("corrigible-neutral-HHH") if it.question in prompt
-    )  # noqa: E731
+    everything = test_caa + caa_ab("corrigible-neutral-HHH")
+
+    def question(prompt):
+        return next(it for it in everything if it.question in prompt)
+
     first = data.test[0]
-    assert test_caa[0].question in first.prompt and first.prompt.startswith("user : ")
-    assert first.text == " " + test_caa[0].matching and first.label == 1
-    assert data.test[1].text == " " + test_caa[0].not_matching and data.test[1].group == first.group
+    assert any(it.question in first.prompt for it in test_caa) and first.prompt.startswith("user : ")
+    held_caa = sum(any(it.question in i.prompt for it in test_caa) for i in data.test if i.label == 1)
+    assert held_caa == len(test_caa)  # all of CAA's own test items are in the test split
+    assert first.text in (" (A)", " (B)") and first.label == 1
+    assert data.test[1].label == 0 and data.test[1].group == first.group and data.test[1].text != first.text
     for row in data.train:
         it = question(row["prompt"])
         assert (row["chosen"], row["rejected"]) == (" " + it.matching, " " + it.not_matching)
@@ -597,8 +601,11 @@ def test_caa_behaviour_task_holds_out_the_caa_test_items_and_validates_its_keys(
     train = {r["prompt"] for r in data.train}
     assert not train & prompts(data.val) and not train & prompts(data.test)
     assert not prompts(data.val) & prompts(data.test)
-    letters = [i.text for i in data.test if i.label == 1]
-    assert 0.35 < letters.count(" (A)") / len(letters) < 0.65  # a letter preference cannot score
+    for split in (data.val, data.test, [{"text": r["chosen"]} for r in data.train]):
+        letters = [
+            i["text"] if isinstance(i, dict) else i.text for i in split if isinstance(i, dict) or i.label == 1
+        ]
+        assert abs(letters.count(" (A)") - letters.count(" (B)")) <= 1  # a letter preference cannot score
     with pytest.raises(DataError, match="held-out CAA corrigible-neutral-HHH pairs"):
         build_data(load_compare_recipe("compare_behaviour_dpo", ["data.n_test=100"]), tok)
     with pytest.raises(RecipeError, match="is not a CAA behaviour; expected one of coordinate-other-ais"):

@@ -152,9 +152,11 @@ def caa_behaviour(
     :func:`vsteer.data.caa_ab`): prompt = the A/B question as the user turn of the model's chat
     template, chosen = ``" (X)"`` the answer that shows the behaviour, rejected = the other answer.
     Train and val pairs from the ``generate`` items (val: items this comparison never trains on);
-    test pairs: CAA's 50 held-out ``test`` items first, then ``generate`` items used for neither,
-    up to ``n_test``. The A/B position of the chosen answer is about balanced in every set, so
-    learning a letter moves the held-out shift by nothing; only the behaviour does."""
+    test pairs: CAA's 50 held-out ``test`` items and then ``generate`` items used for neither, up
+    to ``n_test``. Every split alternates the chosen answer's letter (:func:`_alternate_letters`),
+    so a letter preference can neither lower the training loss nor move the held-out shift (an
+    unbalanced first run, 44 (B) vs 36 (A) in training and 13 vs 17 in val, gave every arm a
+    negative val shift: it learned the letter)."""
     from vsteer.data.readers import CAA_BEHAVIOURS, caa_ab
 
     if behaviour not in CAA_BEHAVIOURS:
@@ -165,9 +167,13 @@ def caa_behaviour(
             f"n_train + n_val = {n_train + n_val} exceeds the {len(generate)} CAA {behaviour} generate items"
         )
     order = np.random.default_rng(seed).permutation(len(generate))
-    train_items = [generate[i] for i in order[:n_train]]
-    val_items = [generate[i] for i in order[n_train : n_train + n_val]]
-    held = test + [generate[i] for i in order[n_train + n_val :]]
+    # letters alternate in every split: with the chosen answer (A) as often as (B), a letter
+    # preference neither lowers the training loss nor moves the held-out shift
+    pool = _alternate_letters([generate[i] for i in order])
+    train_items = pool[:n_train]
+    rest = _alternate_letters(pool[n_train:])
+    val_items = rest[:n_val]
+    held = _alternate_letters(test + rest[n_val:])
     if n_test > len(held):
         raise DataError(
             f"n_test = {n_test} exceeds the {len(held)} held-out CAA {behaviour} pairs "
@@ -199,6 +205,18 @@ def caa_behaviour(
             "test": f"caa/test/{behaviour} + caa/generate/{behaviour} (not trained on, not val)",
         },
     )
+
+
+def _alternate_letters(items: list) -> list:
+    """``items`` reordered so that the chosen answer alternates (A), (B), (A), ... while both
+    letters last (each letter's items keep their order; other letters, survival-instinct's
+    (C)-(H), and the excess of one letter follow at the end)."""
+    a = [it for it in items if it.matching == "(A)"]
+    b = [it for it in items if it.matching == "(B)"]
+    other = [it for it in items if it.matching not in ("(A)", "(B)")]
+    n = min(len(a), len(b))
+    mixed = [it for pair in zip(a[:n], b[:n]) for it in pair]
+    return mixed + a[n:] + b[n:] + other
 
 
 def _pair_items(pairs, prompt: str | list[str], offset: int = 0) -> list[Item]:
