@@ -170,6 +170,23 @@ def _request(engine, content, steering=None, monitor=None, max_tokens=6):
     )
 
 
+def _served_together(engine, specs) -> list[dict]:
+    """The ``done`` payloads of ``specs`` (``_request`` arguments) queued at once, so that they
+    prefill as one batch, in the order of ``specs``."""
+    events: dict[int, dict] = {}
+    reqs = [_request(engine, *spec) for spec in specs]
+    for i, r in enumerate(reqs):
+        r.emit = lambda kind, payload, i=i: events.__setitem__(i, payload) if kind == "done" else None
+    with engine._lock:  # queue them all, so they prefill as one batch
+        for r in reqs:
+            engine.submit(r)
+    for _ in range(4000):
+        if len(events) == len(reqs):
+            break
+        time.sleep(0.005)
+    return [events[i] for i in range(len(reqs))]
+
+
 def test_gated_rows_batch_together_and_match_alone(served):
     engine, fire, calm = served["engine"], served["fire"], served["pass"]
     boost = [{"vector": "boost", "scale": 8.0, "positions": "all"}]
@@ -195,20 +212,9 @@ def test_gated_rows_batch_together_and_match_alone(served):
     assert alone[0]["text"] != alone[5]["text"] and alone[2]["text"] != alone[5]["text"], "steering must show"
     assert [a["monitor"]["prompt_flagged"] for a in alone[:4]] == [True, False, True, False]
 
-    events: dict[int, dict] = {}
-    reqs = [_request(engine, *spec) for spec in specs]
-    for i, r in enumerate(reqs):
-        r.emit = lambda kind, payload, i=i: events.__setitem__(i, payload) if kind == "done" else None
     before = engine.batches_run
-    with engine._lock:  # queue them all, so they prefill as one batch
-        for r in reqs:
-            engine.submit(r)
-    for _ in range(4000):
-        if len(events) == len(reqs):
-            break
-        time.sleep(0.005)
-    assert engine.batches_run - before == 1 and engine.max_rows_seen >= len(reqs)
-    together = [events[i] for i in range(len(reqs))]
+    together = _served_together(engine, specs)
+    assert engine.batches_run - before == 1 and engine.max_rows_seen >= len(specs)
     for a, t in zip(alone, together, strict=True):
         am, tm = a.pop("monitor", None), t.pop("monitor", None)
         assert t == a
@@ -412,18 +418,7 @@ def test_recheck_steers_from_the_step_that_fires_as_the_library_does(served):
         assert got["text"] == text
         assert got["monitor"]["steered_from"] == step and got["monitor"]["prompt_flagged"] is False
     assert alone[3]["monitor"]["steered_from"] == 0  # flagged at the prompt
-    events: dict[int, dict] = {}
-    reqs = [_request(engine, *spec) for spec in specs]
-    for i, r in enumerate(reqs):
-        r.emit = lambda kind, payload, i=i: events.__setitem__(i, payload) if kind == "done" else None
-    with engine._lock:  # queue them all, so they prefill as one batch
-        for r in reqs:
-            engine.submit(r)
-    for _ in range(4000):
-        if len(events) == len(reqs):
-            break
-        time.sleep(0.005)
-    together = [events[i] for i in range(len(reqs))]
+    together = _served_together(engine, specs)
     for a, t in zip(alone, together, strict=True):
         assert t["text"] == a["text"]
         if "monitor" in a:
