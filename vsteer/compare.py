@@ -227,9 +227,10 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
                 f"data has unknown keys {unknown} for source {source!r}; expected some of {', '.join(sorted(allowed))}"
             )
         if source == "caa-behaviour":
+            from vsteer.data.compare_data import CAA_DEFAULT_BEHAVIOUR
             from vsteer.data.readers import CAA_BEHAVIOURS
 
-            behaviour = d.get("behaviour", "corrigible-neutral-HHH")
+            behaviour = d.get("behaviour", CAA_DEFAULT_BEHAVIOUR)
             if behaviour not in CAA_BEHAVIOURS:
                 raise RecipeError(
                     f"data.behaviour {behaviour!r} is not a CAA behaviour; expected one of {', '.join(CAA_BEHAVIOURS)}"
@@ -269,7 +270,7 @@ def build_data(spec: CompareSpec, tokenizer, seed: int = 0):
     if d["source"] == "caa-behaviour":
         return cd.caa_behaviour(
             tokenizer,
-            d.get("behaviour", "corrigible-neutral-HHH"),
+            d.get("behaviour", cd.CAA_DEFAULT_BEHAVIOUR),
             n_train,
             d.get("n_val", 30),
             d.get("n_test", 100) * blocks,

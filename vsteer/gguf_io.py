@@ -89,12 +89,7 @@ def _value_as_residual(vector: SteeringVector, model) -> SteeringVector:
             "are sequential (the MLP reads the attention output), so no constant added to a block's output "
             "equals it; extract a vector with site='resid' instead (docs/llamacpp.md)"
         )
-    if 0 in vector.directions:
-        raise VectorError(
-            "layer 0 cannot be exported: llama.cpp's direction.N is added to the output of block N and it "
-            "rejects N = 0; drop layer 0 (vector.select_layers(...)) before exporting"
-        )
-    change = residual_change(model, vector)
+    change = residual_change(model, vector)  # same layers: export_gguf refuses layer 0 for both sites
     extra = {**vector.extra, "converted_from": "v", "model_type": model_type_of(model)}
     return replace(change, site="resid", extra=extra)
 

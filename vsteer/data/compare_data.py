@@ -37,6 +37,7 @@ from vsteer.files import jsonl_rows
 
 IMDB_PROMPT = "Here is a movie review:"
 SHIPPED_TASKS = {"sst2-sentiment": "sft", "imdb-openings": "dpo", "caa-behaviour": "dpo"}
+CAA_DEFAULT_BEHAVIOUR = "corrigible-neutral-HHH"  # data.behaviour of caa-behaviour when not given
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,8 @@ def caa_behaviour(
     so a letter preference can neither lower the training loss nor move the held-out shift (an
     unbalanced first run, 44 (B) vs 36 (A) in training and 13 vs 17 in val, gave every arm a
     negative val shift: it learned the letter)."""
-    from vsteer.data.readers import CAA_BEHAVIOURS, caa_ab
+    from vsteer.data.readers import caa_ab
 
-    if behaviour not in CAA_BEHAVIOURS:
-        raise DataError(f"unknown CAA behaviour {behaviour!r}; expected one of {', '.join(CAA_BEHAVIOURS)}")
     generate, test = caa_ab(behaviour, "generate"), caa_ab(behaviour, "test")
     if n_train + n_val > len(generate):
         raise DataError(

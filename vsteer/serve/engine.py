@@ -384,13 +384,15 @@ class Engine:
             gate = self._gates.setdefault(name, {})
             gate.clear()
             state = states[name] = WatchState(mon, Flags(mon))
-            mine = torch.tensor([d and row.req.monitor == name for d, row in zip(due, rows)])
+            mine = [d and row.req.monitor == name for d, row in zip(due, rows)]
             if prompt:
                 state.on_prompt = lambda fired, g=gate: g.__setitem__("rows", fired)
-            elif bool(mine.any()):
+            elif any(mine):
+                mask = torch.tensor(mine)
 
-                def on_step(_step, _fired, g=gate, st=state, n=name, m=mine, th=mon.threshold):
-                    g["rows"] = m & (self._row_scores(rows, n, st, False) > th)
+                def on_step(_step, _fired, g=gate, st=state, n=name, m=mask, th=mon.threshold):
+                    g["scores"] = self._row_scores(rows, n, st, False)  # _read_monitors reuses them
+                    g["rows"] = m & (g["scores"] > th)
 
                 state.on_step = on_step
             for key, op in state.ops().items():
@@ -404,10 +406,13 @@ class Engine:
             mon = self.monitors[name]
             if not state.flags.steps:
                 continue
-            scores = self._row_scores(rows, name, state, prompt)
+            gate = self._gates.get(name, {})
+            scores = gate.get("scores")  # computed mid-forward where a recheck was due
+            if scores is None:
+                scores = self._row_scores(rows, name, state, prompt)
             # the very comparison the gates used mid-forward (float32 scores against the threshold)
             above = (scores > mon.threshold).tolist()
-            decided = self._gates.get(name, {}).get("rows")
+            decided = gate.get("rows")
             decided = decided.tolist() if decided is not None else [False] * len(rows)
             sums = {layer: t.tolist() for layer, t in state.sums.items()}
             counts = state.count.tolist() if state.count is not None else None
