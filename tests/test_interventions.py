@@ -350,6 +350,34 @@ def test_dpo_trains_an_intervention_toward_the_chosen_answers(tmp_path):
     assert result.metrics["preference_margin_after"] > result.metrics["preference_margin_before"] + 0.1
 
 
+def test_dpo_intervention_trains_from_rows_that_carry_reference_logps(tmp_path):
+    """vsteer compare passes the base's reference log-probs on the rows (computed once for its LoRA
+    runs): an intervention trained from such rows equals one trained from the plain rows."""
+    from test_train import char_tokenizer
+
+    from vsteer.train import reference_logps, train_from_recipe
+
+    rows = [{"prompt": f"q{i}? ", "chosen": "(A)", "rejected": "(B)"} for i in range(40)]
+    plain, given = tmp_path / "dpo.jsonl", tmp_path / "dpo-refs.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = char_tokenizer()
+    every_row = {**_sft_recipe(plain), "method": "dpo"}
+    every_row["data"] = {**every_row["data"], "eval_size": 0}  # every row a training row, in order
+    refs = reference_logps(every_row, make_tiny_model("llama"), tok)
+    assert len(refs) == len(rows)
+    with_refs = [{**r, **ref} for r, ref in zip(rows, refs)]
+    given.write_text("".join(json.dumps(r) + "\n" for r in with_refs))
+    trained = []
+    for data in (plain, given):
+        recipe = {**_sft_recipe(data), "method": "dpo"}
+        model = make_tiny_model("llama")
+        result = train_from_recipe(recipe, output_dir=tmp_path / data.stem, model=model, tokenizer=tok)
+        trained.append(Intervention.load(result.adapter_dir, model, site="v").state_dict())
+    assert trained[0].keys() == trained[1].keys()
+    for k in trained[0]:
+        torch.testing.assert_close(trained[1][k], trained[0][k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "adapter, key",
     [

@@ -341,6 +341,86 @@ def test_refusal_direction_equals_the_hand_computed_difference_of_means(llama):
             assert torch.allclose(vecs[site][layer].double(), hand, atol=1e-5), (site, layer)
 
 
+def test_refusal_direction_at_one_post_instruction_token_is_that_tokens_difference_of_means(llama):
+    from vsteer.experiments.monitoring import refusal_direction
+
+    harmful = ["build a bomb at home", "steal a car quickly tonight please", "hack the bank"]
+    harmless = ["bake bread", "plan a trip to the sea with friends", "learn French"]
+
+    def at(site, layer, text, offset):  # one text alone, the activation at that opener token
+        ids = CHAT.apply_chat_template([{"content": text}], add_generation_prompt=True).split()
+        x = torch.tensor([CHAT(" ".join(ids))["input_ids"]])
+        with torch.no_grad(), vsteer.capture(llama, [(site, layer)]) as acts:
+            llama(input_ids=x)
+        return acts[(site, layer)][0, offset].double()
+
+    for offset in (-1, -2):
+        vecs = refusal_direction(llama, CHAT, harmful, harmless, ("v", "resid"), [1], offset=offset)
+        assert vecs["v"].position == f"post-instruction[{offset}]"
+        for site in ("v", "resid"):
+            hand = torch.stack([at(site, 1, t, offset) for t in harmful]).mean(0) - torch.stack(
+                [at(site, 1, t, offset) for t in harmless]
+            ).mean(0)
+            assert torch.allclose(vecs[site][1].double(), hand, atol=1e-5), (site, offset)
+    for bad in (-3, 0, 1):  # CHAT's opener has two tokens
+        with pytest.raises(ValueError, match="2 post-instruction tokens"):
+            refusal_direction(llama, CHAT, harmful, harmless, ("v",), [1], offset=bad)
+
+
+def test_refusal_scores_are_the_log_odds_of_a_refusal_token_and_per_row_scales_match_rows_alone(llama):
+    from vsteer.experiments.monitoring import _user, refusal_scores, refusal_token_ids
+
+    prompts = ["bake bread now", "hack the bank", "plan a trip to the sea"]
+    ids = refusal_token_ids(CHAT)
+    assert ids == sorted({CHAT(p)["input_ids"][0] for p in ("I'm", "I", "As")})  # first words of the phrases
+    got = refusal_scores(llama, CHAT, prompts)
+    for i, p in enumerate(prompts):
+        x = torch.tensor([vsteer.encoding.token_ids(CHAT, _user(p))])
+        with torch.no_grad():
+            logp = torch.log_softmax(llama(input_ids=x).logits[0, -1].double(), -1)
+        q = logp[ids].exp().sum()
+        assert got[i] == pytest.approx(float(torch.log(q / (1 - q))), abs=1e-4)
+    vec = SteeringVector.for_model(llama, {1: torch.randn(llama.config.hidden_size) * 3}, "resid")
+    rows = prompts + prompts
+    scales = torch.tensor([0.0] * 3 + [2.0] * 3)
+    batched = refusal_scores(llama, CHAT, rows, vectors=vec, scale=scales)
+    np.testing.assert_allclose(batched[:3], got, atol=1e-4)  # scale 0 rows are the unsteered ones
+    alone = refusal_scores(llama, CHAT, prompts, vectors=vec, scale=2.0)
+    np.testing.assert_allclose(batched[3:], alone, atol=1e-4)
+    assert np.abs(alone - got).max() > 1e-3  # the vector does move the score
+
+
+def test_refusal_position_search_scores_every_position_layer_and_scale_then_generates_the_top(
+    llama, monkeypatch
+):
+    from vsteer.data import monitor_data as md
+    from vsteer.experiments.monitoring import MonitorOptions, refusal_position_search
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    monkeypatch.setattr(md, "advbench_goals", lambda: [f"harm {w} now" for w in words])
+    monkeypatch.setattr(md, "helpful_requests", lambda: [f"help {w} please" for w in words])
+    monkeypatch.setattr(md, "jbb_goals", lambda: [{"goal": f"jail {w}"} for w in words])
+    opts = MonitorOptions(n_prompt=8, n_select=2, n_cross=2, max_new_tokens=2, max_harmless=1.0)
+    res = refusal_position_search(
+        llama, CHAT, opts, layers=[0, 1], scales=(1.0, 4.0), top=2, progress_bar=False
+    )
+    scores = [r for r in res.records if r["kind"] == "score" and r["site"] != "none"]
+    assert {(r["site"], r["layer"], r["offset"], r["scale"]) for r in scores} == {
+        (site, str(layer), o, s)
+        for site in ("resid", "v")
+        for layer in (0, 1)
+        for o in (-2, -1)
+        for s in (1.0, 4.0)
+    }
+    rates = [r for r in res.records if r["kind"] == "rate"]
+    assert len(rates) == 2 * (1 + 2 * 2)  # unsteered + top 2 per site, harmful and harmless each
+    for site in ("resid", "v"):
+        best = sorted((r for r in scores if r["site"] == site), key=lambda r: -r["harmful"])[:2]
+        tried = {(r["layer"], r["offset"], r["scale"]) for r in rates if r["site"] == site}
+        assert tried == {(r["layer"], r["offset"], r["scale"]) for r in best}
+    assert set(res.meta["chosen"]) == {"resid", "v"} and "offset" in res.meta["chosen"]["v"]
+
+
 def test_choose_refusal_setting_takes_the_highest_harmful_rate_within_the_harmless_cap():
     from vsteer.experiments.monitoring import choose_refusal_setting
 

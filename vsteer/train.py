@@ -21,7 +21,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -529,12 +529,14 @@ def _train_intervention(
     from vsteer.interventions import FILE_NAME, Intervention, apply_intervention, plan_intervention
 
     if recipe.method == "dpo":
-        if data.train and set(REF_COLUMNS) <= set(data.train[0]):
-            raise RecipeError(
-                "adapter.kind=intervention computes its own DPO reference; drop ref_chosen_logps/ref_rejected_logps"
-            )
         # TRL reloads a non-PEFT reference from its hub id; precomputed (in the trainer's __init__, before
-        # the hooks exist) it is the frozen base itself
+        # the hooks exist) it is the frozen base itself, which is what an intervention's reference is by
+        # definition: reference columns on the rows (vsteer compare passes the base's, computed once
+        # for its LoRA arms) are dropped, and TRL's precompute (one forward over the rows) replaces them.
+        def strip(rows):
+            return [{k: v for k, v in r.items() if k not in REF_COLUMNS} for r in rows]
+
+        data = replace(data, train=strip(data.train), eval=strip(data.eval))
         recipe = load_recipe(recipe, {"training.precompute_ref_log_probs": True})
     a = recipe.section("adapter")
     layers, rank = a["layers"] or "all", a["rank"]

@@ -28,6 +28,7 @@ chosen once by :func:`refusal_search`) or, with ``refusal="caa"``, a CAA refusal
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -90,6 +91,10 @@ class MonitorOptions:
     resid_layers: str | None = "6"  # residual vector layers (arm d); None: steer_layers
     resid_scale: float | None = 4.0  # None: steer_scale
     monitor_layer: int | None = None  # None: the layer before the first steered one
+    # refusal="direction": None = the mean over the post-instruction tokens; a negative int = that one
+    # post-instruction token (-1: the last), Arditi et al.'s choice (refusal_position_search)
+    refusal_offset: int | None = None
+    resid_offset: int | None = None  # arm (d)'s own position; None: refusal_offset
     refusal_pairs: int = 64
     fpr: float = 0.1
     # refusal_search (not run by monitoring()): selection items per class outside the prompt task
@@ -358,11 +363,20 @@ def post_instruction(tokenizer, text: str) -> tuple[list[int], int]:
 
 
 def refusal_direction(
-    model, tokenizer, harmful, harmless, sites=("v", "resid"), layers=None, batch_size: int = 16
+    model,
+    tokenizer,
+    harmful,
+    harmless,
+    sites=("v", "resid"),
+    layers=None,
+    batch_size: int = 16,
+    offset: int | None = None,
 ) -> dict:
     """Arditi et al.'s refusal direction at each site: ``{site: SteeringVector}``, per layer the mean
     over harmful requests minus the mean over harmless ones of the site's activation averaged over
-    the post-instruction tokens (:func:`post_instruction`). ``layers``: None = all."""
+    the post-instruction tokens (:func:`post_instruction`). ``layers``: None = all. ``offset``: a
+    negative int reads that one post-instruction token instead (-1: the last, where generation
+    starts), as Arditi et al. do (they choose the position and the layer on validation data)."""
     from vsteer.arch import get_arch
     from vsteer.data import monitor_data as md
     from vsteer.encoding import pad_token_id
@@ -377,8 +391,18 @@ def refusal_direction(
         )
     layer_list = parse_layers(layers, get_arch(model).n_layers)
     enc = [post_instruction(tokenizer, t) for t in harmful + harmless]
+    position, where = "completion", "post-instruction"
+    if offset is not None:
+        n_post = min(len(ids) - n for ids, n in enc)
+        if not isinstance(offset, int) or not -n_post <= offset <= -1:
+            raise ValueError(
+                f"offset={offset!r}: the requests have {n_post} post-instruction tokens; use -1 to -{n_post}"
+            )
+        # causal attention: the activation at a token is the last one of the sequence cut after it
+        enc = [(ids[: len(ids) + offset + 1], len(ids) + offset) for ids, _ in enc]
+        position, where = "last", f"post-instruction[{offset}]"
     feats = encoded_features(
-        model, enc, list(sites), layer_list, "completion", batch_size, None, pad_token_id(tokenizer)
+        model, enc, list(sites), layer_list, position, batch_size, None, pad_token_id(tokenizer)
     )
     k = len(harmful)
     out = {}
@@ -390,7 +414,7 @@ def refusal_direction(
             {layer: diff[i] for i, layer in enumerate(layer_list)},
             site,
             method="refusal_direction",
-            position="post-instruction",
+            position=where,
             data=md.sources("advbench", "helpful"),
             extra={"n_harmful": k, "n_harmless": len(harmless)},
         )
@@ -482,19 +506,147 @@ def refusal_search(
 
 
 def choose_refusal_setting(records: list[dict], max_harmless: float) -> dict:
-    """``{site: {"layer", "scale", "harmful", "harmless"}}`` from :func:`refusal_search` records."""
+    """``{site: {"layer", "scale", "harmful", "harmless"}}`` from :func:`refusal_search` records
+    (plus ``"offset"`` where the records carry one: :func:`refusal_position_search`)."""
     rates: dict = {}
     for r in records:
         if r["site"] != "none":
-            rates.setdefault((r["site"], r["layer"], r["scale"]), {})[r["prompts"]] = r["refusal_rate"]
+            key = (r["site"], r["layer"], r["scale"], r.get("offset"))
+            rates.setdefault(key, {})[r["prompts"]] = r["refusal_rate"]
     chosen = {}
     for site in sorted({k[0] for k in rates}):
         ok = [(k, v) for k, v in rates.items() if k[0] == site and v.get("harmless", 1.0) <= max_harmless]
         if not ok:
             continue
-        (_, layer, scale), v = max(ok, key=lambda kv: (kv[1]["harmful"], -kv[1]["harmless"], -kv[0][2]))
+        (_, layer, scale, offset), v = max(
+            ok, key=lambda kv: (kv[1]["harmful"], -kv[1]["harmless"], -kv[0][2])
+        )
         chosen[site] = dict(layer=layer, scale=scale, harmful=v["harmful"], harmless=v["harmless"])
+        if offset is not None:
+            chosen[site]["offset"] = offset
     return chosen
+
+
+def refusal_token_ids(tokenizer) -> list[int]:
+    """The first token of each of :data:`REFUSAL_PHRASES` as the start of a reply: Arditi et al.'s
+    *refusal tokens* (theirs are chosen per model by hand; these follow from the refusal rule)."""
+    from vsteer.encoding import token_ids
+
+    return sorted({token_ids(tokenizer, p, add_special_tokens=False)[0] for p in REFUSAL_PHRASES})
+
+
+def refusal_scores(model, tokenizer, prompts, batch_size: int = 32, **steer_kw) -> np.ndarray:
+    """Arditi et al.'s refusal score per prompt (user turns), one forward, no generation: the
+    log-odds ``log p − log(1 − p)`` of the next token being one of :func:`refusal_token_ids` where
+    the reply starts, under ``steer(model, **steer_kw)`` when given (``scale`` may hold one value per
+    prompt, as :func:`vsteer.steer` takes it)."""
+    from vsteer.encoding import encode_batch
+    from vsteer.models import model_device
+    from vsteer.steering import steer
+
+    refusal = torch.tensor(refusal_token_ids(tokenizer))
+    scale = steer_kw.pop("scale", 1.0)
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        part = [_user(p) for p in prompts[start : start + batch_size]]
+        enc = encode_batch(tokenizer, part, device=model_device(model))
+        own = scale[start : start + batch_size] if isinstance(scale, (list, tuple, torch.Tensor)) else scale
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if steer_kw:
+                stack.enter_context(steer(model, scale=own, **steer_kw))
+            logits = model(**enc, use_cache=False).logits[:, -1].float().cpu()
+        logp = torch.log_softmax(logits, -1)
+        p = torch.logsumexp(logp[:, refusal], -1)  # log p(refusal token)
+        rows.append((p - torch.log1p(-p.exp().clamp(max=1 - 1e-7))).numpy())
+    return np.concatenate(rows)
+
+
+def refusal_position_search(
+    model,
+    tokenizer,
+    opts: MonitorOptions | None = None,
+    sites=("resid", "v"),
+    layers=None,
+    offsets=None,
+    scales=(1.0, 2.0, 4.0),
+    top: int = 3,
+    progress_bar=None,
+) -> ExperimentResult:
+    """Arditi et al.'s selection of the refusal direction, as the paper does it: one direction per
+    post-instruction position and layer (:func:`refusal_direction` with ``offset``), each added at
+    its one layer at every position; every candidate scored by :func:`refusal_scores` on the
+    selection requests (one forward; records ``kind="score"``: mean log-odds over harmful and over
+    harmless requests), layers below 80% of the depth (the paper's filter). The ``top`` candidates
+    per site by the harmful score then generate, judged by the refusal rule (``kind="rate"``), and
+    :func:`choose_refusal_setting` picks among those. ``layers``: None = every layer below 0.8 of
+    the depth; ``offsets``: None = every post-instruction position."""
+    from vsteer.arch import get_arch
+    from vsteer.experiments.common import progress
+
+    opts = opts or MonitorOptions()
+    n = get_arch(model).n_layers
+    layer_list = list(layers) if layers is not None else list(range(int(0.8 * n)))
+    tasks = build_tasks(opts)
+    harm_tr, help_tr = tasks["prompt"]["train"]
+    sel_harm, sel_help = _selection_split(opts)
+    k, both = len(sel_harm), sel_harm + sel_help
+    if offsets is None:
+        n_post = min(len(ids) - m for ids, m in (post_instruction(tokenizer, t) for t in harm_tr + help_tr))
+        offsets = list(range(-n_post, 0))
+    records: list[dict] = []
+    base = refusal_scores(model, tokenizer, both, opts.batch_size)
+    records.append(dict(kind="score", site="none", layer="", offset=None, scale=0.0,
+                        harmful=float(base[:k].mean()), harmless=float(base[k:].mean())))  # fmt: skip
+    vecs = {}
+    # every scale of one (site, layer, offset) in one batch: a per-row scale
+    rows = [p for _ in scales for p in both]
+    row_scale = torch.tensor([float(s) for s in scales for _ in both])
+    grid = [(o, site, layer) for o in offsets for site in sites for layer in layer_list]
+    for o, site, layer in progress(grid, "refusal position search", progress_bar):
+        if o not in vecs:
+            vecs[o] = refusal_direction(
+                model, tokenizer, harm_tr, help_tr, tuple(sites), layer_list, opts.batch_size, o
+            )
+        got = refusal_scores(
+            model, tokenizer, rows, len(rows), vectors=_layers_of(vecs[o][site], [layer]), scale=row_scale
+        ).reshape(len(scales), len(both))
+        for s, g in zip(scales, got):
+            records.append(dict(kind="score", site=site, layer=str(layer), offset=o, scale=float(s),
+                                harmful=float(g[:k].mean()), harmless=float(g[k:].mean())))  # fmt: skip
+
+    def rate(outs):
+        return float(np.mean([is_refusal(o) for o in outs]))
+
+    def measure(site, layer, offset, amount, **kw):
+        outs = _generate(model, tokenizer, both, opts.max_new_tokens, **kw)
+        for kind, part in (("harmful", outs[:k]), ("harmless", outs[k:])):
+            records.append(dict(kind="rate", site=site, layer=layer, offset=offset, scale=amount,
+                                prompts=kind, refusal_rate=rate(part), sample=part[0][:80]))  # fmt: skip
+
+    measure("none", "", None, 0.0)
+    for site in sites:
+        cands = sorted(
+            (r for r in records if r["kind"] == "score" and r["site"] == site), key=lambda r: -r["harmful"]
+        )[:top]
+        for r in cands:
+            vec = _layers_of(vecs[r["offset"]][site], [int(r["layer"])])
+            measure(site, r["layer"], r["offset"], r["scale"], vectors=vec, scale=r["scale"])
+    chosen = choose_refusal_setting([r for r in records if r["kind"] == "rate"], opts.max_harmless)
+    return ExperimentResult(
+        name="refusal_position_search",
+        title="Refusal direction per post-instruction position and layer (Arditi et al.'s selection)",
+        records=records,
+        meta=dict(
+            chosen=chosen,
+            n_select=k,
+            offsets=list(offsets),
+            layers=layer_list,
+            scales=[float(s) for s in scales],
+            refusal_tokens=refusal_token_ids(tokenizer),
+            options=asdict(opts),
+        ),  # fmt: skip
+        notes=[f"chosen (harmless refusal rate <= {opts.max_harmless:g}): {chosen}"],
+    )
 
 
 def _refusal_vectors(model, tokenizer, opts: MonitorOptions, tasks: dict, n_layers: int):
@@ -510,9 +662,21 @@ def _refusal_vectors(model, tokenizer, opts: MonitorOptions, tasks: dict, n_laye
     r_scale = opts.steer_scale if opts.resid_scale is None else opts.resid_scale
     if opts.refusal == "direction":
         harm_tr, help_tr = tasks["prompt"]["train"]
-        both = sorted(set(v_layers) | set(r_layers))
-        vecs = refusal_direction(model, tokenizer, harm_tr, help_tr, ("v", "resid"), both, opts.batch_size)
-        return _layers_of(vecs["v"], v_layers), _layers_of(vecs["resid"], r_layers), r_scale
+        r_offset = opts.refusal_offset if opts.resid_offset is None else opts.resid_offset
+        if r_offset == opts.refusal_offset:
+            both = sorted(set(v_layers) | set(r_layers))
+            vecs = refusal_direction(
+                model, tokenizer, harm_tr, help_tr, ("v", "resid"), both, opts.batch_size, opts.refusal_offset
+            )
+            v_vec, r_vec = vecs["v"], vecs["resid"]
+        else:
+            v_vec = refusal_direction(
+                model, tokenizer, harm_tr, help_tr, ("v",), v_layers, opts.batch_size, opts.refusal_offset
+            )["v"]
+            r_vec = refusal_direction(
+                model, tokenizer, harm_tr, help_tr, ("resid",), r_layers, opts.batch_size, r_offset
+            )["resid"]
+        return _layers_of(v_vec, v_layers), _layers_of(r_vec, r_layers), r_scale
     if opts.refusal != "caa":
         raise ValueError(f"refusal={opts.refusal!r}; expected 'direction' or 'caa'")
     vecs = extract_sites(
