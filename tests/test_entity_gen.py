@@ -190,3 +190,57 @@ def test_entities_section_runs_on_the_smoke_profile(tmp_path):
     assert {"base", "v", "k", "v_random", "donor"} <= arms
     assert res["meta"]["examples"] and all(e["v"] for e in res["meta"]["examples"])
     assert "entities" in report.read_text()
+
+
+# ---- the strict form: one layer, one position ----------------------------------------------------
+class CrcScorer:
+    """A deterministic stand-in for MiniLM: a margin from the text's checksum."""
+
+    def margins(self, texts, base, donor):
+        import zlib
+
+        import numpy as np
+
+        return np.array([(zlib.crc32(t.encode()) % 11 - 5) / 10 for t in texts])
+
+
+def test_single_row_patches_only_the_last_entity_token():
+    model = make_tiny_model("llama")
+    item = eg.EntityItem("animals", "a", "b", 0, BASE, DONOR, ENTITY, (6, 7))
+    row = eg.single_row(item, "v")
+    assert row.source_positions == row.target_positions == (4,)
+    assert eg.single_row(item, "v_random").source_positions == (7,)
+    assert eg.single_row(item, "base").site is None
+    _, logits = eg.generate_rows(model, TOK, [row], max_new_tokens=1, return_logits=True, progress_bar=False)
+    torch.testing.assert_close(
+        logits[0][0], manual_patched_logits(model, BASE, DONOR, (4,)), rtol=1e-5, atol=1e-5
+    )
+    both = manual_patched_logits(model, BASE, DONOR, ENTITY)
+    assert (logits[0][0] - both).abs().max() > 1e-3  # position 3 is left alone
+    with pytest.raises(DataError, match="unknown arm"):
+        eg.single_row(item, "donor")
+
+
+def test_single_layer_entities_choose_the_layer_on_selection_pairs_and_report_held_out_ones():
+    model = make_tiny_model("llama")
+    cfg = eg.EntitySingleConfig(n_select=2, n_pairs=3, n_frames=1, max_new_tokens=3)
+    res = eg.run_entity_gen_single(model, TOK, cfg, seed=1, progress_bar=False, scorer=CrcScorer())
+    chosen, sel = res.meta["chosen_layers"], res.meta["selection"]
+    n_layers = model.config.num_hidden_layers
+    assert {(r["site"], r["layer"]) for r in sel} == {(s, x) for s in ("v", "k") for x in range(n_layers)}
+    for site in ("v", "k"):
+        best = max(
+            (r for r in sel if r["site"] == site), key=lambda r: (r["donor_share"], r["margin"], -r["layer"])
+        )
+        assert chosen[site] == best["layer"]
+    records = {r["arm"]: r for r in res.records}
+    assert set(records) == {"base", "v", "k", "v_random"} and records["v"]["layer"] == chosen["v"]
+    assert all(r["n_pairs"] == 2 * 3 for r in res.records)  # 3 held-out base entities per category
+    held = {(e["base"]) for e in res.meta["examples"]}
+    picked = {b for bases in res.meta["selection_pairs"].values() for b in bases}
+    assert not held & picked  # the held-out pairs never chose the layer
+    assert {f.rule_id for f in res.findings} == {
+        "entities.single_v_vs_base",
+        "entities.single_v_vs_k",
+        "entities.single_v_rate",
+    }

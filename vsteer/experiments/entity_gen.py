@@ -642,3 +642,196 @@ def _plot(records, path, arms=()) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# the strict form: one layer, one position, the layer chosen on a selection split
+# ------------------------------------------------------------------------------------------------
+SINGLE_ARMS = ("base", "v", "k", "v_random")
+
+
+@dataclass
+class EntitySingleConfig:
+    """Sizes of :func:`run_entity_gen_single`. Per category ``n_select`` base entities choose the
+    layer, up to ``n_pairs`` others are held out; ``candidates``: the layers tried (None: all)."""
+
+    categories: tuple[str, ...] = CATEGORIES
+    n_select: int = 6
+    n_pairs: int | None = 12
+    n_frames: int = 2
+    sites: tuple[str, ...] = ("v", "k")
+    candidates: object = None
+    max_new_tokens: int = 20
+    batch_size: int = 64
+
+
+def single_row(item: EntityItem, arm: str) -> GenRow:
+    """The one-position rows: ``v``/``k`` patch only the entity's *last* token (the donor's last
+    entity token in its place); ``v_random`` the donor's value at the last token of the random
+    span; ``base`` no patch."""
+    if arm == "base":
+        return GenRow(item.base_ids)
+    if arm not in ("v", "k", "v_random"):
+        raise DataError(f"unknown arm {arm!r}; expected some of {', '.join(SINGLE_ARMS)}")
+    src = item.control_positions[-1:] if arm == "v_random" else item.positions[-1:]
+    return GenRow(item.base_ids, PATCH_SITE[arm], item.donor_ids, src, item.positions[-1:])
+
+
+def run_entity_gen_single(
+    model: nn.Module,
+    tokenizer,
+    config: EntitySingleConfig | None = None,
+    seed: int = 0,
+    progress_bar: bool | None = None,
+    scorer: SentenceEmbedder | None = None,
+) -> ExperimentResult:
+    """The generation-level claim in the form the document states it: the donor's value vector at
+    *one* layer and *one* position (the entity's last token) replaces the base's during prefill.
+    Per site, the layer with the highest donor share (ties: margin, then the lower layer) on the
+    selection pairs; on the held-out pairs ``base``, ``v`` and ``k`` at their own chosen layers and
+    ``v_random`` (the donor's value at a random other token, at v's layer), scored as
+    :func:`run_entity_gen` scores (MiniLM, donor share and margin, bootstrap over pairs)."""
+    config = config or EntitySingleConfig()
+    t0 = time.perf_counter()
+    arch = get_arch(model)
+    candidates = parse_layers(config.candidates, arch.n_layers)
+    if "v" not in config.sites:
+        raise DataError(f"the sites must include 'v' (the claim's patch), got {list(config.sites)}")
+    items = entity_items(tokenizer, config.categories, None, config.n_frames, seed, claim_pairs=False)
+    split: dict[str, list[str]] = {}
+    for c in config.categories:
+        bases = list(dict.fromkeys(it.base for it in items if it.category == c))
+        order = rng(seed + 1).permutation(len(bases))
+        want = config.n_select + (len(bases) if config.n_pairs is None else config.n_pairs)
+        if len(bases) < config.n_select + 1:
+            raise DataError(
+                f"{c}: {len(bases)} entities with a partner; n_select={config.n_select} leaves none held out"
+            )
+        picked = [bases[i] for i in order[:want]]
+        split[c] = picked
+    select = [it for it in items if it.base in split[it.category][: config.n_select]]
+    held = [it for it in items if it.base in split[it.category][config.n_select :]]
+    scorer = scorer or SentenceEmbedder.from_pretrained()
+
+    def margins(rows_items, rows, layers):
+        texts = generate_rows(
+            model, tokenizer, rows, layers, config.max_new_tokens, config.batch_size, progress_bar=False
+        )
+        return texts, scorer.margins(texts, [it.base for it in rows_items], [it.donor for it in rows_items])
+
+    selection = []
+    grid = [(s, layer) for s in config.sites for layer in candidates]
+    for site, layer in progress(grid, "entity layer selection", progress_bar):
+        _, m = margins(select, [single_row(it, site) for it in select], [layer])
+        _, share = _pair_means(select, (m > 0).astype(float))
+        _, marg = _pair_means(select, m)
+        selection.append(
+            dict(site=site, layer=layer, donor_share=float(share.mean()), margin=float(marg.mean()))
+        )
+    chosen = {
+        s: max(
+            (r for r in selection if r["site"] == s),
+            key=lambda r: (r["donor_share"], r["margin"], -r["layer"]),
+        )["layer"]
+        for s in config.sites
+    }
+    t_select = time.perf_counter() - t0
+    arms = ["base", *config.sites, "v_random"]
+    by_arm = {}
+    for a in arms:
+        layer = chosen["v" if a in ("base", "v_random") else a]
+        by_arm[a] = margins(held, [single_row(it, a) for it in held], [layer])
+    per_pair, records, est = {}, [], {}
+    for a in arms:
+        keys, share = _pair_means(held, (by_arm[a][1] > 0).astype(float))
+        _, marg = _pair_means(held, by_arm[a][1])
+        per_pair[a] = share
+        s_est, m_est = bootstrap(share, seed=seed), bootstrap(marg, seed=seed)
+        est[a] = s_est
+        records.append(
+            {
+                "arm": a,
+                "layer": "" if a == "base" else chosen["v" if a == "v_random" else a],
+                "n_pairs": len(keys),
+                "donor_share": s_est.value,
+                "share_low": s_est.low,
+                "share_high": s_est.high,
+                "margin": m_est.value,
+                "margin_low": m_est.low,
+                "margin_high": m_est.high,
+            }
+        )
+    n_p = len(per_pair["v"])
+    where = (
+        f"{n_p} held-out pairs ({', '.join(config.categories)}) x {config.n_frames} frames, one layer (chosen per "
+        f"site on {config.n_select} selection entities per category), the entity's last token, "
+        f"{config.max_new_tokens} greedy tokens, MiniLM scorer"
+    )
+    cmd = "vsteer.experiments.entity_gen.run_entity_gen_single"
+    findings = [
+        finding(
+            "entities.single_v_vs_base",
+            claim="replacing the entity's value vector at one layer and one position with the donor's makes the "
+            "continuations describe the donor more than without the patch",
+            measured=f"share of continuations scored as the donor, v at layer {chosen['v']} ({est['v']}) minus no "
+            f"patch ({est['base']}), paired, {where}",
+            effect=paired_difference(per_pair["v"], per_pair["base"], seed=seed),
+            command=cmd,
+        ),
+        finding(
+            "entities.single_v_rate",
+            claim="with the donor's value vector at one layer and one position, most continuations are about the donor",
+            measured=f"share of continuations scored as the donor, v at layer {chosen['v']}, {where}",
+            effect=est["v"],
+            command=cmd,
+        ),
+    ]
+    if "k" in arms:
+        findings.append(
+            finding(
+                "entities.single_v_vs_k",
+                claim="at one layer and one position the value patch moves the text toward the donor more than the key patch",
+                measured=f"donor share, v (layer {chosen['v']}) minus k (layer {chosen['k']}), paired, {where}",
+                effect=paired_difference(per_pair["v"], per_pair["k"], seed=seed),
+                command=cmd,
+            )
+        )
+    examples = [
+        {
+            "base": it.base,
+            "donor": it.donor,
+            "frame": FRAMES[it.category][it.frame],
+            **{a: by_arm[a][0][i] for a in arms},
+        }
+        for i, it in enumerate(held[: 2 * config.n_frames : config.n_frames])
+    ]
+    return ExperimentResult(
+        name="entities_single",
+        title="Claim (strict form): one value vector (one layer, one position) makes the generated text describe the donor",
+        records=records,
+        findings=findings,
+        meta={
+            "config": asdict(config),
+            "seed": seed,
+            "chosen_layers": chosen,
+            "selection": selection,
+            "selection_pairs": {c: split[c][: config.n_select] for c in config.categories},
+            "examples": examples,
+            "seconds": {"select": round(t_select, 1), "total": round(time.perf_counter() - t0, 1)},
+        },
+        columns=[
+            "arm",
+            "layer",
+            "n_pairs",
+            "donor_share",
+            "share_low",
+            "share_high",
+            "margin",
+            "margin_low",
+            "margin_high",
+        ],
+        notes=[
+            f"One layer per site chosen on the selection entities by donor share ({chosen}); every arm patches the "
+            "entity's last token only (v_random: the donor's value at the last token of a random other span)."
+        ],
+    )
