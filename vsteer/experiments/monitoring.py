@@ -570,6 +570,7 @@ def refusal_position_search(
     offsets=None,
     scales=(1.0, 2.0, 4.0),
     top: int = 3,
+    score_harmless: bool = True,
     progress_bar=None,
 ) -> ExperimentResult:
     """Arditi et al.'s selection of the refusal direction, as the paper does it: one direction per
@@ -579,7 +580,8 @@ def refusal_position_search(
     harmless requests), layers below 80% of the depth (the paper's filter). The ``top`` candidates
     per site by the harmful score then generate, judged by the refusal rule (``kind="rate"``), and
     :func:`choose_refusal_setting` picks among those. ``layers``: None = every layer below 0.8 of
-    the depth; ``offsets``: None = every post-instruction position."""
+    the depth; ``offsets``: None = every post-instruction position. ``score_harmless=False`` scores
+    the harmful requests only (half the forward cost; the generation step still measures both)."""
     from vsteer.arch import get_arch
     from vsteer.experiments.common import progress
 
@@ -594,13 +596,19 @@ def refusal_position_search(
         n_post = min(len(ids) - m for ids, m in (post_instruction(tokenizer, t) for t in harm_tr + help_tr))
         offsets = list(range(-n_post, 0))
     records: list[dict] = []
-    base = refusal_scores(model, tokenizer, both, opts.batch_size)
-    records.append(dict(kind="score", site="none", layer="", offset=None, scale=0.0,
-                        harmful=float(base[:k].mean()), harmless=float(base[k:].mean())))  # fmt: skip
+    scored = both if score_harmless else sel_harm
+
+    def means(g):
+        return dict(
+            harmful=float(g[:k].mean()), harmless=float(g[k:].mean()) if score_harmless else float("nan")
+        )
+
+    base = refusal_scores(model, tokenizer, scored, opts.batch_size)
+    records.append(dict(kind="score", site="none", layer="", offset=None, scale=0.0, **means(base)))
     vecs = {}
     # every scale of one (site, layer, offset) in one batch: a per-row scale
-    rows = [p for _ in scales for p in both]
-    row_scale = torch.tensor([float(s) for s in scales for _ in both])
+    rows = [p for _ in scales for p in scored]
+    row_scale = torch.tensor([float(s) for s in scales for _ in scored])
     grid = [(o, site, layer) for o in offsets for site in sites for layer in layer_list]
     for o, site, layer in progress(grid, "refusal position search", progress_bar):
         if o not in vecs:
@@ -609,10 +617,11 @@ def refusal_position_search(
             )
         got = refusal_scores(
             model, tokenizer, rows, len(rows), vectors=_layers_of(vecs[o][site], [layer]), scale=row_scale
-        ).reshape(len(scales), len(both))
+        ).reshape(len(scales), len(scored))
         for s, g in zip(scales, got):
-            records.append(dict(kind="score", site=site, layer=str(layer), offset=o, scale=float(s),
-                                harmful=float(g[:k].mean()), harmless=float(g[k:].mean())))  # fmt: skip
+            records.append(
+                dict(kind="score", site=site, layer=str(layer), offset=o, scale=float(s), **means(g))
+            )
 
     def rate(outs):
         return float(np.mean([is_refusal(o) for o in outs]))
@@ -644,7 +653,7 @@ def refusal_position_search(
             scales=[float(s) for s in scales],
             refusal_tokens=refusal_token_ids(tokenizer),
             options=asdict(opts),
-        ),  # fmt: skip
+        ),
         notes=[f"chosen (harmless refusal rate <= {opts.max_harmless:g}): {chosen}"],
     )
 
