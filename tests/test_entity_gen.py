@@ -236,11 +236,30 @@ def test_single_layer_entities_choose_the_layer_on_selection_pairs_and_report_he
     records = {r["arm"]: r for r in res.records}
     assert set(records) == {"base", "v", "k", "v_random"} and records["v"]["layer"] == chosen["v"]
     assert all(r["n_pairs"] == 2 * 3 for r in res.records)  # 3 held-out base entities per category
-    held = {(e["base"]) for e in res.meta["examples"]}
+    held = {e["base_entity"] for e in res.meta["examples"]}
     picked = {b for bases in res.meta["selection_pairs"].values() for b in bases}
     assert not held & picked  # the held-out pairs never chose the layer
     assert {f.rule_id for f in res.findings} == {
         "entities.single_v_vs_base",
+        "entities.single_v_vs_random",
         "entities.single_v_vs_k",
         "entities.single_v_rate",
     }
+
+
+def test_the_entities_section_adds_the_strict_form_when_asked_and_refuses_unknown_keys():
+    model = make_tiny_model("llama")
+    single = {"n_select": 2, "n_pairs": 2, "n_frames": 1, "max_new_tokens": 2, "candidates": [0, 1]}
+    cfg = eg.EntityGenConfig(n_pairs=2, n_frames=1, max_new_tokens=2, claim_pairs=False, single=single)
+    res = eg.run_entity_gen(model, TOK, cfg, seed=0, progress_bar=False, scorer=CrcScorer())
+    rules = {f.rule_id for f in res.findings}
+    assert {"entities.v_rate", "entities.single_v_rate", "entities.single_v_vs_k"} <= rules
+    strict = [r for r in res.records if r["scope"] == "one layer, last token"]
+    assert {r["arm"] for r in strict} == {"base", "v", "k", "v_random"}
+    assert res.meta["single"]["chosen_layers"]["v"] in (0, 1)
+    plain = eg.run_entity_gen(model, TOK, eg.EntityGenConfig(n_pairs=2, n_frames=1, max_new_tokens=2,
+                              claim_pairs=False), seed=0, progress_bar=False, scorer=CrcScorer())  # fmt: skip
+    assert not any(f.rule_id.startswith("entities.single") for f in plain.findings)
+    bad = eg.EntityGenConfig(n_pairs=2, n_frames=1, single={"n_selct": 2})
+    with pytest.raises(DataError, match=r"entities.single: unknown keys \['n_selct'\]"):
+        eg.run_entity_gen(model, TOK, bad, progress_bar=False, scorer=CrcScorer())

@@ -36,7 +36,7 @@ pairs.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import numpy as np
@@ -384,6 +384,9 @@ class EntityGenConfig:
     batch_size: int = 64
     claim_pairs: bool = True
     n_examples: int = 4
+    # the strict form (one layer, one position; run_entity_gen_single) beside the all-layer one:
+    # None = not run, or a dict of EntitySingleConfig fields ({} = its defaults)
+    single: dict | None = None
 
 
 def _pair_means(items, values: np.ndarray) -> tuple[list[tuple], np.ndarray]:
@@ -415,6 +418,7 @@ def run_entity_gen(
     the module docstring). ``scorer``: a loaded :class:`SentenceEmbedder` (default: the wheel's)."""
     config = config or EntityGenConfig()
     t0 = time.perf_counter()
+    single = _single_config(config)
     arms = list(dict.fromkeys(config.arms))
     for a in arms:
         if a not in ARMS:
@@ -595,6 +599,13 @@ def run_entity_gen(
         ],
         "seconds": {"generate": round(t_gen, 1), "score": round(t_score, 1)},
     }
+    if single is not None:
+        strict = run_entity_gen_single(model, tokenizer, single, seed, progress_bar, scorer)
+        scope = "one layer, last token"
+        records += [{"scope": scope, **r} for r in strict.records]
+        findings += strict.findings
+        notes += ["", f"**{strict.title}.** " + " ".join(strict.notes)]
+        meta["single"] = strict.meta
     return ExperimentResult(
         name="entities",
         title="Claim: patching an entity's value vectors makes the generated text describe the donor entity",
@@ -663,6 +674,26 @@ class EntitySingleConfig:
     candidates: object = None
     max_new_tokens: int = 20
     batch_size: int = 64
+
+
+def _single_config(config: EntityGenConfig) -> EntitySingleConfig | None:
+    if config.single is None:
+        return None
+    if isinstance(config.single, EntitySingleConfig):
+        return config.single
+    if not isinstance(config.single, dict):
+        raise DataError(
+            f"entities.single must be a mapping of EntitySingleConfig fields, got {config.single!r}"
+        )
+    known = {f.name for f in fields(EntitySingleConfig)}
+    unknown = sorted(set(config.single) - known)
+    if unknown:
+        raise DataError(f"entities.single: unknown keys {unknown}; expected some of {sorted(known)}")
+    kw = {
+        k: tuple(v) if isinstance(v, list) and k in ("categories", "sites") else v
+        for k, v in config.single.items()
+    }
+    return EntitySingleConfig(**kw)
 
 
 def single_row(item: EntityItem, arm: str) -> GenRow:
@@ -786,6 +817,16 @@ def run_entity_gen_single(
             command=cmd,
         ),
     ]
+    findings.append(
+        finding(
+            "entities.single_v_vs_random",
+            claim="at one layer and one position the donor entity's own value vector moves the text toward the donor "
+            "more than the donor sentence's value vector at a random other token",
+            measured=f"donor share, v minus v_random (both at layer {chosen['v']}), paired, {where}",
+            effect=paired_difference(per_pair["v"], per_pair["v_random"], seed=seed),
+            command=cmd,
+        )
+    )
     if "k" in arms:
         findings.append(
             finding(
@@ -798,12 +839,13 @@ def run_entity_gen_single(
         )
     examples = [
         {
-            "base": it.base,
-            "donor": it.donor,
+            "base_entity": it.base,
+            "donor_entity": it.donor,
             "frame": FRAMES[it.category][it.frame],
             **{a: by_arm[a][0][i] for a in arms},
         }
-        for i, it in enumerate(held[: 2 * config.n_frames : config.n_frames])
+        for i, it in enumerate(held)
+        if i in (0, config.n_frames)  # the first frame of the first two held-out pairs
     ]
     return ExperimentResult(
         name="entities_single",
