@@ -401,6 +401,24 @@ def _pair_means(items, values: np.ndarray) -> tuple[list[tuple], np.ndarray]:
     return keys, sums / counts
 
 
+def _arm_summary(items, margins: np.ndarray, seed: int):
+    """One arm's per-pair donor shares and margins over ``items`` and their bootstrap estimates:
+    ``(shares, margins, share Estimate, record fields)``."""
+    keys, share = _pair_means(items, (margins > 0).astype(float))
+    _, marg = _pair_means(items, margins)
+    s_est, m_est = bootstrap(share, seed=seed), bootstrap(marg, seed=seed)
+    summary = {
+        "n_pairs": len(keys),
+        "donor_share": s_est.value,
+        "share_low": s_est.low,
+        "share_high": s_est.high,
+        "margin": m_est.value,
+        "margin_low": m_est.low,
+        "margin_high": m_est.high,
+    }
+    return share, marg, s_est, summary
+
+
 def _clip(text: str, n: int = 90) -> str:
     text = " ".join(text.split()).replace("|", "/")
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -455,25 +473,9 @@ def run_entity_gen(
             continue
         its = [items[i] for i in idx]
         for a in arms:
-            m = by_arm[a][1][idx]
-            keys, share = _pair_means(its, (m > 0).astype(float))
-            _, marg = _pair_means(its, m)
+            share, marg, _, summary = _arm_summary(its, by_arm[a][1][idx], seed)
             per_pair[(scope, a)] = (share, marg)
-            s_est, m_est = bootstrap(share, seed=seed), bootstrap(marg, seed=seed)
-            records.append(
-                {
-                    "scope": scope,
-                    "arm": a,
-                    "n_pairs": len(keys),
-                    "n_continuations": len(idx),
-                    "donor_share": s_est.value,
-                    "share_low": s_est.low,
-                    "share_high": s_est.high,
-                    "margin": m_est.value,
-                    "margin_low": m_est.low,
-                    "margin_high": m_est.high,
-                }
-            )
+            records.append({"scope": scope, "arm": a, "n_continuations": len(idx), **summary})
     findings = []
     cmd = "vsteer entities"
     n_p = len(per_pair[("pooled", "v")][0])
@@ -774,24 +776,9 @@ def run_entity_gen_single(
         by_arm[a] = margins(held, [single_row(it, a) for it in held], [layer])
     per_pair, records, est = {}, [], {}
     for a in arms:
-        keys, share = _pair_means(held, (by_arm[a][1] > 0).astype(float))
-        _, marg = _pair_means(held, by_arm[a][1])
-        per_pair[a] = share
-        s_est, m_est = bootstrap(share, seed=seed), bootstrap(marg, seed=seed)
-        est[a] = s_est
-        records.append(
-            {
-                "arm": a,
-                "layer": "" if a == "base" else chosen["v" if a == "v_random" else a],
-                "n_pairs": len(keys),
-                "donor_share": s_est.value,
-                "share_low": s_est.low,
-                "share_high": s_est.high,
-                "margin": m_est.value,
-                "margin_low": m_est.low,
-                "margin_high": m_est.high,
-            }
-        )
+        per_pair[a], _, est[a], summary = _arm_summary(held, by_arm[a][1], seed)
+        layer = "" if a == "base" else chosen["v" if a == "v_random" else a]
+        records.append({"arm": a, "layer": layer, **summary})
     n_p = len(per_pair["v"])
     where = (
         f"{n_p} held-out pairs ({', '.join(config.categories)}) x {config.n_frames} frames, one layer (chosen per "
