@@ -45,7 +45,8 @@ install --no-deps --no-build-isolation -e .
 
 # Bytecode, once. uv does not write it (pip does), and where PYTHONDONTWRITEBYTECODE is set (these
 # machines set it) Python does not write it at import either: every process then compiles torch's
-# and transformers' sources again. Measured on the 2-core machine, fresh process, cached SmolLM2:
-# `load_model` 8.8 s without bytecode, 3.5 s with it; compiling takes about 20 s.
+# and transformers' sources again. Measured on the 2-core machine, cached SmolLM2, a fresh process
+# from outside (benchmarks/startup.py): `load_model` 8.0 s without bytecode, 4.0 s with it;
+# compiling the whole environment takes about 20 s of wall time.
 purelib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 "$py" -m compileall -q -j 0 "$purelib" vsteer >/dev/null 2>&1 || true
