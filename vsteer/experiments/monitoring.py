@@ -557,7 +557,7 @@ def refusal_scores(model, tokenizer, prompts, batch_size: int = 32, **steer_kw) 
             logits = model(**enc, use_cache=False).logits[:, -1].float().cpu()
         logp = torch.log_softmax(logits, -1)
         p = torch.logsumexp(logp[:, refusal], -1)  # log p(refusal token)
-        rows.append((p - torch.log1p(-p.exp().clamp(max=1 - 1e-7))).numpy())
+        rows.append(to_numpy(p - torch.log1p(-p.exp().clamp(max=1 - 1e-7))))
     return np.concatenate(rows)
 
 
