@@ -731,17 +731,15 @@ def run_entity_gen_single(
     if "v" not in config.sites:
         raise DataError(f"the sites must include 'v' (the claim's patch), got {list(config.sites)}")
     items = entity_items(tokenizer, config.categories, None, config.n_frames, seed, claim_pairs=False)
-    split: dict[str, list[str]] = {}
+    split: dict[str, list[str]] = {}  # per category: n_select selection entities, then the held-out ones
     for c in config.categories:
         bases = list(dict.fromkeys(it.base for it in items if it.category == c))
-        order = rng(seed + 1).permutation(len(bases))
-        want = config.n_select + (len(bases) if config.n_pairs is None else config.n_pairs)
         if len(bases) < config.n_select + 1:
             raise DataError(
                 f"{c}: {len(bases)} entities with a partner; n_select={config.n_select} leaves none held out"
             )
-        picked = [bases[i] for i in order[:want]]
-        split[c] = picked
+        want = config.n_select + (len(bases) if config.n_pairs is None else config.n_pairs)
+        split[c] = [bases[i] for i in rng(seed + 1).permutation(len(bases))[:want]]
     select = [it for it in items if it.base in split[it.category][: config.n_select]]
     held = [it for it in items if it.base in split[it.category][config.n_select :]]
     scorer = scorer or SentenceEmbedder.from_pretrained()

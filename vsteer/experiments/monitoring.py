@@ -472,25 +472,20 @@ def refusal_search(
     sel_harm, sel_help = _selection_split(opts)
     records = []
 
-    def rate(outs):
-        return float(np.mean([is_refusal(o) for o in outs]))
-
-    k = len(sel_harm)
-
     def measure(site, spec, amount, **kw):
-        # harmful and harmless rows in one batch (each row's output does not depend on its batch)
-        outs = _generate(model, tokenizer, sel_harm + sel_help, opts.max_new_tokens, **kw)
-        for kind, part in (("harmful", outs[:k]), ("harmless", outs[k:])):
-            records.append(
-                dict(
-                    site=site,
-                    layer=spec,
-                    scale=amount,
-                    prompts=kind,
-                    refusal_rate=rate(part),
-                    sample=part[0][:80],
-                )
+        records.extend(
+            _refusal_rates(
+                model,
+                tokenizer,
+                sel_harm,
+                sel_help,
+                opts.max_new_tokens,
+                kw,
+                site=site,
+                layer=spec,
+                scale=amount,
             )
+        )
 
     measure("none", "", 0.0)
     for site, spec, layers, scale in progress(grid, "refusal search", progress_bar):
@@ -503,6 +498,22 @@ def refusal_search(
         meta=dict(chosen=chosen, n_select=len(sel_harm), options=asdict(opts)),
         notes=[f"chosen (harmless refusal rate <= {opts.max_harmless:g}): {chosen}"],
     )
+
+
+def _refusal_rates(model, tokenizer, harmful, harmless, max_new_tokens, steer_kw, **fields) -> list[dict]:
+    """Greedy completions of both request lists in one batch (each row's output does not depend on
+    its batch) under ``steer_kw``: one record per class with ``fields``, the refusal rate and a sample."""
+    outs = _generate(model, tokenizer, harmful + harmless, max_new_tokens, **steer_kw)
+    k = len(harmful)
+    return [
+        dict(
+            **fields,
+            prompts=kind,
+            refusal_rate=float(np.mean([is_refusal(o) for o in part])),
+            sample=part[0][:80],
+        )
+        for kind, part in (("harmful", outs[:k]), ("harmless", outs[k:]))
+    ]
 
 
 def choose_refusal_setting(records: list[dict], max_harmless: float) -> dict:
@@ -623,14 +634,11 @@ def refusal_position_search(
                 dict(kind="score", site=site, layer=str(layer), offset=o, scale=float(s), **means(g))
             )
 
-    def rate(outs):
-        return float(np.mean([is_refusal(o) for o in outs]))
-
     def measure(site, layer, offset, amount, **kw):
-        outs = _generate(model, tokenizer, both, opts.max_new_tokens, **kw)
-        for kind, part in (("harmful", outs[:k]), ("harmless", outs[k:])):
-            records.append(dict(kind="rate", site=site, layer=layer, offset=offset, scale=amount,
-                                prompts=kind, refusal_rate=rate(part), sample=part[0][:80]))  # fmt: skip
+        fields = dict(kind="rate", site=site, layer=layer, offset=offset, scale=amount)
+        records.extend(
+            _refusal_rates(model, tokenizer, sel_harm, sel_help, opts.max_new_tokens, kw, **fields)
+        )
 
     measure("none", "", None, 0.0)
     for site in sites:
