@@ -209,6 +209,30 @@ def test_run_swaps_reports_every_pair_matrix_and_kind_and_leaves_no_hooks():
 
     for f, v in zip(result.findings, result.verdicts, strict=True):
         assert v.verdict == decide(f.effect, shipped_rules()[f.rule_id])
+    strata = result.meta["layer0_strata"]
+    assert strata == swaps.layer0_strata(result.records)
+    assert sum(s["n_pairs"] for s in strata) == 2 * 2  # both pairs, once per kind
+
+
+def test_layer0_strata_split_the_paired_difference_by_whether_a_pair_includes_layer_0():
+    def rec(kind, m, a, b, d):
+        return {"kind": kind, "matrix": m, "layer_a": a, "layer_b": b, "delta_log_ppl": d}
+
+    records = [
+        rec("weights", "v", 0, 3, 5.0),
+        rec("weights", "k", 0, 3, 1.0),  # with layer 0: V - K = 4
+        rec("weights", "v", 1, 2, 0.5),
+        rec("weights", "k", 1, 2, 0.7),  # without: -0.2
+        rec("weights", "v", 2, 4, 0.9),
+        rec("weights", "k", 2, 4, 0.6),  # without: +0.3
+        rec("weights", "q", 1, 2, 9.0),  # other matrices do not enter
+    ]
+    strata = swaps.layer0_strata(records)
+    assert [(s["stratum"], s["n_pairs"]) for s in strata] == [("with layer 0", 1), ("without layer 0", 2)]
+    assert strata[0]["mean"] == pytest.approx(4.0) and strata[0]["v_worse"] == 1.0
+    assert strata[1]["mean"] == pytest.approx(0.05) and strata[1]["median"] == pytest.approx(0.05)
+    assert strata[1]["v_worse"] == 0.5
+    assert swaps.layer0_strata([r for r in records if r["matrix"] != "k"]) == []
 
 
 def test_swaps_with_the_same_seed_give_identical_numbers():

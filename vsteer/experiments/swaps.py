@@ -256,6 +256,7 @@ def run_swaps(
 
     verdicts, notes = _verdicts(records, config, seed)
     summary = _summary(records, seed)
+    strata = layer0_strata(records)
     meta = {
         "config": asdict(config),
         "seed": seed,
@@ -264,6 +265,7 @@ def run_swaps(
         "n_ppl_tokens": base["ppl"][1],
         "n_prompts": len(prompts),
         "summary": summary,
+        "layer0_strata": strata,
         "model": getattr(getattr(model, "config", None), "name_or_path", ""),
     }
     notes = [
@@ -273,6 +275,7 @@ def run_swaps(
         *notes,
         "",
         _summary_markdown(summary),
+        *([] if not strata else ["", _strata_markdown(strata)]),
     ]
     return ExperimentResult(
         name="swaps",
@@ -312,6 +315,46 @@ def _summary(records, seed) -> list[dict]:
                 }
             )
     return out
+
+
+def layer0_strata(records) -> list[dict]:
+    """The paired V − K difference of Δlog-perplexity per kind, over pairs that include layer 0 and
+    over the others: ``{kind, stratum, n_pairs, mean, median, v_worse}`` (``v_worse``: the share of
+    pairs where the V swap hurts more). Layer 0 sits in few pairs but in the worst ones, so a mean
+    over a small sample can rest on it; [] when V or K was not swapped."""
+    by = {(r["kind"], r["matrix"], r["layer_a"], r["layer_b"]): r["delta_log_ppl"] for r in records}
+    out = []
+    for kind in dict.fromkeys(r["kind"] for r in records):
+        pairs = [(a, b) for (k, m, a, b) in by if k == kind and m == "v" and (kind, "k", a, b) in by]
+        for stratum, keep in (("with layer 0", lambda a: a == 0), ("without layer 0", lambda a: a != 0)):
+            d = np.array([by[(kind, "v", a, b)] - by[(kind, "k", a, b)] for a, b in pairs if keep(min(a, b))])
+            if d.size:
+                out.append(
+                    {
+                        "kind": kind,
+                        "stratum": stratum,
+                        "n_pairs": int(d.size),
+                        "mean": float(d.mean()),
+                        "median": float(np.median(d)),
+                        "v_worse": float((d > 0).mean()),
+                    }
+                )
+    return out
+
+
+def _strata_markdown(strata) -> str:
+    lines = [
+        "V swap minus K swap, Δlog-ppl, by whether the pair includes layer 0 (no verdict; context for the means):",
+        "",
+        "| kind | pairs | n | mean | median | share where V hurts more |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in strata:
+        lines.append(
+            f"| {s['kind']} | {s['stratum']} | {s['n_pairs']} | {s['mean']:.3g} | {s['median']:.3g} | "
+            f"{s['v_worse']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def _summary_markdown(summary) -> str:
