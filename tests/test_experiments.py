@@ -209,12 +209,12 @@ def test_run_swaps_reports_every_pair_matrix_and_kind_and_leaves_no_hooks():
 
     for f, v in zip(result.findings, result.verdicts, strict=True):
         assert v.verdict == decide(f.effect, shipped_rules()[f.rule_id])
-    strata = result.meta["layer0_strata"]
-    assert strata == swaps.layer0_strata(result.records)
+    strata = result.meta["strata"]
+    assert strata == swaps.strata_table(result.records, 2)
     assert sum(s["n_pairs"] for s in strata) == 2 * 2  # both pairs, once per kind
 
 
-def test_layer0_strata_split_the_paired_difference_by_whether_a_pair_includes_layer_0():
+def test_strata_table_splits_the_paired_difference_by_whether_a_pair_includes_an_early_layer():
     def rec(kind, m, a, b, d):
         return {"kind": kind, "matrix": m, "layer_a": a, "layer_b": b, "delta_log_ppl": d}
 
@@ -227,12 +227,78 @@ def test_layer0_strata_split_the_paired_difference_by_whether_a_pair_includes_la
         rec("weights", "k", 2, 4, 0.6),  # without: +0.3
         rec("weights", "q", 1, 2, 9.0),  # other matrices do not enter
     ]
-    strata = swaps.layer0_strata(records)
+    strata = swaps.strata_table(records, 1)
     assert [(s["stratum"], s["n_pairs"]) for s in strata] == [("with layer 0", 1), ("without layer 0", 2)]
     assert strata[0]["mean"] == pytest.approx(4.0) and strata[0]["v_worse"] == 1.0
     assert strata[1]["mean"] == pytest.approx(0.05) and strata[1]["median"] == pytest.approx(0.05)
     assert strata[1]["v_worse"] == 0.5
-    assert swaps.layer0_strata([r for r in records if r["matrix"] != "k"]) == []
+    assert swaps.strata_table([r for r in records if r["matrix"] != "k"], 1) == []
+    # with the first two layers early, pair (1, 2) joins the early stratum
+    two = swaps.strata_table(records, 2)
+    assert [(s["stratum"], s["n_pairs"]) for s in two] == [("with layers 0-1", 2), ("without layers 0-1", 1)]
+    assert two[0]["mean"] == pytest.approx(1.9) and two[1]["mean"] == pytest.approx(0.3)
+
+
+def test_layer_pairs_sample_within_the_early_layer_strata_and_return_their_population_weights():
+    pairs, weights = swaps.layer_pairs(30, 8, seed=0)
+    assert len(pairs) == len(set(pairs)) == 8 and all(0 <= a < b < 30 for a, b in pairs)
+    # layers 0 and 1 are in 29 + 28 of the 435 pairs: proportional allocation gives 1.05 of 8, raised to 2
+    assert sum(a < 2 for a, _ in pairs) == 2
+    assert weights == pytest.approx({"early": 57 / 435, "later": 378 / 435})
+    # 60 pairs: the proportional share (8) of early pairs; early_layers=1 splits by layer 0 alone
+    assert sum(a < 2 for a, _ in swaps.layer_pairs(30, 60, seed=1)[0]) == 8
+    one, w1 = swaps.layer_pairs(30, 8, seed=0, early_layers=1)
+    assert sum(a == 0 for a, _ in one) == 2 and w1["early"] == pytest.approx(29 / 435)
+    # a simple sample, the census and samples too small to stratify carry no weights
+    assert swaps.layer_pairs(30, 8, seed=0, early_layers=0)[1] is None
+    assert swaps.layer_pairs(4, None, seed=0) == ([(a, b) for a in range(4) for b in range(a + 1, 4)], None)
+    assert swaps.layer_pairs(4, 3, seed=0)[1] is None
+    with pytest.raises(DataError, match="early_layers must be >= 0"):
+        swaps.layer_pairs(30, 8, seed=0, early_layers=-1)
+
+
+def test_swap_verdicts_weight_an_overdrawn_early_stratum_by_its_population_share():
+    def rec(kind, m, pair, d, kl=0.0):
+        return {"kind": kind, "matrix": m, "layer_a": pair[0], "layer_b": pair[1], "delta_log_ppl": d, "kl": kl}
+
+    # two layer-0 pairs with V - K = 4, four others with V - K = 0.1: half the sample, 1/3 of all pairs
+    pairs = [(0, 3), (0, 5), (1, 2), (2, 4), (3, 5), (4, 5)]
+    records = []
+    for p in pairs:
+        d = 4.0 if p[0] == 0 else 0.1
+        records += [rec("weights", "v", p, 1.0 + d, kl=d), rec("weights", "k", p, 1.0)]
+    config = swaps.SwapConfig(matrices=("v", "k"), activations=False, early_layers=1)
+    weights = swaps.population_weights(6, 1)
+    assert weights["early"] == pytest.approx(5 / 15)
+    found = {f.rule_id: f for f in swaps._verdicts(records, config, seed=0, weights=weights)[0]}
+    expect = 5 / 15 * 4.0 + 10 / 15 * 0.1
+    assert found["swaps.v_vs_k_ppl"].effect.value == pytest.approx(expect)
+    assert found["swaps.kl_v_vs_k"].effect.value == pytest.approx(expect)
+    assert found["swaps.wv_breaks"].effect.value == pytest.approx(1.0 + expect)
+    assert "strata weighted" in found["swaps.v_vs_k_ppl"].measured
+    # without weights the same records give the plain mean over the sample
+    plain = {f.rule_id: f for f in swaps._verdicts(records, config, seed=0)[0]}
+    assert plain["swaps.v_vs_k_ppl"].effect.value == pytest.approx((2 * 4.0 + 4 * 0.1) / 6)
+
+
+def test_run_swaps_samples_within_strata_and_its_verdicts_use_the_population_weights():
+    from conftest import _tiny_config
+
+    config = _tiny_config("llama")
+    config.num_hidden_layers = 6
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    sw = swaps.SwapConfig(n_pairs=6, n_windows=1, window=16, matrices=("v", "k"), activations=False, early_layers=1)
+    result = swaps.run_swaps(model, TOK, sw, text=TEXT, prompts=PROMPTS, progress_bar=False)
+    weights = result.meta["strata_weights"]
+    assert weights == pytest.approx(swaps.population_weights(6, 1))
+    assert sum(a == 0 for a, _ in result.meta["pairs"]) == 2
+    wv = swaps._estimate(result.records, "weights", "v", "delta_log_ppl", 0, weights, 1)
+    assert result.findings[1].rule_id == "swaps.wv_breaks" and result.findings[1].effect == wv
+    assert "sampled within strata (2 with layer 0, 4 without)" in result.notes[0]
 
 
 def test_swaps_with_the_same_seed_give_identical_numbers():

@@ -68,6 +68,42 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> Estimate:
     return bootstrap(a - b, n_boot=n_boot, seed=seed)
 
 
+def stratified_bootstrap(
+    values: Sequence[float] | np.ndarray,
+    strata: Sequence,
+    weights: dict,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Estimate:
+    """Percentile bootstrap of a stratified mean ``Σ_h w_h · mean(values of stratum h)``.
+
+    ``strata`` names each item's stratum, ``weights`` each stratum's share of the population (they
+    are renormalised over the strata the sample holds). Items are resampled within their stratum,
+    as a stratified sample is drawn, so a stratum that is rare in the population but heavy in the
+    sample counts by its population share, not its sample share."""
+    x = np.asarray(values, dtype=np.float64)
+    labels = np.asarray(strata)
+    if x.shape[0] == 0:
+        raise ValueError("cannot bootstrap an empty sample")
+    if labels.shape[0] != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} values but {labels.shape[0]} stratum labels")
+    present = list(dict.fromkeys(labels.tolist()))
+    missing = [h for h in present if h not in weights]
+    if missing:
+        raise ValueError(f"no population weight for stratum {missing[0]!r}")
+    total = sum(float(weights[h]) for h in present)
+    rng = np.random.default_rng(seed)
+    value, stats = 0.0, np.zeros(n_boot)
+    for h in present:
+        xh = x[labels == h]
+        w = float(weights[h]) / total
+        value += w * xh.mean()
+        stats += w * xh[rng.integers(0, xh.shape[0], size=(n_boot, xh.shape[0]))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return Estimate(float(value), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)), x.shape[0])
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion (for accuracies of probes)."""
     if n == 0:

@@ -47,6 +47,13 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=96, help="tokens per window")
     p.add_argument("--n-prompts", type=int, default=16, help="neutral prompts for KL")
     p.add_argument("--no-activations", action="store_true", help="weight swaps only")
+    p.add_argument(
+        "--early-layers",
+        type=int,
+        default=2,
+        help="sample pairs within the strata with and without one of the first N layers, weighted by "
+        "their shares of all pairs (0: one simple random sample)",
+    )
     p.set_defaults(func=_swap)
 
     p = sub.add_parser("probe", help="claim (b): logistic probes on q/k/v/z/resid per layer")
@@ -166,6 +173,7 @@ def _swap(args) -> int:
         n_prompts=args.n_prompts,
         matrices=_split(args.matrices),
         activations=not args.no_activations,
+        early_layers=args.early_layers,
     )
     result = run_swaps(model, tok, config, pairs=pairs, seed=args.seed, progress_bar=_progress(args))
     return _save(result, args.out, started, args.model)

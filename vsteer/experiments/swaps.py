@@ -6,6 +6,10 @@ activations (q, k, v, attn) through the hook layer: the clean run's activation o
 replaces layer ``a``'s and vice versa. Metrics per pair: the increase of log-perplexity on
 WikiText-2 raw windows, and the mean KL divergence from the base model's next-token
 distribution on neutral prompts. The verdict compares V and K swaps over the same pairs.
+
+A sample of pairs is drawn within two strata (pairs with and without one of the first layers,
+whose V swaps are the worst and which a small simple sample over- or under-draws by chance) and
+every mean weights the strata by their share of all pairs, so it estimates the mean over all pairs.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from vsteer.arch import ROLES, base_layer, get_arch
 from vsteer.encoding import encode_batch, pad_batch
 from vsteer.errors import DataError, ModelError, SiteError
-from vsteer.evaluate import Finding, bootstrap, finding, paired_difference
+from vsteer.evaluate import Estimate, Finding, bootstrap, finding, stratified_bootstrap
 from vsteer.experiments.common import progress, require_items, rng
 from vsteer.experiments.result import ExperimentResult
 from vsteer.hooks import capture, intervene, replace
@@ -97,17 +101,60 @@ def activation_swap_ops(site: str, layer_a: int, layer_b: int, acts) -> dict:
     }
 
 
-def layer_pairs(n_layers: int, n_pairs: int | None, seed: int) -> list[tuple[int, int]]:
-    """All pairs ``a < b`` or a seed-fixed sample of ``n_pairs`` of them."""
+EARLY, LATER = "early", "later"
+
+
+def stratum_of(pair: tuple[int, int], early_layers: int) -> str:
+    """Layer pairs fall into two strata: those that include one of the first ``early_layers``
+    layers and the others. The first layers sit in few pairs but in the worst V swaps (on SmolLM2,
+    24 sampled pairs: V − K of 1.66 to 4.09 for every pair with layer 0 or 1, at most 0.31 for the
+    20 others), so a small simple random sample rests on how many of them it happened to draw."""
+    return EARLY if min(pair) < early_layers else LATER
+
+
+def stratum_label(stratum: str, early_layers: int) -> str:
+    first = "layer 0" if early_layers == 1 else f"layers 0-{early_layers - 1}"
+    return f"with {first}" if stratum == EARLY else f"without {first}"
+
+
+def population_weights(n_layers: int, early_layers: int) -> dict[str, float]:
+    """Each stratum's share of all ``a < b`` layer pairs."""
+    pairs = [(a, b) for a in range(n_layers) for b in range(a + 1, n_layers)]
+    early = sum(stratum_of(p, early_layers) == EARLY for p in pairs) / len(pairs)
+    return {EARLY: early, LATER: 1 - early}
+
+
+def layer_pairs(
+    n_layers: int, n_pairs: int | None, seed: int, early_layers: int = 2
+) -> tuple[list[tuple[int, int]], dict[str, float] | None]:
+    """All pairs ``a < b`` or a seed-fixed sample of ``n_pairs`` of them, and the strata weights the
+    estimates must use (None: the plain mean over the pairs returned is the estimate).
+
+    ``early_layers`` > 0: draw the sample within the two strata of :func:`stratum_of`, each getting
+    its proportional share of ``n_pairs`` but at least 2 pairs (so its spread enters the interval);
+    the estimates then weight each stratum by its population share (:func:`population_weights`),
+    which keeps them estimates of the mean over all pairs. 0, or a sample too small for 2 pairs per
+    stratum: one simple random sample."""
     pairs = [(a, b) for a in range(n_layers) for b in range(a + 1, n_layers)]
     if not pairs:
         raise SiteError(f"a swap needs two layers; this model has {n_layers}")
     if n_pairs is None or n_pairs >= len(pairs):
-        return pairs
+        return pairs, None
     if n_pairs < 1:
         raise DataError(f"n_pairs must be >= 1, got {n_pairs}")
-    idx = np.sort(rng(seed).choice(len(pairs), size=n_pairs, replace=False))
-    return [pairs[i] for i in idx]
+    if early_layers < 0:
+        raise DataError(f"early_layers must be >= 0, got {early_layers}")
+    g = rng(seed)
+    groups = {h: [p for p in pairs if stratum_of(p, early_layers) == h] for h in (EARLY, LATER)}
+    n_early = min(len(groups[EARLY]), max(2, round(n_pairs * len(groups[EARLY]) / len(pairs))))
+    n_later = n_pairs - n_early
+    if not early_layers or not groups[LATER] or n_later < 2 or n_later > len(groups[LATER]):
+        idx = np.sort(g.choice(len(pairs), size=n_pairs, replace=False))
+        return [pairs[i] for i in idx], None
+    chosen = []
+    for h, n in ((EARLY, n_early), (LATER, n_later)):
+        chosen += [groups[h][i] for i in g.choice(len(groups[h]), size=n, replace=False)]
+    return sorted(chosen), population_weights(n_layers, early_layers)
 
 
 def wikitext_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Tensor:
@@ -145,7 +192,10 @@ def _kl_sum(base_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -
 
 @dataclass
 class SwapConfig:
-    """Sizes of the swap experiment. ``n_pairs=None``: all layer pairs."""
+    """Sizes of the swap experiment. ``n_pairs=None``: all layer pairs. ``early_layers``: sample the
+    pairs within the strata with and without one of the first ``early_layers`` layers and weight
+    the estimates by population share (0: one simple sample; :func:`layer_pairs`). The default 2
+    comes from a 24-pair pilot on SmolLM2 (docs/experiments.md (a))."""
 
     n_pairs: int | None = 10
     n_windows: int = 4
@@ -154,6 +204,7 @@ class SwapConfig:
     matrices: tuple[str, ...] = MATRICES
     activations: bool = True
     batch_size: int = 8
+    early_layers: int = 2
 
 
 def run_swaps(
@@ -175,8 +226,9 @@ def run_swaps(
     for m in config.matrices:
         if m not in MATRICES:
             raise SiteError(f"unknown matrix {m!r}; expected one of {', '.join(MATRICES)}")
+    weights = None  # given pairs and the census: the plain mean over them is the estimate
     if pairs is None:
-        pairs = layer_pairs(arch.n_layers, config.n_pairs, seed)
+        pairs, weights = layer_pairs(arch.n_layers, config.n_pairs, seed, config.early_layers)
     else:
         pairs = [_check_pair(arch, a, b) for a, b in require_items(pairs, "layer pairs")]
     if text is None:
@@ -254,23 +306,25 @@ def run_swaps(
             }
         )
 
-    verdicts, notes = _verdicts(records, config, seed)
-    summary = _summary(records, seed)
-    strata = layer0_strata(records)
+    early = config.early_layers or 1  # the table splits by layer 0 when the sample is simple
+    verdicts, notes = _verdicts(records, config, seed, weights)
+    summary = _summary(records, seed, weights, early)
+    strata = strata_table(records, early)
     meta = {
         "config": asdict(config),
         "seed": seed,
         "pairs": pairs,
+        "strata_weights": weights,
         "base_perplexity": math.exp(base_logppl),
         "n_ppl_tokens": base["ppl"][1],
         "n_prompts": len(prompts),
         "summary": summary,
-        "layer0_strata": strata,
+        "strata": strata,
         "model": getattr(getattr(model, "config", None), "name_or_path", ""),
     }
     notes = [
         f"Base perplexity {math.exp(base_logppl):.3g} on {base['ppl'][1]} WikiText-2 raw tokens; "
-        f"{len(pairs)} layer pairs. Activation swaps put the clean run's activation of one layer into the "
+        f"{len(pairs)} layer pairs{_sampling_note(pairs, weights, early)}. Activation swaps put the clean run's activation of one layer into the "
         "other (q/k before rotary; W_O's activation is the attention output).",
         *notes,
         "",
@@ -289,19 +343,47 @@ def run_swaps(
     )
 
 
+def _sampling_note(pairs, weights, early_layers) -> str:
+    if weights is None:
+        return ""
+    n = sum(stratum_of(p, early_layers) == EARLY for p in pairs)
+    return (
+        f", sampled within strata ({n} {stratum_label(EARLY, early_layers)}, {len(pairs) - n} without); "
+        f"means and intervals weight the strata by their shares of all pairs ({weights[EARLY]:.3f} and "
+        f"{weights[LATER]:.3f})"
+    )
+
+
 def _values(records, kind, matrix, key):
     return np.array([r[key] for r in records if r["kind"] == kind and r["matrix"] == matrix])
 
 
-def _summary(records, seed) -> list[dict]:
+def _pairs_of(records, kind, matrix):
+    return [(r["layer_a"], r["layer_b"]) for r in records if r["kind"] == kind and r["matrix"] == matrix]
+
+
+def _estimate(records, kind, matrix, key, seed, weights, early_layers=1, minus: str | None = None) -> Estimate:
+    """Mean over the layer pairs of ``key`` for ``matrix`` swaps (minus the same pair's ``minus``
+    swap when given) with its interval: plain bootstrap, or stratified when ``weights``."""
+    x, pairs = _values(records, kind, matrix, key), _pairs_of(records, kind, matrix)
+    if minus is not None:
+        if _pairs_of(records, kind, minus) != pairs:
+            raise ValueError(f"{matrix} and {minus} swaps were not run over the same pairs")
+        x = x - _values(records, kind, minus, key)
+    if weights is None:
+        return bootstrap(x, seed=seed)
+    return stratified_bootstrap(x, [stratum_of(p, early_layers) for p in pairs], weights, seed=seed)
+
+
+def _summary(records, seed, weights=None, early_layers=1) -> list[dict]:
     out = []
     for kind in dict.fromkeys(r["kind"] for r in records):
         for m in dict.fromkeys(r["matrix"] for r in records):
             d = _values(records, kind, m, "delta_log_ppl")
-            kl = _values(records, kind, m, "kl")
             if d.size == 0:
                 continue
-            e, ek = bootstrap(d, seed=seed), bootstrap(kl, seed=seed)
+            e = _estimate(records, kind, m, "delta_log_ppl", seed, weights, early_layers)
+            ek = _estimate(records, kind, m, "kl", seed, weights, early_layers)
             out.append(
                 {
                     "kind": kind,
@@ -317,22 +399,26 @@ def _summary(records, seed) -> list[dict]:
     return out
 
 
-def layer0_strata(records) -> list[dict]:
-    """The paired V − K difference of Δlog-perplexity per kind, over pairs that include layer 0 and
-    over the others: ``{kind, stratum, n_pairs, mean, median, v_worse}`` (``v_worse``: the share of
-    pairs where the V swap hurts more). Layer 0 sits in few pairs but in the worst ones, so a mean
-    over a small sample can rest on it; [] when V or K was not swapped."""
-    by = {(r["kind"], r["matrix"], r["layer_a"], r["layer_b"]): r["delta_log_ppl"] for r in records}
+def strata_table(records, early_layers: int) -> list[dict]:
+    """The paired V − K difference of Δlog-perplexity per kind, over pairs with one of the first
+    ``early_layers`` layers and over the others: ``{kind, stratum, n_pairs, mean, median,
+    v_worse}`` (``stratum``: a label such as "with layers 0-1"; ``v_worse``: the share of pairs
+    where the V swap hurts more). Shows whether a mean rests on the early layers alone; [] when V
+    or K was not swapped."""
     out = []
     for kind in dict.fromkeys(r["kind"] for r in records):
-        pairs = [(a, b) for (k, m, a, b) in by if k == kind and m == "v" and (kind, "k", a, b) in by]
-        for stratum, keep in (("with layer 0", lambda a: a == 0), ("without layer 0", lambda a: a != 0)):
-            d = np.array([by[(kind, "v", a, b)] - by[(kind, "k", a, b)] for a, b in pairs if keep(min(a, b))])
+        pairs = _pairs_of(records, kind, "v")
+        if not pairs or _pairs_of(records, kind, "k") != pairs:
+            continue
+        diff = _values(records, kind, "v", "delta_log_ppl") - _values(records, kind, "k", "delta_log_ppl")
+        labels = np.array([stratum_of(p, early_layers) for p in pairs])
+        for stratum in (EARLY, LATER):
+            d = diff[labels == stratum]
             if d.size:
                 out.append(
                     {
                         "kind": kind,
-                        "stratum": stratum,
+                        "stratum": stratum_label(stratum, early_layers),
                         "n_pairs": int(d.size),
                         "mean": float(d.mean()),
                         "median": float(np.median(d)),
@@ -344,7 +430,8 @@ def layer0_strata(records) -> list[dict]:
 
 def _strata_markdown(strata) -> str:
     lines = [
-        "V swap minus K swap, Δlog-ppl, by whether the pair includes layer 0 (no verdict; context for the means):",
+        "V swap minus K swap, Δlog-ppl, by whether the pair includes one of the first layers (no verdict; "
+        "it shows what the means rest on):",
         "",
         "| kind | pairs | n | mean | median | share where V hurts more |",
         "|---|---|---|---|---|---|",
@@ -374,54 +461,53 @@ def _summary_markdown(summary) -> str:
 # thresholds and ROPEs of the verdicts: vsteer/recipes/verdicts.yaml (swaps.*)
 
 
-def _verdicts(records, config, seed) -> tuple[list[Finding], list[str]]:
+def _verdicts(records, config, seed, weights=None) -> tuple[list[Finding], list[str]]:
     if "v" not in config.matrices or "k" not in config.matrices:
         return [], ["No verdict: the claim compares W_V and W_K swaps; both must be run."]
     cmd = "vsteer swap"
+    how = ", early-layer strata weighted by their share of all pairs" if weights else ""
+    early = config.early_layers or 1
     out = []
     for kind in ("weights", "activations"):
-        v = _values(records, kind, "v", "delta_log_ppl")
-        if v.size == 0:
+        if not _pairs_of(records, kind, "v"):
             continue
-        k = _values(records, kind, "k", "delta_log_ppl")
-        diff = paired_difference(v, k, seed=seed)
+        diff = _estimate(records, kind, "v", "delta_log_ppl", seed, weights, early, minus="k")
         out.append(
             finding(
                 "swaps.v_vs_k_ppl",
                 claim=f"swapping V {kind} between layers hurts more than swapping K {kind}",
-                measured="mean over layer pairs of Δlog-perplexity(V swap) − Δlog-perplexity(K swap)",
+                measured=f"mean over layer pairs of Δlog-perplexity(V swap) − Δlog-perplexity(K swap){how}",
                 effect=diff,
                 command=cmd,
             )
         )
         if kind == "weights":
-            ev = bootstrap(v, seed=seed)
+            ev = _estimate(records, kind, "v", "delta_log_ppl", seed, weights, early)
             out.append(
                 finding(
                     "swaps.wv_breaks",
                     claim="swapping W_V breaks the model (perplexity at least doubles on average)",
-                    measured="mean Δlog-perplexity of W_V swaps",
+                    measured=f"mean Δlog-perplexity of W_V swaps{how}",
                     effect=ev,
                     command=cmd,
                 )
             )
-            ek = bootstrap(k, seed=seed)
+            ek = _estimate(records, kind, "k", "delta_log_ppl", seed, weights, early)
             out.append(
                 finding(
                     "swaps.wk_barely",
                     claim="swapping W_K barely matters (perplexity changes by less than 10% on average)",
-                    measured="mean Δlog-perplexity of W_K swaps",
+                    measured=f"mean Δlog-perplexity of W_K swaps{how}",
                     effect=ek,
                     command=cmd,
                 )
             )
-    kl_v, kl_k = _values(records, "weights", "v", "kl"), _values(records, "weights", "k", "kl")
-    dkl = paired_difference(kl_v, kl_k, seed=seed)
+    dkl = _estimate(records, "weights", "v", "kl", seed, weights, early, minus="k")
     out.append(
         finding(
             "swaps.kl_v_vs_k",
             claim="swapping W_V moves the next-token distribution more than swapping W_K",
-            measured="mean over layer pairs of KL(base‖V swap) − KL(base‖K swap) on neutral prompts",
+            measured=f"mean over layer pairs of KL(base‖V swap) − KL(base‖K swap) on neutral prompts{how}",
             effect=dkl,
             command=cmd,
         )
