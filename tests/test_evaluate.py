@@ -275,6 +275,21 @@ def test_stratified_bootstrap_estimates_the_population_mean_when_a_rare_stratum_
     assert 0.91 <= hits / draws <= 0.97, hits / draws
 
 
+def test_stratified_bootstrap_rescales_small_strata_to_the_textbook_variance():
+    # two items 0 and 2: resampled means 0, 1, 1, 2 (variance 1/2); rescaled by sqrt(2) about the
+    # mean they are 1 -/+ sqrt(2) (variance s^2 / n = 2 / 2 = 1), so the interval's ends are exact
+    e = stratified_bootstrap([0.0, 2.0], ["a", "a"], {"a": 1.0}, n_boot=4000, seed=0)
+    assert e.value == pytest.approx(1.0)
+    assert e.low == pytest.approx(1 - math.sqrt(2)) and e.high == pytest.approx(1 + math.sqrt(2))
+    # a stratum of 3 beside one of 40: the interval's half-width is 1.96 textbook standard errors
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(0, 1, 3), rng.normal(0, 1, 40)]
+    labels, w = ["s"] * 3 + ["l"] * 40, {"s": 0.5, "l": 0.5}
+    se = math.sqrt(0.25 * x[:3].var(ddof=1) / 3 + 0.25 * x[3:].var(ddof=1) / 40)
+    e = stratified_bootstrap(x, labels, w, n_boot=20000, seed=2)
+    assert (e.high - e.low) / 2 == pytest.approx(1.96 * se, rel=0.12)
+
+
 def test_stratified_bootstrap_weights_by_hand_and_refuses_unweighted_strata():
     x = np.array([4.0, 6.0, 1.0, 1.0, 4.0])  # stratum means 5 and 2
     labels = ["a", "a", "b", "b", "b"]

@@ -8,6 +8,7 @@ rules file at report time, in :mod:`vsteer.verdicts` (see there for the rule and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -81,7 +82,12 @@ def stratified_bootstrap(
     ``strata`` names each item's stratum, ``weights`` each stratum's share of the population (they
     are renormalised over the strata the sample holds). Items are resampled within their stratum,
     as a stratified sample is drawn, so a stratum that is rare in the population but heavy in the
-    sample counts by its population share, not its sample share."""
+    sample counts by its population share, not its sample share.
+
+    Each stratum's resampled means are rescaled about its mean by ``sqrt(n_h / (n_h - 1))`` (the
+    rescaling bootstrap of Rao & Wu, 1988): a plain within-stratum bootstrap has variance
+    ``(n_h - 1) / n_h · s_h² / n_h``, half the textbook ``s_h² / n_h`` in a stratum of 2 items, which
+    is what a small stratum of a stratified sample holds. A stratum of one item adds no spread."""
     x = np.asarray(values, dtype=np.float64)
     labels = np.asarray(strata)
     if x.shape[0] == 0:
@@ -99,7 +105,10 @@ def stratified_bootstrap(
         xh = x[labels == h]
         w = float(weights[h]) / total
         value += w * xh.mean()
-        stats += w * xh[rng.integers(0, xh.shape[0], size=(n_boot, xh.shape[0]))].mean(axis=1)
+        n = xh.shape[0]
+        boot = xh[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+        scale = math.sqrt(n / (n - 1)) if n > 1 else 0.0
+        stats += w * (xh.mean() + scale * (boot - xh.mean()))
     alpha = (1 - level) / 2
     return Estimate(float(value), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)), x.shape[0])
 
