@@ -239,6 +239,22 @@ def test_cli_runs_on_the_device_and_in_the_dtype_it_is_given(tiny_dir, tmp_path,
     assert json.loads((tmp_path / "swap" / "result.json").read_text())["records"]
 
 
+def test_cli_swap_takes_the_early_layer_strata_and_refuses_a_negative_count(tiny_dir, tmp_path, capsys):
+    from vsteer.cli import build_parser, main
+
+    parser = build_parser()
+    assert parser.parse_args(["swap"]).early_layers == 2
+    assert parser.parse_args(["swap", "--early-layers", "0"]).early_layers == 0
+    small = ["--n-windows", "1", "--window", "8", "--n-prompts", "2", "--matrices", "v,k", "--no-progress"]
+    out = tmp_path / "swap"
+    assert main(["swap", "--model", str(tiny_dir), "--early-layers", "-1", *small, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vsteer: error: early_layers must be >= 0, got -1" and not out.exists()
+    assert main(["swap", "--model", str(tiny_dir), "--early-layers", "0", *small, "--out", str(out)]) == 0
+    meta = json.loads((out / "result.json").read_text())["meta"]
+    assert meta["config"]["early_layers"] == 0
+
+
 def test_a_recipe_sets_device_and_dtype_and_a_bad_one_is_one_error_line(tmp_path):
     from vsteer.recipes import load_recipe
 

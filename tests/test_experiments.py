@@ -259,7 +259,14 @@ def test_layer_pairs_sample_within_the_early_layer_strata_and_return_their_popul
 
 def test_swap_verdicts_weight_an_overdrawn_early_stratum_by_its_population_share():
     def rec(kind, m, pair, d, kl=0.0):
-        return {"kind": kind, "matrix": m, "layer_a": pair[0], "layer_b": pair[1], "delta_log_ppl": d, "kl": kl}
+        return {
+            "kind": kind,
+            "matrix": m,
+            "layer_a": pair[0],
+            "layer_b": pair[1],
+            "delta_log_ppl": d,
+            "kl": kl,
+        }
 
     # two layer-0 pairs with V - K = 4, four others with V - K = 0.1: half the sample, 1/3 of all pairs
     pairs = [(0, 3), (0, 5), (1, 2), (2, 4), (3, 5), (4, 5)]
@@ -291,7 +298,9 @@ def test_run_swaps_samples_within_strata_and_its_verdicts_use_the_population_wei
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    sw = swaps.SwapConfig(n_pairs=6, n_windows=1, window=16, matrices=("v", "k"), activations=False, early_layers=1)
+    sw = swaps.SwapConfig(
+        n_pairs=6, n_windows=1, window=16, matrices=("v", "k"), activations=False, early_layers=1
+    )
     result = swaps.run_swaps(model, TOK, sw, text=TEXT, prompts=PROMPTS, progress_bar=False)
     weights = result.meta["strata_weights"]
     assert weights == pytest.approx(swaps.population_weights(6, 1))

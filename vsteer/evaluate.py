@@ -110,7 +110,9 @@ def stratified_bootstrap(
         scale = math.sqrt(n / (n - 1)) if n > 1 else 0.0
         stats += w * (xh.mean() + scale * (boot - xh.mean()))
     alpha = (1 - level) / 2
-    return Estimate(float(value), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)), x.shape[0])
+    return Estimate(
+        float(value), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)), x.shape[0]
+    )
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -226,6 +226,8 @@ def run_swaps(
     for m in config.matrices:
         if m not in MATRICES:
             raise SiteError(f"unknown matrix {m!r}; expected one of {', '.join(MATRICES)}")
+    if config.early_layers < 0:
+        raise DataError(f"early_layers must be >= 0, got {config.early_layers}")
     weights = None  # given pairs and the census: the plain mean over them is the estimate
     if pairs is None:
         pairs, weights = layer_pairs(arch.n_layers, config.n_pairs, seed, config.early_layers)
@@ -362,7 +364,9 @@ def _pairs_of(records, kind, matrix):
     return [(r["layer_a"], r["layer_b"]) for r in records if r["kind"] == kind and r["matrix"] == matrix]
 
 
-def _estimate(records, kind, matrix, key, seed, weights, early_layers=1, minus: str | None = None) -> Estimate:
+def _estimate(
+    records, kind, matrix, key, seed, weights, early_layers=1, minus: str | None = None
+) -> Estimate:
     """Mean over the layer pairs of ``key`` for ``matrix`` swaps (minus the same pair's ``minus``
     swap when given) with its interval: plain bootstrap, or stratified when ``weights``."""
     x, pairs = _values(records, kind, matrix, key), _pairs_of(records, kind, matrix)
