@@ -386,6 +386,23 @@ def test_steering_extraction_sets_are_exactly_balanced(kind, name):
         assert not questions & {it.question for it in select + test}
 
 
+def test_caa_test_set_grows_from_held_out_generate_items_without_touching_extraction():
+    from vsteer.experiments.steering import SteeringOptions, _split_items
+
+    def split(n_test):
+        return _split_items("caa", "myopic-reward", SteeringOptions(n_extract=40, n_select=12, n_test=n_test))
+
+    pairs50, select50, test50 = split(50)
+    pairs, select, test = split(250)
+    assert len(test50) == 50 and len(test) == 250 and pairs50.test_origin == ""
+    assert [it.question for it in test[:50]] == [it.question for it in test50]  # the official split first
+    assert select == select50 and list(pairs) == list(pairs50)  # selection and extraction unchanged
+    questions = {p[0]["content"] for p, _ in pairs} | {it.question for it in select}
+    assert len({it.question for it in test}) == 250 and not questions & {it.question for it in test}
+    assert "200 generate items held out" in pairs.test_origin
+    assert_one_line_error(lambda: split(950), "myopic-reward", "n_test=950", "too few")
+
+
 def test_balance_refuses_a_set_that_cannot_be_balanced():
     items = [data.ABItem("Is it so?", "Yes", "No")] * 4
     assert_one_line_error(lambda: data.balance_answers(items), "cannot balance", "'Yes': 4")

@@ -301,3 +301,62 @@ def test_stratified_bootstrap_weights_by_hand_and_refuses_unweighted_strata():
         stratified_bootstrap(x, labels, {"a": 1.0})
     with pytest.raises(ValueError, match="stratum labels"):
         stratified_bootstrap(x, labels[:3], {"a": 1.0, "b": 1.0})
+
+
+def test_a_proportion_whose_items_all_agree_gets_a_wilson_interval_not_a_point():
+    # 0 refusals in 8 prompts: a percentile bootstrap says [0, 0]; the Wilson bound is z²/(n+z²)
+    e = bootstrap(np.zeros(8))
+    assert e.method == "wilson" and e.value == 0 and e.low == 0
+    assert e.high == pytest.approx(1.96**2 / (8 + 1.96**2), abs=1e-4)
+    assert (bootstrap(np.ones(16)).low, bootstrap(np.ones(16)).high) == pytest.approx(wilson_interval(16, 16), abs=1e-4)
+    # scores (not 0/1) keep the bootstrap
+    assert bootstrap(np.array([0.0, 0.5, 1.0, 1.0])).method == "bootstrap"
+
+
+def _paired_table(both, only_a, only_b, neither):
+    a = np.r_[np.ones(both + only_a), np.zeros(only_b + neither)]
+    b = np.r_[np.ones(both), np.zeros(only_a), np.ones(only_b), np.zeros(neither)]
+    return a, b
+
+
+def test_paired_proportions_get_newcombes_interval():
+    # every pair agrees (both 0): not [0, 0] but the Wilson bounds of the two margins
+    e = paired_difference(*_paired_table(0, 0, 0, 8))
+    wil = 1.96**2 / (8 + 1.96**2)
+    assert e.method == "newcombe" and e.value == 0
+    assert (e.low, e.high) == pytest.approx((-wil, wil), abs=1e-4)
+    # with an empty margin phi is 0 and the interval is the independent-samples square-and-add
+    a, b = _paired_table(0, 6, 0, 18)
+    l1, u1 = wilson_interval(6, 24)
+    l2, u2 = wilson_interval(0, 24)
+    e = paired_difference(a, b)
+    assert e.value == pytest.approx(0.25)
+    assert e.low == pytest.approx(0.25 - math.hypot(0.25 - l1, u2), abs=1e-4)
+    assert e.high == pytest.approx(0.25 + math.hypot(u1 - 0.25, l2), abs=1e-4)
+    # the point is the mean difference, and swapping the arms mirrors the interval
+    a, b = _paired_table(36, 12, 2, 0)
+    e, m = paired_difference(a, b), paired_difference(b, a)
+    assert e.value == pytest.approx(0.2) and (m.low, m.high) == pytest.approx((-e.high, -e.low))
+    assert e.low < 0.2 < e.high
+
+
+@pytest.mark.parametrize(
+    "cells, n, most", [((0.05, 0.25, 0.05, 0.65), 30, 0.985), ((0.0, 0.08, 0.0, 0.92), 24, 1.0)]
+)
+def test_newcombe_95_interval_covers_a_known_paired_difference(cells, n, most):
+    # 800 draws of n pairs from a known 2x2 table (both, only a, only b, neither); the coverage's
+    # binomial sd is 0.77 points. Near the boundary (the second table: a rare event in one arm only)
+    # Newcombe's interval is conservative, and the percentile bootstrap covers far less than 95%:
+    # it is [0, 0] whenever no event is drawn (0.92^24 = 13% of draws)
+    rng = np.random.default_rng(7)
+    truth = cells[1] - cells[2]
+    hits = boot_hits = 0
+    for i in range(800):
+        counts = rng.multinomial(n, cells)
+        a, b = _paired_table(*counts)
+        e = paired_difference(a, b)
+        hits += e.low <= truth <= e.high
+        boot = bootstrap(a - b, lambda v: float(v.mean()), n_boot=400, seed=i)  # percentile, as before
+        boot_hits += boot.low <= truth <= boot.high
+    assert 0.93 <= hits / 800 <= most, (hits / 800, boot_hits / 800)
+    assert boot_hits < hits

@@ -1,7 +1,9 @@
 """Statistics shared by the experiments: bootstrap intervals, Wilson intervals, findings.
 
-Every headline number carries a 95% bootstrap interval over items; a fixed seed gives the same
-interval. An experiment reports a claim as a :class:`Finding` (made with :func:`finding`): the
+Every headline number carries a 95% interval over items: a percentile bootstrap (a fixed seed gives
+the same interval), except for proportions, where the bootstrap collapses: a mean of 0/1 outcomes
+gets the Wilson score interval, a paired difference of two 0/1 outcomes Newcombe's hybrid score
+interval (``Estimate.method`` says which). An experiment reports a claim as a :class:`Finding` (made with :func:`finding`): the
 measurement and the id of the rule that judges it. Verdicts are computed from findings and the
 rules file at report time, in :mod:`vsteer.verdicts` (see there for the rule and Holm).
 """
@@ -21,12 +23,14 @@ SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclu
 
 @dataclass(frozen=True)
 class Estimate:
-    """A statistic with its 95% bootstrap interval over ``n`` items."""
+    """A statistic with its 95% interval over ``n`` items; ``method``: how the interval was made
+    (``"bootstrap"``, ``"wilson"``, ``"newcombe"``, ...)."""
 
     value: float
     low: float
     high: float
     n: int
+    method: str = "bootstrap"
 
     def __str__(self) -> str:
         return f"{self.value:.3g} [{self.low:.3g}, {self.high:.3g}]"
@@ -42,10 +46,17 @@ def bootstrap(
     seed: int = 0,
     level: float = 0.95,
 ) -> Estimate:
-    """Percentile bootstrap of ``statistic`` over the first axis of ``values`` (items)."""
+    """Percentile bootstrap of ``statistic`` over the first axis of ``values`` (items).
+
+    The mean of a 0/1 sample (a proportion) gets the Wilson score interval instead: a percentile
+    bootstrap of a proportion is ``[p, p]`` whenever every item agrees (0 refusals in 8 prompts gives
+    [0, 0], as if 8 prompts proved the rate is 0) and covers too rarely near 0 and 1."""
     x = np.asarray(values, dtype=np.float64)
     if x.shape[0] == 0:
         raise ValueError("cannot bootstrap an empty sample")
+    if statistic is np.mean and _binary(x):
+        low, high = wilson_interval(int(x.sum()), x.shape[0], _z(level))
+        return Estimate(float(x.mean()), low, high, x.shape[0], "wilson")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
     if statistic is np.mean:  # vectorised: the mean over all but the resample axis
@@ -61,12 +72,51 @@ def bootstrap(
     )
 
 
-def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> Estimate:
-    """Mean of ``a - b`` over paired items, with its interval."""
+def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Estimate:
+    """Mean of ``a - b`` over paired items, with its interval: a percentile bootstrap, or for two
+    0/1 outcomes per item (refused or not, flipped or not) :func:`newcombe_paired`."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in shape: {a.shape} vs {b.shape}")
-    return bootstrap(a - b, n_boot=n_boot, seed=seed)
+    if a.ndim == 1 and a.shape[0] and _binary(a) and _binary(b):
+        return newcombe_paired(a, b, level)
+    return bootstrap(a - b, n_boot=n_boot, seed=seed, level=level)
+
+
+def newcombe_paired(a, b, level: float = 0.95) -> Estimate:
+    """Difference of two paired proportions, ``mean(a) - mean(b)`` for 0/1 outcomes on the same
+    items, with Newcombe's hybrid score interval (Newcombe 1998, *Stat. Med.* 17:2635, method 10):
+    the Wilson intervals of both proportions, combined with the phi correlation of the pairs, whose
+    numerator ``ad - bc`` is shrunk to ``max(ad - bc - n/2, 0)`` when positive, as Newcombe does
+    (phi = 0 when a margin is empty). Unlike a bootstrap it does not collapse to a point when the
+    pairs all agree: 0 discordant pairs in 8 give about [-0.32, 0.32]."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    n = a.shape[0]
+    both, only_a = int((a & b).sum()), int((a & ~b).sum())
+    only_b, neither = int((~a & b).sum()), int((~a & ~b).sum())
+    z = _z(level)
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson_interval(both + only_a, n, z)
+    l2, u2 = wilson_interval(both + only_b, n, z)
+    denom = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    cross = both * neither - only_a * only_b
+    cross = max(cross - n / 2, 0.0) if cross > 0 else cross
+    phi = cross / math.sqrt(denom) if denom else 0.0
+    d = p1 - p2
+    delta = math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    eps = math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return Estimate(float(d), float(max(d - delta, -1.0)), float(min(d + eps, 1.0)), n, "newcombe")
+
+
+def _binary(x: np.ndarray) -> bool:
+    """Every value is 0 or 1 (outcomes, not scores)."""
+    return x.ndim == 1 and bool(np.all((x == 0) | (x == 1)))
+
+
+def _z(level: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - (1 - level) / 2)
 
 
 def stratified_bootstrap(
@@ -116,14 +166,14 @@ def stratified_bootstrap(
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion (for accuracies of probes)."""
+    """Wilson score interval of a proportion (accuracies of probes, refusal rates, shares)."""
     if n == 0:
         return (0.0, 1.0)
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (float(centre - half), float(centre + half))
+    return (max(float(centre - half), 0.0), min(float(centre + half), 1.0))
 
 
 @dataclass(frozen=True)

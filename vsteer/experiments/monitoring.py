@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from vsteer.encoding import to_numpy
-from vsteer.evaluate import Estimate, bootstrap, finding, wilson_interval
+from vsteer.evaluate import Estimate, finding, paired_difference, wilson_interval
 from vsteer.experiments.result import ExperimentResult
 
 SITES = ("v", "k", "q", "z", "attn", "resid")
@@ -830,13 +830,15 @@ def _findings(records, scores, layers, opts, refusals):
                 "conditional value-site steering keeps harmless refusals near the unsteered rate",
             ),
         ):
-            d = refusals[("(c) conditional v", kind)] - refusals[("(a) none", kind)]
+            d = paired_difference(
+                refusals[("(c) conditional v", kind)], refusals[("(a) none", kind)], seed=opts.seed
+            )
             out.append(
                 finding(
                     rule,
                     claim=claim,
                     measured=f"refusal rate on held-out {kind} prompts, (c) minus (a)",
-                    effect=bootstrap(d, seed=opts.seed),
+                    effect=d,
                     command="vsteer monitor eval",
                 )
             )

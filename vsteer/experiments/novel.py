@@ -183,7 +183,7 @@ def run_novel(model, tokenizer, sites, layers, n_names: int, C: float, seed: int
                 claim="the category is bound to the invented name's value vector, beyond what the context alone gives",
                 measured=f"held-out transfer share at v.{f.layer}, the name's token minus the token before it "
                 f"(control {f.control.mean():.3g}), paired over {n_test} invented names",
-                effect=_share(f.transfer - f.control, seed),
+                effect=_paired(f.transfer, f.control, seed),
                 command=cmd,
             )
         )
@@ -195,7 +195,7 @@ def run_novel(model, tokenizer, sites, layers, n_names: int, C: float, seed: int
                     claim="the value site carries the invented name's category more reliably than the residual stream",
                     measured=f"held-out transfer share, v (layer {f.layer}: {f.transfer.mean():.3g}) minus resid "
                     f"(layer {r.layer}: {r.transfer.mean():.3g}), paired over {n_test} invented names",
-                    effect=_share(f.transfer - r.transfer, seed),
+                    effect=_paired(f.transfer, r.transfer, seed),
                     command=cmd,
                 )
             )
@@ -245,6 +245,12 @@ def _share(values: np.ndarray, seed: int) -> Estimate:
     from vsteer.evaluate import bootstrap
 
     return bootstrap(np.asarray(values, dtype=float), seed=seed)
+
+
+def _paired(a: np.ndarray, b: np.ndarray, seed: int) -> Estimate:
+    from vsteer.evaluate import paired_difference
+
+    return paired_difference(a, b, seed=seed)
 
 
 def _table(rows, fits) -> str:

@@ -412,7 +412,7 @@ def rate(hits: np.ndarray) -> Estimate:
     if n == 0:
         raise ValueError("cannot take a rate of no pairs")
     low, high = wilson_interval(k, n)
-    return Estimate(k / n, low, high, n)
+    return Estimate(k / n, low, high, n, "wilson")
 
 
 def split_pairs(groups: dict, fraction: float, seed: int = 0) -> dict[str, tuple[list[int], list[int]]]:

@@ -46,7 +46,7 @@ class SteeringOptions:
     bands: tuple[str, ...] = BANDS
     n_extract: int = 100
     n_select: int = 16
-    n_test: int = 50
+    n_test: int = 50  # CAA: the official test split (50 items) first, then held-out generate items
     batch_size: int = 16
     n_prompts: int = 30
     max_new_tokens: int = 24
@@ -179,6 +179,19 @@ def _split_items(kind: str, name: str, opts: SteeringOptions, items=None, test_i
     pool = [it for it in pool if _two_choice(it)]
     rng = random.Random(opts.seed + 1)
     rng.shuffle(pool)
+    extra = opts.n_test - len(test) if own is None and kind == "caa" else 0
+    origin = ""
+    if extra > 0:
+        # CAA's own test split has 50 items per behaviour; more test items come from the *end* of
+        # the shuffled generate split, so selection and extraction (taken from its front) keep
+        # the items they would have with 50 test items
+        if len(pool) - extra < opts.n_select + opts.n_extract:
+            raise DataError(
+                f"{kind}:{name} has {len(test)} test and {len(pool)} generate items: n_test={opts.n_test} "
+                f"leaves too few for n_select={opts.n_select} and n_extract={opts.n_extract}"
+            )
+        origin = f" (CAA's test split, {len(test)}, then {extra} generate items held out of selection and extraction)"
+        test, pool = test + pool[-extra:], pool[:-extra]
     select = pool[: opts.n_select]
     extract_items = data.balance_answers(pool[opts.n_select :], opts.n_extract, f"{kind}:{name} extraction")
     pairs = Pairs(
@@ -188,6 +201,7 @@ def _split_items(kind: str, name: str, opts: SteeringOptions, items=None, test_i
         position="answer",
     )
     pairs.balance = data.matching_counts(extract_items)
+    pairs.test_origin = origin
     return pairs, select, test
 
 
@@ -370,7 +384,7 @@ def ab_steering(
         "switches the answer token moves this and not the effect on a balanced test set; test items "
         f"matching each answer: {test_balance}.",
         f"{len(pairs)} extraction pairs, answer-balanced (matching/other per answer: {pairs.balance}), "
-        f"{len(test)} test items; {time.time() - t0:.0f} s.",
+        f"{len(test)} test items{pairs.test_origin}; {time.time() - t0:.0f} s.",
     ]
     return ExperimentResult(
         name=f"steering_ab_{kind}_{name}",
@@ -387,6 +401,7 @@ def ab_steering(
             "vector": v.metadata(),
             "n_extract": len(pairs),
             "n_test": len(test),
+            "test_origin": pairs.test_origin.strip(" ()"),
             "extraction_balance": pairs.balance,
             "test_matching": test_balance,
             "answer_swing": {site: e.to_dict() for site, e in swing.items()},
