@@ -308,7 +308,9 @@ def test_a_proportion_whose_items_all_agree_gets_a_wilson_interval_not_a_point()
     e = bootstrap(np.zeros(8))
     assert e.method == "wilson" and e.value == 0 and e.low == 0
     assert e.high == pytest.approx(1.96**2 / (8 + 1.96**2), abs=1e-4)
-    assert (bootstrap(np.ones(16)).low, bootstrap(np.ones(16)).high) == pytest.approx(wilson_interval(16, 16), abs=1e-4)
+    assert (bootstrap(np.ones(16)).low, bootstrap(np.ones(16)).high) == pytest.approx(
+        wilson_interval(16, 16), abs=1e-4
+    )
     # scores (not 0/1) keep the bootstrap
     assert bootstrap(np.array([0.0, 0.5, 1.0, 1.0])).method == "bootstrap"
 
