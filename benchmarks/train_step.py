@@ -20,7 +20,7 @@ Paired rounds (every mode back to back, rotating order, ``_common.paired``), pro
 step, one thread. Prints each mode's step time ratio to ``sdpa`` with a 95% interval and the
 largest loss difference from ``sdpa`` over the steps. Headline: the ``both`` ratio.
 
-    .venv/bin/python benchmarks/train_step.py [--repeats 8] [--batch 8] [--max-length 48]
+    .venv/bin/python benchmarks/train_step.py [--repeats 8] [--batch 8] [--max-length 48] [--pack]
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument(
+        "--pack", action="store_true", help="join sentences so that every row is --max-length tokens long"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -48,7 +51,11 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     tok.padding_side = "right"
-    texts = [t for t, label in data.sst2("train") if label == 1][: args.batch * (args.repeats + 2)]
+    texts = [t for t, label in data.sst2("train") if label == 1]
+    if args.pack:  # rows of --max-length tokens: how attention's share grows with the sequence
+        per_row = max(1, args.max_length // 12)
+        texts = [" ".join(texts[i : i + per_row]) for i in range(0, len(texts), per_row)]
+    texts = texts[: args.batch * (args.repeats + 2)]
     batches = []
     for i in range(0, len(texts), args.batch):
         enc = tok(

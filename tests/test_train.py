@@ -10,7 +10,7 @@ from conftest import VOCAB, make_tiny_model
 
 from vsteer.errors import DataError, RecipeError, VsteerError
 from vsteer.recipes import load_recipe
-from vsteer.train import ADAPTER_META, preference_accuracy, train_from_recipe
+from vsteer.train import ADAPTER_META, EAGER_MAX_LENGTH, preference_accuracy, train_from_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -404,6 +404,9 @@ def test_trl_fields_pass_through_and_optimizer_and_checkpointing_are_recorded(tm
         ),
         ("bf16", True, r"'training\.bf16' is set by vsteer; use training\.precision"),
         ("precision", "fp8", r"training\.precision.*fp32, bf16, fp16"),
+        ("attention", "fast", r"'training\.attention' must be one of auto, model, eager, sdpa"),
+        ("frozen_weights", "bf16", r"'training\.frozen_weights' must be one of auto, keep, got 'bf16'"),
+        ("lm_head", "tiled", r"'training\.lm_head' must be one of auto, fused"),
     ],
 )
 def test_bad_training_key_is_one_line_naming_it_and_the_valid_ones(sft_file, key, value, match):
@@ -422,6 +425,100 @@ def test_values_trl_rejects_fail_before_the_model_loads(tmp_path, sft_file, trai
     with pytest.raises(RecipeError, match=match) as err:
         train_from_recipe(recipe, output_dir=tmp_path)
     assert "\n" not in str(err.value)
+
+
+# training numerics: attention implementation and frozen weights while training ---------------------
+def _adapter_tensors(result):
+    from safetensors.torch import load_file
+
+    name = (
+        "intervention.safetensors"
+        if result.adapter.get("kind") == "intervention"
+        else "adapter_model.safetensors"
+    )
+    return load_file(str(result.adapter_dir / name))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: v is the V slice of a fused qkv_proj
+@pytest.mark.parametrize("kind", ["lora", "intervention"])
+def test_frozen_weights_in_the_autocast_dtype_train_bit_identically_and_are_put_back(
+    tmp_path, sft_file, family, kind
+):
+    """``frozen_weights: auto`` stores the frozen Linear weights in bf16 while training: autocast
+    would cast them to the same values at every forward, so loss and adapter match bit for bit."""
+    out = {}
+    for mode in ("keep", "auto"):
+        recipe = _recipe(sft_file, max_steps=3, precision="bf16", attention="model", frozen_weights=mode)
+        if kind == "intervention":
+            recipe["adapter"] = {"kind": "intervention", "intervention": "loreft", "site": "v", "rank": 2}
+        model = make_tiny_model(family)
+        params = {n: (p, p.dtype) for n, p in model.named_parameters()}
+        result = train_from_recipe(
+            recipe, output_dir=tmp_path / mode, model=model, tokenizer=char_tokenizer()
+        )
+        after = dict(_base_named_parameters(model))
+        # the loaded weights are back: the very Parameter objects, fp32
+        assert all(after[n] is p and p.dtype == dt for n, (p, dt) in params.items() if n in after)
+        assert len(after) >= len(params)
+        meta = json.loads((result.adapter_dir / ADAPTER_META).read_text())
+        out[mode] = (
+            result.metrics["train_loss"],
+            _adapter_tensors(result),
+            meta["training_run"]["frozen_weights"],
+        )
+    assert out["keep"][2] is None and out["auto"][2] == "bfloat16"
+    assert out["auto"][0] == out["keep"][0]
+    assert out["auto"][1].keys() == out["keep"][1].keys()
+    for name, t in out["keep"][1].items():
+        assert torch.equal(out["auto"][1][name], t), name
+
+
+def _base_named_parameters(model):
+    """Parameters by their name in the plain model (PEFT's ``base_layer.`` inserts removed)."""
+    for name, p in model.named_parameters():
+        if "lora_" not in name and "vsteer_intervention" not in name:
+            yield name.replace("base_layer.", ""), p
+
+
+def test_frozen_weights_stay_fp32_under_fp32_training(tmp_path, sft_file):
+    result = _run(_recipe(sft_file, max_steps=1, precision="fp32"), tmp_path)
+    assert (
+        json.loads((result.adapter_dir / ADAPTER_META).read_text())["training_run"]["frozen_weights"] is None
+    )
+
+
+def test_cpu_training_uses_eager_attention_and_puts_the_loaded_one_back(tmp_path, sft_file):
+    model = make_tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    seen = []
+    model.model.layers[0].self_attn.register_forward_hook(
+        lambda m, a, out: seen.append((m.training, m.config._attn_implementation))
+    )
+    result = train_from_recipe(
+        _recipe(sft_file, max_steps=2), output_dir=tmp_path / "a", model=model, tokenizer=char_tokenizer()
+    )
+    assert {impl for training, impl in seen if training} == {"eager"}
+    assert {impl for training, impl in seen if not training} == {"sdpa"}  # evaluation before and after
+    assert model.config._attn_implementation == "sdpa"
+    assert json.loads((result.adapter_dir / ADAPTER_META).read_text())["training_run"]["attention"] == "eager"
+    model = make_tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    kept = train_from_recipe(
+        _recipe(sft_file, max_steps=1, attention="model"),
+        output_dir=tmp_path / "b",
+        model=model,
+        tokenizer=char_tokenizer(),
+    )
+    assert json.loads((kept.adapter_dir / ADAPTER_META).read_text())["training_run"]["attention"] == "sdpa"
+    model = make_tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    long = train_from_recipe(  # auto keeps SDPA past EAGER_MAX_LENGTH, where eager stops paying
+        _recipe(sft_file, max_steps=1, max_length=EAGER_MAX_LENGTH + 1),
+        output_dir=tmp_path / "c",
+        model=model,
+        tokenizer=char_tokenizer(),
+    )
+    assert json.loads((long.adapter_dir / ADAPTER_META).read_text())["training_run"]["attention"] == "sdpa"
 
 
 # quiet output ------------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ class CompareSpec:
     warmup_steps: int = 0
     beta: float = 0.1
     precision: str = "bf16"  # training autocast
+    # while training (vsteer.train.training_numerics): auto = eager attention on the CPU, and under
+    # autocast the frozen weights stored in its dtype (bit-identical); scoring loads the model afresh
+    attention: str = "auto"
+    frozen_weights: str = "auto"
     eval_precision: str = "fp32"  # scoring: bf16 rounding moves single items by up to ~0.1 nats/token
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     checkpoints: list = field(default_factory=lambda: [8, 16])
@@ -170,6 +174,11 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
     for key in ("precision", "eval_precision"):
         if getattr(spec, key) not in _PRECISIONS:
             raise RecipeError(f"{key} must be one of {', '.join(_PRECISIONS)}, got {getattr(spec, key)!r}")
+    from vsteer.recipes import ATTENTION_CHOICES
+
+    for key, allowed in (("attention", ATTENTION_CHOICES), ("frozen_weights", ("auto", "keep"))):
+        if getattr(spec, key) not in allowed:
+            raise RecipeError(f"{key} must be one of {', '.join(allowed)}, got {getattr(spec, key)!r}")
     if not spec.learning_rates or any(not isinstance(x, (int, float)) or x <= 0 for x in spec.learning_rates):
         raise RecipeError(
             f"learning_rates must be a non-empty list of positive numbers, got {spec.learning_rates!r}"
@@ -510,6 +519,8 @@ def _train_recipe(spec: CompareSpec, arm: str, lr: float, seed: int, budget: int
             "max_length": spec.max_length,
             "beta": spec.beta,
             "precision": spec.precision,
+            "attention": spec.attention,
+            "frozen_weights": spec.frozen_weights,
             "eval_before": False,
             "save_steps": 10**6,
             "logging_steps": 10**6,

@@ -89,8 +89,27 @@ SCHEMA: dict[str, tuple[tuple, object]] = {
     # auto: on the CPU the model's own logits stand in for TRL's tiled LM head (vsteer/lm_head.py);
     # fused: TRL's head everywhere
     "training.lm_head": ((str,), "auto"),
+    # auto: on the CPU with training.max_length <= 128, eager attention while training (PyTorch's
+    # CPU flash-attention backward was 27% of a short SmolLM2 step; vsteer.train.EAGER_MAX_LENGTH);
+    # model: as loaded; or a transformers attn_implementation name. Put back after training:
+    # evaluation uses the loaded one.
+    "training.attention": ((str,), "auto"),
+    # auto: under bf16/fp16 autocast in one process, the frozen nn.Linear weights are stored in the
+    # autocast dtype while training (the very values autocast would cast them to at every forward:
+    # bit-identical); keep: as loaded. The originals are put back after training.
+    "training.frozen_weights": ((str,), "auto"),
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
+# training.attention: auto, model (as loaded), or one of transformers' attention implementations
+ATTENTION_CHOICES = (
+    "auto",
+    "model",
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+)
 # TRL/transformers fields vsteer sets from its own keys or its own policy: not accepted in recipes
 TRL_RESERVED = {
     "per_device_train_batch_size": "training.batch_size (global)",
@@ -392,6 +411,13 @@ def _check_values(values: dict) -> None:
             f"recipe key 'training.precision' must be one of {', '.join(PRECISIONS)}, "
             f"got {values['training.precision']!r}"
         )
+    for key, allowed in (
+        ("training.lm_head", ("auto", "fused")),
+        ("training.attention", ATTENTION_CHOICES),
+        ("training.frozen_weights", ("auto", "keep")),
+    ):
+        if values[key] not in allowed:
+            raise RecipeError(f"recipe key {key!r} must be one of {', '.join(allowed)}, got {values[key]!r}")
     if values["training.lr_scheduler"] not in ("linear", "cosine", "constant", "constant_with_warmup"):
         raise RecipeError(
             f"recipe key 'training.lr_scheduler' must be linear, cosine, constant or constant_with_warmup, "

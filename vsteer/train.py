@@ -276,8 +276,6 @@ def _make_trainer(
     from vsteer.lm_head import cpu_lm_head
 
     head = recipe.section("training")["lm_head"]
-    if head not in ("auto", "fused"):
-        raise RecipeError(f"training.lm_head must be auto or fused, got {head!r}")
     swap = cpu_lm_head(model) if head == "auto" else contextlib.nullcontext(False)
     with swap:
         trainer = _trl_trainer(recipe, model, tokenizer, args, train_ds, eval_ds, callbacks)
@@ -495,9 +493,10 @@ def _train(
         if _is_main():
             partial.mkdir(parents=True, exist_ok=True)
             (partial / _BEFORE).write_text(json.dumps(before))
-    start = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    runtime = time.perf_counter() - start
+    with training_numerics(peft_model, recipe) as numerics:
+        start = time.perf_counter()
+        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        runtime = time.perf_counter() - start
     after = _evaluate(trainer, recipe, peft_model, tokenizer, data)
     check_masked_rows(peft_model)
 
@@ -508,7 +507,7 @@ def _train(
         "effective_params_measured": counts["effective"],
     }
     meta = _metadata(recipe, peft_model, adapter, data, metrics)
-    meta["training_run"] = _training_run(trainer, recipe, peft_model)
+    meta["training_run"] = {**_training_run(trainer, recipe, peft_model), **numerics}
     trainer.accelerator.wait_for_everyone()
     if _is_main():
         trained = trainer.accelerator.unwrap_model(trainer.model)
@@ -566,9 +565,10 @@ def _train_intervention(
         with apply_intervention(model, iv):
             evaluate = recipe["training.eval_before"]
             before = _evaluate(trainer, recipe, model, tokenizer, data) if evaluate else {}
-            start = time.perf_counter()
-            out = trainer.train()
-            runtime = time.perf_counter() - start
+            with training_numerics(model, recipe) as numerics:
+                start = time.perf_counter()
+                out = trainer.train()
+                runtime = time.perf_counter() - start
             after = _evaluate(trainer, recipe, model, tokenizer, data)
     finally:
         del model.vsteer_intervention
@@ -585,7 +585,7 @@ def _train_intervention(
     }
     iv.extra.update({"recipe": recipe.name, "method": recipe.method, "steps": metrics["steps"]})
     meta = _metadata(recipe, model, adapter, data, metrics)
-    meta["training_run"] = _training_run(trainer, recipe, model)
+    meta["training_run"] = {**_training_run(trainer, recipe, model), **numerics}
     trainer.accelerator.wait_for_everyone()
     if _is_main():
         _publish(lambda d: iv.save(Path(d) / FILE_NAME), meta, final, root)
@@ -639,6 +639,80 @@ def _metadata(recipe: Recipe, peft_model, adapter: dict, data: RecipeData, metri
         "versions": {"vsteer": vsteer.__version__, **package_versions()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# training.attention: auto picks eager attention on the CPU up to this training.max_length.
+# benchmarks/train_step.py --pack (SmolLM2 bf16 LoRA step, one thread, 2026-12-03): eager vs SDPA
+# steps per CPU-s 1.37 at <= 48 tokens, 1.10 at 128, 0.98 at 256 (its cost grows with length^2)
+EAGER_MAX_LENGTH = 128
+
+
+def _sharded() -> bool:
+    """FSDP or DeepSpeed: they own the parameters' storage (and flatten them by dtype)."""
+    return any(
+        os.environ.get(k, "false").lower() == "true"
+        for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
+
+
+@contextlib.contextmanager
+def training_numerics(model, recipe: Recipe):
+    """While training only: the recipe's ``training.attention`` and ``training.frozen_weights``
+    (see ``vsteer.recipes.SCHEMA``); yields what was applied (``{"attention": ..., "frozen_weights":
+    ...}``, recorded in ``training_run``) and puts the loaded attention and weights back after, so
+    evaluation before and after training and whatever the caller does next see the model as loaded.
+
+    ``frozen_weights: auto`` under bf16/fp16 autocast in one unsharded process: every frozen
+    ``nn.Linear`` weight in fp32 is replaced by its copy in the autocast dtype (autocast caches the
+    casts only of weights that require grad, so it re-casts the frozen ones at every forward: 13%
+    of a SmolLM2 step on the CPU). The matmuls get the same values, so the losses and the trained
+    adapter are bit-identical (``tests/test_train_numerics.py``). The input and output embeddings
+    keep their weights (a lookup is not autocast; TRL's head may upcast the output one)."""
+    t = recipe.section("training")
+    base = _base(model)
+    applied = {"attention": None, "frozen_weights": None}
+    restore_attn = None
+    want = t["attention"]
+    if want == "auto":
+        on_cpu = next(model.parameters()).device.type == "cpu" and _on_cpu(recipe)
+        want = "eager" if on_cpu and t["max_length"] <= EAGER_MAX_LENGTH else "model"
+    current = getattr(base.config, "_attn_implementation", None)
+    if want != "model" and current is not None and want != current:
+        try:
+            base.set_attn_implementation(want)
+        except (ValueError, ImportError) as err:
+            raise RecipeError(f"training.attention={want}: {str(err).splitlines()[0]}") from None
+        restore_attn = current
+    applied["attention"] = getattr(base.config, "_attn_implementation", None)
+    originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+    dtype = _AUTOCAST_DTYPES.get(t["precision"])
+    if t["frozen_weights"] == "auto" and dtype is not None and _world_size() == 1 and not _sharded():
+        keep = {id(m) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None}
+        kept = {
+            id(m.weight) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None
+        }
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if (
+                type(module) is torch.nn.Linear
+                and id(module) not in keep
+                and isinstance(w, torch.nn.Parameter)
+                and not w.requires_grad
+                and w.dtype == torch.float32
+                and id(w) not in kept
+            ):
+                originals.append((module, w))
+                module.weight = torch.nn.Parameter(w.detach().to(dtype), requires_grad=False)
+        if originals:
+            applied["frozen_weights"] = str(dtype).replace("torch.", "")
+    try:
+        yield applied
+    finally:
+        for module, w in originals:
+            module.weight = w
+        if restore_attn is not None:
+            base.set_attn_implementation(restore_attn)
 
 
 def _base(model):
