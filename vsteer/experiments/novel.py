@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vsteer.errors import DataError
-from vsteer.evaluate import Estimate, finding
+from vsteer.evaluate import Estimate, finding, paired_difference
 from vsteer.experiments.common import rng, subsample
 
 ANIMAL_CONTEXT = "Scientists described a newly discovered animal called a {}."
@@ -183,7 +183,7 @@ def run_novel(model, tokenizer, sites, layers, n_names: int, C: float, seed: int
                 claim="the category is bound to the invented name's value vector, beyond what the context alone gives",
                 measured=f"held-out transfer share at v.{f.layer}, the name's token minus the token before it "
                 f"(control {f.control.mean():.3g}), paired over {n_test} invented names",
-                effect=_paired(f.transfer, f.control, seed),
+                effect=paired_difference(f.transfer, f.control, seed=seed),
                 command=cmd,
             )
         )
@@ -195,7 +195,7 @@ def run_novel(model, tokenizer, sites, layers, n_names: int, C: float, seed: int
                     claim="the value site carries the invented name's category more reliably than the residual stream",
                     measured=f"held-out transfer share, v (layer {f.layer}: {f.transfer.mean():.3g}) minus resid "
                     f"(layer {r.layer}: {r.transfer.mean():.3g}), paired over {n_test} invented names",
-                    effect=_paired(f.transfer, r.transfer, seed),
+                    effect=paired_difference(f.transfer, r.transfer, seed=seed),
                     command=cmd,
                 )
             )
@@ -245,12 +245,6 @@ def _share(values: np.ndarray, seed: int) -> Estimate:
     from vsteer.evaluate import bootstrap
 
     return bootstrap(np.asarray(values, dtype=float), seed=seed)
-
-
-def _paired(a: np.ndarray, b: np.ndarray, seed: int) -> Estimate:
-    from vsteer.evaluate import paired_difference
-
-    return paired_difference(a, b, seed=seed)
 
 
 def _table(rows, fits) -> str:

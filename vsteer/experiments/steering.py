@@ -190,7 +190,9 @@ def _split_items(kind: str, name: str, opts: SteeringOptions, items=None, test_i
                 f"{kind}:{name} has {len(test)} test and {len(pool)} generate items: n_test={opts.n_test} "
                 f"leaves too few for n_select={opts.n_select} and n_extract={opts.n_extract}"
             )
-        origin = f" (CAA's test split, {len(test)}, then {extra} generate items held out of selection and extraction)"
+        origin = (
+            f"CAA's test split, {len(test)}, then {extra} generate items held out of selection and extraction"
+        )
         test, pool = test + pool[-extra:], pool[:-extra]
     select = pool[: opts.n_select]
     extract_items = data.balance_answers(pool[opts.n_select :], opts.n_extract, f"{kind}:{name} extraction")
@@ -384,7 +386,7 @@ def ab_steering(
         "switches the answer token moves this and not the effect on a balanced test set; test items "
         f"matching each answer: {test_balance}.",
         f"{len(pairs)} extraction pairs, answer-balanced (matching/other per answer: {pairs.balance}), "
-        f"{len(test)} test items{pairs.test_origin}; {time.time() - t0:.0f} s.",
+        f"{len(test)} test items{f' ({pairs.test_origin})' if pairs.test_origin else ''}; {time.time() - t0:.0f} s.",
     ]
     return ExperimentResult(
         name=f"steering_ab_{kind}_{name}",
@@ -401,7 +403,7 @@ def ab_steering(
             "vector": v.metadata(),
             "n_extract": len(pairs),
             "n_test": len(test),
-            "test_origin": pairs.test_origin.strip(" ()"),
+            "test_origin": pairs.test_origin,
             "extraction_balance": pairs.balance,
             "test_matching": test_balance,
             "answer_swing": {site: e.to_dict() for site, e in swing.items()},
