@@ -127,7 +127,7 @@ def test_run_probes_adds_the_novel_name_verdicts_when_asked():
 
     data = [(f"this is {['good', 'bad'][i % 2]} stuff {i}", i % 2) for i in range(40)]
     config = probing.ProbeConfig(
-        layers=[1], cv=2, n_control=2, novel_names=8, novel_layers=2, intensity_words=16
+        layers=[1], cv=2, n_control=2, novel_names=8, novel_layers=2, intensity_words=16, negation_pairs=12
     )
     result = probing.run_probes(
         make_tiny_model("llama"), TOK, config, data[:24], data[24:], progress_bar=False
@@ -140,7 +140,21 @@ def test_run_probes_adds_the_novel_name_verdicts_when_asked():
     assert (
         sum("sentiment intensity" in f.claim or "sentiment polarity" in f.claim for f in result.findings) == 2
     )
-    assert "Untested: negation" in result.to_markdown()
+    (neg,) = [f for f in result.findings if "encode negation" in f.claim]
+    assert neg.rule_id == "probing.selectivity" and "6 CondaQA pairs" in neg.measured
+    assert len(result.meta["negation_passages"]) == 12 and "| bag of words |" in result.to_markdown()
+
+
+def test_negation_probe_splits_by_pair_and_refuses_a_bad_size():
+    from vsteer.experiments import intensity, probing
+
+    config = probing.ProbeConfig(layers=[1], cv=2, n_control=2)
+    model = make_tiny_model("llama")
+    with pytest.raises(DataError, match="negation_pairs must be between 4 and 607"):
+        intensity.run_negation(model, TOK, 1, 608, config, seed=0)
+    _, _, meta = intensity.run_negation(model, TOK, 1, 8, config, seed=0)
+    _, _, again = intensity.run_negation(model, TOK, 1, 8, config, seed=0)
+    assert meta == again and len(set(meta["negation_passages"])) == 8
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -154,6 +168,17 @@ def test_new_data_files_carry_their_upstream_hash_and_a_licence():
     )
     for folder in ("repe", "facts/coco-names"):
         assert data_path(f"{folder}/LICENSE").read_text().strip()
+
+
+def test_negation_pairs_are_condaqa_minimal_pairs_with_their_licence():
+    pairs = contrasts.negation_pairs()
+    assert len(pairs) == 607 and len({p["passage_id"] for p in pairs}) == 607
+    assert [p["passage_id"] for p in pairs] == sorted(p["passage_id"] for p in pairs)
+    assert all(p["cue"].lower() in p["negated"].lower() and p["negated"] != p["affirmative"] for p in pairs)
+    assert "Apache License" in data_path("condaqa/LICENSE").read_text()
+    assert file_sha256("condaqa/negation_pairs.jsonl") == (
+        "9dedc082c2898a7c972cbb8484a82d10c0f783119ff55d80cbe6a1b19ab9ab5e"
+    )
 
 
 def test_contrast_readers_counts():

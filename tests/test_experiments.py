@@ -354,6 +354,33 @@ def test_collect_features_takes_all_sites_and_layers_from_one_pass():
     assert feats[("resid", 1)].shape == (4, 32)
 
 
+@pytest.mark.parametrize("position", ["last", "mean"])
+def test_collect_features_stops_after_the_deepest_site_with_the_full_forward_values(position):
+    """A middle layer's features: the forward ends at that layer (the last block never runs) and
+    the values equal those of a whole forward pass."""
+    from vsteer.encoding import encode_batch
+    from vsteer.hooks import capture
+
+    model = make_tiny_model("llama")
+    ran = []
+    handle = model.model.layers[-1].register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        feats = probing.collect_features(
+            model, TOK, PROMPTS, sites=("v", "resid"), layers=[1], position=position, progress_bar=False
+        )
+    finally:
+        handle.remove()
+    assert not ran
+    enc = encode_batch(TOK, PROMPTS, max_length=64)
+    with torch.no_grad(), capture(model, [("v", 1), ("resid", 1)], stop=False) as acts:
+        model(**enc, use_cache=False)
+    mask = enc["attention_mask"].float()[..., None]
+    for site in ("v", "resid"):
+        x = acts[(site, 1)].flatten(2).float()
+        want = x[:, -1] if position == "last" else (x * mask).sum(1) / mask.sum(1)
+        np.testing.assert_allclose(feats[(site, 1)], want.numpy(), rtol=0, atol=1e-6)
+
+
 def test_last_token_features_do_not_depend_on_batch_padding():
     model = make_tiny_model("llama")
     together = probing.collect_features(model, TOK, PROMPTS, batch_size=4, progress_bar=False)

@@ -7,7 +7,8 @@ Each reader returns fresh ``(text, label)`` lists or name lists from files shipp
   0 = humanities; groups as in MMLU's own ``categories.py``), domain;
 - :func:`persona_statements`: the Anthropic persona statements (label 1 = the statement matches the
   trait, i.e. its matching answer is "Yes"), behavioural tendency;
-- :func:`animal_names` / :func:`object_names`: real animal (UCI Zoo) and object (COCO category) names.
+- :func:`animal_names` / :func:`object_names`: real animal (UCI Zoo) and object (COCO category) names;
+- :func:`negation_pairs`: CondaQA's negated Wikipedia sentences and their affirmative edits.
 """
 
 from __future__ import annotations
@@ -107,3 +108,14 @@ def object_names() -> list[str]:
     excluded = {w for key in COCO_EXCLUDED for w in key.split()}
     names = [line.strip() for line in _text("facts/coco-names/coco.names").split("\n") if line.strip()]
     return [n for n in names if re.fullmatch(r"[a-z]+", n) and n not in excluded]
+
+
+def negation_pairs() -> list[dict]:
+    """CondaQA minimal pairs (Ravichander et al. 2022): ``{"passage_id", "cue", "negated",
+    "affirmative"}``, a Wikipedia sentence with a negation cue and a crowdworker's edit of it with the
+    negation undone; 607 pairs, built by ``scripts/make_negation_pairs.py`` (rules in ``SOURCES.md``)."""
+    rows = [json.loads(line) for line in _text("condaqa/negation_pairs.jsonl").splitlines() if line.strip()]
+    for r in rows:
+        if not (r.get("negated") and r.get("affirmative") and r["negated"] != r["affirmative"]):
+            raise DataError(f"condaqa/negation_pairs.jsonl: passage {r.get('passage_id')} is not a pair")
+    return rows

@@ -6,8 +6,14 @@ wheel vsteer depends on, its file hash checked): words rated mild (0.5 <= |valen
 (|valence| >= 2.2), positive or negative, equally many in each of the four cells, so polarity
 and intensity are independent by construction. Each word is read at its last token in one
 neutral frame; a probe for polarity and one for intensity are fit at the value site (split by
-word, random-label controls as in :mod:`vsteer.experiments.probing`). Negation stays untested:
-no labelled negation data with a clear licence (the SST phrase scores have none stated).
+word, random-label controls as in :mod:`vsteer.experiments.probing`).
+
+Negation is tested on sentences: CondaQA's minimal pairs (Ravichander et al. 2022, Apache-2.0), a
+Wikipedia sentence with a negation cue ("not", "rarely", "unable", "lack", "unlike", ...) and a
+crowdworker's edit of it with the negation undone. Each sentence is read at its last token; a probe
+for negated vs affirmative is fit at the value site (split by pair, so a sentence and its edit are
+never on both sides; random-label controls), with ``k``/``q``/``resid`` at the same layer and a
+bag-of-words baseline on the same split for scale: the cue is a word, so words alone separate much.
 """
 
 from __future__ import annotations
@@ -22,10 +28,6 @@ from vsteer.experiments.common import rng
 VADER_LEXICON_SHA256 = "1ec9c6e9ee19aade328f8beb393a6afa71a5bb3acf7d3cc22d4ef568df374bf5"
 FRAME = "Someone wrote the word {}"
 MILD, STRONG = (0.5, 1.2), 2.2
-NEGATION_UNTESTED = (
-    "negation: no labelled negation data with a clear licence could be found (the Stanford Sentiment Treebank's "
-    "phrase-level scores, which would give 'not bad' vs 'good', state no licence; the shipped SST-2 is sentence-level)"
-)
 
 
 def vader_valence() -> dict[str, float]:
@@ -117,9 +119,75 @@ def run_intensity(model, tokenizer, layer: int, n_words: int, config, seed: int,
     ]
     notes = [
         f"Polarity and intensity (VADER lexicon, {len(words)} words in the frame '{FRAME.format('<word>')}', "
-        f"{len(tr)} train / {len(te)} held-out words; mild {MILD[0]}..{MILD[1]}, strong >= {STRONG} in |valence|). "
-        f"Untested: {NEGATION_UNTESTED}.",
+        f"{len(tr)} train / {len(te)} held-out words; mild {MILD[0]}..{MILD[1]}, strong >= {STRONG} in |valence|).",
         "",
         "\n".join(table),
     ]
     return findings, notes, {"intensity_words": [w for w, _, _ in words]}
+
+
+def run_negation(model, tokenizer, layer: int, n_pairs: int, config, seed: int, progress_bar=None):
+    """Negated vs affirmative sentence probes at ``layer`` (CondaQA minimal pairs, ``n_pairs`` drawn
+    with ``seed``, half of the pairs for training). Returns ``(findings, notes, meta)``."""
+    from vsteer.data.contrasts import negation_pairs
+    from vsteer.experiments.monitoring import bag_of_words
+    from vsteer.experiments.probing import collect_features, fit_probe, selectivity
+
+    pool = negation_pairs()
+    if not 4 <= n_pairs <= len(pool):
+        raise DataError(
+            f"negation_pairs must be between 4 and {len(pool)} (CondaQA pairs shipped), got {n_pairs}"
+        )
+    picked = [pool[i] for i in sorted(rng(seed + 11).choice(len(pool), size=n_pairs, replace=False))]
+    texts = [p["negated"] for p in picked] + [p["affirmative"] for p in picked]
+    y = np.r_[np.ones(n_pairs, dtype=int), np.zeros(n_pairs, dtype=int)]
+    sites = [s for s in ("v", "k", "q", "resid") if s in config.sites] or ["v"]
+    # the sentences run to about 100 tokens: read each at its own last token, not at a truncation
+    feats = collect_features(
+        model, tokenizer, texts, sites, [layer], "last", config.batch_size, max(config.max_length, 160),
+        progress_bar,
+    )  # fmt: skip
+    order = rng(seed + 13).permutation(n_pairs)
+    tr_pairs, te_pairs = np.sort(order[: n_pairs // 2]), np.sort(order[n_pairs // 2 :])
+    tr, te = np.r_[tr_pairs, tr_pairs + n_pairs], np.r_[te_pairs, te_pairs + n_pairs]
+    pos, neg = bag_of_words(
+        [texts[i] for i in tr_pairs], [texts[i + n_pairs] for i in tr_pairs],
+        [texts[i] for i in te_pairs], [texts[i + n_pairs] for i in te_pairs],
+    )  # fmt: skip
+    bow_accuracy = float(np.r_[pos > 0, neg <= 0].mean())
+    rows, findings = [], []
+    for site in sites:
+        x = feats[(site, layer)]
+        fit = fit_probe(x[tr], y[tr], x[te], y[te], config.Cs, config.cv, seed, 3)
+        sel = selectivity(fit.correct, fit.control_correct, seed=seed, n_boot=500)
+        rows.append((site, fit.accuracy, fit.control_accuracy, sel))
+        if site == "v":
+            findings.append(
+                finding(
+                    "probing.selectivity",
+                    claim=f"value vectors (v.{layer}) encode negation: a negated sentence vs the same sentence "
+                    "with the negation undone",
+                    measured=f"negation probe accuracy ({fit.accuracy:.3f}) − random-label control accuracy, "
+                    f"{len(te)} held-out sentences ({len(te_pairs)} CondaQA pairs, split by pair); "
+                    f"bag-of-words baseline accuracy {bow_accuracy:.3f}",
+                    effect=sel,
+                    command="vsteer run recipes/claims.yaml --only probes",
+                )
+            )
+    cues = len({p["cue"].lower() for p in picked})
+    table = ["| site | accuracy | control | selectivity [95% CI] |", "|---|---|---|---|"]
+    table += [
+        f"| {s}.{layer} | {a:.3f} | {c:.3f} | {e.value:.3f} [{e.low:.3f}, {e.high:.3f}] |"
+        for s, a, c, e in rows
+    ]
+    table.append(f"| bag of words | {bow_accuracy:.3f} | | |")
+    notes = [
+        f"Negation (CondaQA minimal pairs: {n_pairs} of {len(pool)} pairs, {cues} distinct cues; a Wikipedia "
+        f"sentence with a negation cue vs a crowdworker's edit with the negation undone; read at the sentence's "
+        f"last token; {len(tr_pairs)} train / {len(te_pairs)} held-out pairs). The cue is a word, so the "
+        "bag-of-words baseline (CountVectorizer + logistic regression on the same split) shows how much the "
+        "words alone give.",
+        "",
+        "\n".join(table),
+    ]
+    return findings, notes, {"negation_passages": [p["passage_id"] for p in picked]}

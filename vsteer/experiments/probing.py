@@ -25,7 +25,7 @@ from vsteer.errors import DataError
 from vsteer.evaluate import Finding, bootstrap, finding, wilson_interval
 from vsteer.experiments.common import batched, progress, require_items, rng, subsample
 from vsteer.experiments.result import ExperimentResult
-from vsteer.hooks import apply, intervene
+from vsteer.hooks import capture
 from vsteer.models import model_device
 from vsteer.sites import check_site_name, parse_layers
 
@@ -57,30 +57,22 @@ def collect_features(
         check_site_name(s)
     layers = list(range(arch.n_layers)) if layers is None else layers
     store: dict[tuple[str, int], list[np.ndarray]] = {(s, layer): [] for s in sites for layer in layers}
-    state: dict = {}
-
-    def recorder(key):
-        def fn(x, step):
-            x = x.flatten(2).float()
-            mask = state["mask"]
+    # batches of similar length waste little compute on padding; rows are put back in order below
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    device = model_device(model)
+    for chunk in progress(list(batched(order, batch_size)), "probe features", progress_bar):
+        enc = encode_batch(tokenizer, [texts[i] for i in chunk], max_length=max_length, device=device)
+        mask = enc["attention_mask"].float()
+        # the forward stops right after the deepest site (a middle layer's probes skip the rest)
+        with torch.no_grad(), capture(model, list(store), stop=True) as acts:
+            model(**enc, use_cache=False, logits_to_keep=1)
+        for key in store:
+            x = acts[key].flatten(2).float()
             if position == "last":
                 feat = x[:, -1]  # left padding: the last real token is the last position
             else:
                 feat = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             store[key].append(to_numpy(feat).astype(np.float32))
-            return None
-
-        return fn
-
-    ops = {key: apply(recorder(key)) for key in store}
-    # batches of similar length waste little compute on padding; rows are put back in order below
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    device = model_device(model)
-    with torch.no_grad(), intervene(model, ops):
-        for chunk in progress(list(batched(order, batch_size)), "probe features", progress_bar):
-            enc = encode_batch(tokenizer, [texts[i] for i in chunk], max_length=max_length, device=device)
-            state["mask"] = enc["attention_mask"].float()
-            model(**enc, use_cache=False, logits_to_keep=1)  # features need no logits
     inverse = np.argsort(order)
     return {key: np.concatenate(v)[inverse] for key, v in store.items()}
 
@@ -186,8 +178,9 @@ class ProbeConfig:
     ``layers``: ``"all"``, ``"0-29"``, ``"3,7"`` or a list (see :func:`vsteer.sites.parse_layers`);
     None: ``n_layers`` evenly spaced layers (the CPU default). The last layer and the middle
     layer are always included. ``novel_*``: the novel-name test (:mod:`vsteer.experiments.novel`;
-    ``novel_names=0`` skips it); ``intensity_words``: the polarity/intensity probes
-    (:mod:`vsteer.experiments.intensity`; 0 skips them). The main job's profiles switch both on."""
+    ``novel_names=0`` skips it); ``intensity_words``: the polarity/intensity probes,
+    ``negation_pairs``: the negation probe (:mod:`vsteer.experiments.intensity`; 0 skips them). The
+    main job's profiles switch them on."""
 
     dataset: str = "sst2"
     n_train: int = 600
@@ -208,6 +201,7 @@ class ProbeConfig:
     novel_C: float = 0.01
     novel_frames: int = 1  # neutral frames per real name
     intensity_words: int = 0  # VADER words for the polarity/intensity probes (0: skip); intensity.py
+    negation_pairs: int = 0  # CondaQA minimal pairs for the negation probe (0: skip); intensity.py
 
 
 def load_probe_dataset(dataset, n_train: int, n_test: int, seed: int):
@@ -347,6 +341,15 @@ def run_probes(
 
         found, more, more_meta = run_intensity(
             model, tokenizer, middle, config.intensity_words, config, seed, progress_bar
+        )
+        verdicts += found
+        novel_notes += ["", *more]
+        novel_meta.update(more_meta)
+    if config.negation_pairs:
+        from vsteer.experiments.intensity import run_negation
+
+        found, more, more_meta = run_negation(
+            model, tokenizer, middle, config.negation_pairs, config, seed, progress_bar
         )
         verdicts += found
         novel_notes += ["", *more]
