@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
+
 import numpy as np
 import pytest
 import torch
@@ -45,25 +48,45 @@ def test_a_direction_planted_in_an_ov_space_beats_both_baselines_and_shuffled_la
 def test_run_basis_tests_every_named_dimension_with_its_own_verdict_rows():
     model = make_tiny_model("llama")
     words = ["good", "bad"]
-    own = {
-        name: [(f"x {words[i % 2]} {name} {i}", i % 2) for i in range(12)]
-        for name in ("sentiment", "factuality", "domain", "behaviour")
-    }
+    own = {name: [(f"x {words[i % 2]} {name} {i}", i % 2) for i in range(12)] for name in basis.DIMENSIONS}
     config = basis.BasisConfig(n_shuffles=4, n_boot=10, dimensions=("sentiment",))
     result = basis.run_basis(model, TOK, config, dimension_data=own, progress_bar=False)
     assert {r["dimension"] for r in result.records} == set(own)
     assert len(result.verdicts) == 3 * len(own)
     assert sum("factuality" in f.claim for f in result.findings) == 3
-    assert "Untested: formality" in result.to_markdown()
+    assert sum("formality" in f.claim for f in result.findings) == 3
+    assert "Untested" not in result.to_markdown()  # every named dimension has data now
     with pytest.raises(DataError, match="unknown basis dimension 'tone'"):
         basis.run_basis(model, TOK, basis.BasisConfig(dimensions=("tone",)), progress_bar=False)
 
 
 def test_dimension_items_are_balanced_and_seed_fixed():
-    for name in ("factuality", "domain", "behaviour"):
+    for name in ("factuality", "domain", "behaviour", "formality"):
         items = basis.dimension_items(name, 40, seed=3)
         assert sum(y for _, y in items) == 20 and len(items) == 40
         assert items == basis.dimension_items(name, 40, seed=3)
+        assert items != basis.dimension_items(name, 40, seed=4)
+
+
+def test_formality_items_are_rated_pairs_of_equal_length():
+    """Formal and informal halves differ in rating, not in word count (a plain contrast would be 21 vs 8
+    words on average, so the direction could be length)."""
+    with gzip.open(data_path("formality/pavlick_formality.csv.gz"), "rt", encoding="utf-8") as f:
+        scores = {row["text"].strip(): float(row["score"]) for row in csv.DictReader(f)}
+    assert len(scores) == 1000
+    assert "CC BY 3.0" in data_path("formality/LICENSE").read_text()
+    assert file_sha256("formality/pavlick_formality.csv") == (
+        "f4507390d0d3821ca00912b060c8d990d986ac663488b2989cf46d825acbcb8c"
+    )
+    pairs = contrasts.formality_pairs()
+    assert len(pairs) == 128 and len({f for f, _ in pairs}) == len({i for _, i in pairs}) == 128
+    for formal, informal in pairs:
+        assert len(formal.split()) == len(informal.split())
+        assert scores[formal] > contrasts.FORMAL_ABOVE and scores[informal] < contrasts.INFORMAL_BELOW
+    items = basis.dimension_items("formality", 20, seed=0)  # whole pairs are drawn
+    lengths = [len(t.split()) for t, _ in items]
+    assert lengths[0::2] == lengths[1::2] and [y for _, y in items] == [1, 0] * 10
+    assert contrasts.formality_statements()[:2] == [(pairs[0][0], 1), (pairs[0][1], 0)]
 
 
 # ---- novel names -------------------------------------------------------------------------------

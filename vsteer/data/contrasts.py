@@ -8,7 +8,9 @@ Each reader returns fresh ``(text, label)`` lists or name lists from files shipp
 - :func:`persona_statements`: the Anthropic persona statements (label 1 = the statement matches the
   trait, i.e. its matching answer is "Yes"), behavioural tendency;
 - :func:`animal_names` / :func:`object_names`: real animal (UCI Zoo) and object (COCO category) names;
-- :func:`negation_pairs`: CondaQA's negated Wikipedia sentences and their affirmative edits.
+- :func:`negation_pairs`: CondaQA's negated Wikipedia sentences and their affirmative edits;
+- :func:`formality_pairs`: formal and informal sentences of Pavlick & Tetreault's corpus, paired by
+  word count (label 1 = formal in :func:`formality_statements`), formality.
 """
 
 from __future__ import annotations
@@ -119,3 +121,34 @@ def negation_pairs() -> list[dict]:
         if not (r.get("negated") and r.get("affirmative") and r["negated"] != r["affirmative"]):
             raise DataError(f"condaqa/negation_pairs.jsonl: passage {r.get('passage_id')} is not a pair")
     return rows
+
+
+FORMAL_ABOVE, INFORMAL_BELOW = 0.6, 0.4  # on the shipped 0..1 scale: mean rating above +0.6 / below -0.6
+
+
+def formality_pairs() -> list[tuple[str, str]]:
+    """``(formal, informal)`` sentence pairs of equal word count from Pavlick & Tetreault's formality
+    corpus (1,000 shipped sentences, ``formality/``): formal = score above :data:`FORMAL_ABOVE`,
+    informal = below :data:`INFORMAL_BELOW` (a mean rating beyond +-0.6 on the -3..+3 scale). Formal
+    sentences run longer (21 vs 8 words on average), so a plain contrast would find length; here
+    the i-th formal and the i-th informal sentence of each word count are paired, in file order (128
+    pairs)."""
+    relative = "formality/pavlick_formality.csv.gz"
+    formal: dict[int, list[str]] = {}
+    informal: dict[int, list[str]] = {}
+    for i, row in enumerate(csv.DictReader(io.StringIO(_text(relative)))):
+        try:
+            score, text = float(row["score"]), row["text"].strip()
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise DataError(f"{relative} row {i + 2} is not 'split,score,text': {row!r:.80}") from None
+        words = len(text.split())
+        if score > FORMAL_ABOVE:
+            formal.setdefault(words, []).append(text)
+        elif score < INFORMAL_BELOW:
+            informal.setdefault(words, []).append(text)
+    return [pair for n in sorted(formal) for pair in zip(formal[n], informal.get(n, []))]
+
+
+def formality_statements() -> list[tuple[str, int]]:
+    """:func:`formality_pairs` flattened to ``(text, label)``, label 1 = formal, pair by pair."""
+    return [item for f, inf in formality_pairs() for item in ((f, 1), (inf, 0))]

@@ -10,7 +10,8 @@ Two readouts and one test:
   query heads that read that kv head; a ``resid`` vector ``[d_model]`` is read directly.
 * Alignment: each named dimension's direction (mean resid difference of the two labels at the last
   token: sentiment from SST-2, factuality from true/false statements, domain from MMLU STEM vs
-  humanities stems, behaviour from persona statements matching vs not matching the trait) per layer; which share of its squared norm lies in each head's OV
+  humanities stems, behaviour from persona statements matching vs not matching the trait, formality
+  from formal vs informal sentences paired by word count) per layer; which share of its squared norm lies in each head's OV
   output space (column space; write side), against (1) an isotropic random direction, whose
   expected share is ``rank / d_model``, and (2) directions from shuffled labels (same data, same
   anisotropy). Read side: the share of the previous layer's direction in the OV row space.
@@ -157,18 +158,15 @@ def readout_steering_vector(
 
 
 # named dimensions of the claim; each tested one has a real labelled contrast (readers: vsteer.data)
-DIMENSIONS = ("sentiment", "factuality", "domain", "behaviour")
-UNTESTED_DIMENSIONS = {
-    "formality": "no labelled English formality data with a clear redistribution licence could be read here "
-    "(GYAFC's Yahoo terms forbid redistribution; Pavlick & Tetreault's scores are on the model hub only; the "
-    "SQUINKY copy found has no licence; Eder et al. 2023 is German)",
-}
+DIMENSIONS = ("sentiment", "factuality", "domain", "behaviour", "formality")
+UNTESTED_DIMENSIONS: dict[str, str] = {}  # name -> why it has no data (every named one has some now)
 DOMAIN_WORDS = 24  # MMLU stems are cut to their first words
 _DIMENSION_TEXT = {
     "sentiment": "SST-2 train sentences, positive vs negative",
     "factuality": "RepE true vs false statements, after Azaria & Mitchell 2023",
     "domain": f"MMLU question stems (CAA A/B items, first {DOMAIN_WORDS} words), STEM vs humanities subjects",
     "behaviour": "Anthropic persona statements (Big Five), matching vs not matching the trait",
+    "formality": "Pavlick & Tetreault's formal vs informal sentences, paired by word count",
 }
 
 
@@ -198,9 +196,13 @@ def dimension_items(name: str, n: int | None, seed: int) -> list[tuple[str, int]
         "factuality": contrasts.true_false_statements,
         "domain": contrasts.mmlu_domains,
         "behaviour": contrasts.persona_statements,
+        "formality": contrasts.formality_statements,
     }
     if name not in readers:
         raise DataError(f"unknown basis dimension {name!r}; expected one of: {', '.join(readers)}")
+    if name == "formality":  # draw whole pairs, so both labels keep the same word counts
+        pairs = subsample(contrasts.formality_pairs(), None if n is None else n // 2, seed)
+        return [item for f, inf in pairs for item in ((f, 1), (inf, 0))]
     items = readers[name]()
     if name == "domain":  # the subject shows in a stem's opening; long passages cost CPU, not signal
         items = [(" ".join(t.split()[:DOMAIN_WORDS]), y) for t, y in items]
