@@ -149,6 +149,7 @@ def formality_pairs() -> list[tuple[str, str]]:
     return [pair for n in sorted(formal) for pair in zip(formal[n], informal.get(n, []))]
 
 
-def formality_statements() -> list[tuple[str, int]]:
-    """:func:`formality_pairs` flattened to ``(text, label)``, label 1 = formal, pair by pair."""
-    return [item for f, inf in formality_pairs() for item in ((f, 1), (inf, 0))]
+def formality_statements(pairs: list[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
+    """``pairs`` (default: all of :func:`formality_pairs`) flattened to ``(text, label)``, label 1 =
+    formal, pair by pair."""
+    return [item for f, inf in (formality_pairs() if pairs is None else pairs) for item in ((f, 1), (inf, 0))]

@@ -201,8 +201,9 @@ def dimension_items(name: str, n: int | None, seed: int) -> list[tuple[str, int]
     if name not in readers:
         raise DataError(f"unknown basis dimension {name!r}; expected one of: {', '.join(readers)}")
     if name == "formality":  # draw whole pairs, so both labels keep the same word counts
-        pairs = subsample(contrasts.formality_pairs(), None if n is None else n // 2, seed)
-        return [item for f, inf in pairs for item in ((f, 1), (inf, 0))]
+        return contrasts.formality_statements(
+            subsample(contrasts.formality_pairs(), None if n is None else n // 2, seed)
+        )
     items = readers[name]()
     if name == "domain":  # the subject shows in a stem's opening; long passages cost CPU, not signal
         items = [(" ".join(t.split()[:DOMAIN_WORDS]), y) for t, y in items]
