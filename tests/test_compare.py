@@ -12,7 +12,7 @@ from test_train import char_tokenizer
 
 from vsteer.compare import load_compare_recipe, plan_budgets, run_compare, select_lr
 from vsteer.compare_eval import ablate
-from vsteer.compare_stats import shift_effect
+from vsteer.compare_stats import projection_ablation, shift_effect
 from vsteer.data.compare_data import Item
 from vsteer.errors import DataError, RecipeError
 
@@ -135,6 +135,32 @@ def test_shift_effect_recovers_a_known_shift_and_resamples_pairs_whole():
     paired, unpaired = shift_effect(dp, labels, groups), shift_effect(dp, labels)
     assert paired.high - paired.low < 0.2 * (unpaired.high - unpaired.low)
     assert paired.low < 0.1 < paired.high
+
+
+def test_projection_ablation_gap_is_a_difference_of_removed_shifts_and_stays_bounded():
+    """The verdict statistic: removed[v] - max other removed (nats/token), no division by the
+    control's shift. With a control shift whose resamples straddle zero the share gap's interval
+    blows up; the removal gap's stays within a few item standard errors."""
+    rng = np.random.default_rng(1)
+    labels = np.array([1] * 60 + [0] * 60)
+    noise = lambda: rng.normal(0, 0.3, 120)  # noqa: E731
+    full = np.where(labels == 1, 0.04, 0.0) + noise()  # a weak control shift: 0.04 +- 0.055
+    ablated = {"v": full - np.where(labels == 1, 0.01, 0.0), "k": full - np.where(labels == 1, 0.03, 0.0)}
+    ablated["k"] = ablated["k"] + rng.normal(0, 0.05, 120)
+    out = projection_ablation(full, ablated, labels, n_boot=1000)
+    r = out["removed"]
+    shift = full[labels == 1].mean() - full[labels == 0].mean()
+    for n, d in ablated.items():  # removed = shift(full) - shift(ablated), share = removed / shift(full)
+        want = shift - (d[labels == 1].mean() - d[labels == 0].mean())
+        assert r[n].value == pytest.approx(want)
+        assert out["shares"][n].value == pytest.approx(want / shift)
+    assert out["gap"].value == pytest.approx(r["v"].value - r["k"].value)
+    assert out["gap"].value < 0  # dropping k removes more here: the claim's direction fails
+    # same ordering as the share gap at the point (one positive denominator) ...
+    assert np.sign(out["share_gap"].value) == np.sign(out["gap"].value)
+    # ... but the share gap's interval is thrown far out by resamples near a zero shift
+    assert out["share_gap"].high - out["share_gap"].low > 5 * (out["gap"].high - out["gap"].low)
+    assert out["gap"].high - out["gap"].low < 0.1
 
 
 def test_ablation_drops_one_projection_type_and_restores_it():

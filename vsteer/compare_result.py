@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vsteer.compare_stats import preference_accuracy, share_removed, shift_effect
+from vsteer.compare_stats import preference_accuracy, projection_ablation, shift_effect
 from vsteer.evaluate import Estimate, Finding
 
 TASK_LABEL = {"sft": "style", "dpo": "alignment"}
 KINDS = ("control_moves", "v_moves", "v_vs_qk", "value_share")
-SHARE_ROPE = (-0.05, 0.05)
 
 
 def _est(e: Estimate) -> dict:
@@ -133,10 +132,7 @@ class CompareResult:
         full, base, labels = full[index], base[index], labels[index]
         groups = None if groups is None else [groups[i] for i in index]
         abl = {p: np.array(v) - base for p, v in ev["ablation"].items()}
-        return {
-            "shares": share_removed(full, abl, labels, groups, seed=self.first),
-            "norms": ev.get("update_norms", {}),
-        }
+        return {**projection_ablation(full, abl, labels, groups, seed=self.first), "norms": ev.get("update_norms", {})}
 
     # ---- findings and rules ----------------------------------------------------------------
     def findings(self, prefix: str | None = None, command: str = "") -> list[Finding]:
@@ -186,27 +182,30 @@ class CompareResult:
                 )
             )
         abl = self.ablation()
-        if abl and "v_minus_next" in abl["shares"]:
+        if abl and "gap" in abl:
+            share_gap = abl["share_gap"]
             out.append(
                 Finding(
                     f"{prefix}.value_share",
                     f"{task}: the value path carries the largest share of the positive control's gain",
-                    "share of the test shift removed by dropping v's update minus the largest other share",
-                    abl["shares"]["v_minus_next"],
+                    "test shift removed by dropping v's update minus the largest shift removed by dropping "
+                    f"another projection type's ({unit}; as shares of the control's shift {share_gap.value:.3g} "
+                    f"[{share_gap.low:.3g}, {share_gap.high:.3g}])",
+                    abl["gap"],
                     command,
                 )
             )
         return out
 
     def rules(self, prefix: str = "compare") -> dict:
-        """Rules from the recipe's ROPE (``rope`` for shifts, ``SHARE_ROPE`` for ablation shares)."""
+        """Rules from the recipe's ROPE (nats/token), for the shifts and for the ablation's removal gap."""
         from vsteer.verdicts import Rule
 
         rope = tuple(self.spec.rope)
         out = {
             f"{prefix}.{k}": Rule(0.0, True, rope, what="likelihood shift (nats/token)") for k in KINDS[:3]
         }
-        out[f"{prefix}.value_share"] = Rule(0.0, True, SHARE_ROPE, what="share difference")
+        out[f"{prefix}.value_share"] = Rule(0.0, True, rope, what="difference of removed shifts (nats/token)")
         return out
 
     # ---- tables ----------------------------------------------------------------------------
@@ -323,11 +322,13 @@ class CompareResult:
             return []
         rows = []
         for proj, e in abl["shares"].items():
-            if proj == "v_minus_next":
-                continue
+            r = abl["removed"][proj]
             rows.append(
                 {
                     "dropped": proj,
+                    "removed": r.value,
+                    "removed_low": r.low,
+                    "removed_high": r.high,
                     "share_removed": e.value,
                     "ci_low": e.low,
                     "ci_high": e.high,
@@ -391,9 +392,10 @@ class CompareResult:
         abl = self.ablation_records()
         if abl:
             notes += [
-                f"Projection ablation of the positive control (seed {self.first}, {self._ablation_scope()}): share "
-                "of its shift removed by dropping one projection type's learned update, and its relative "
-                "update norm ||ΔW||/||W||:",
+                f"Projection ablation of the positive control (seed {self.first}, {self._ablation_scope()}): the "
+                "part of its shift removed by dropping one projection type's learned update (nats/token, "
+                "and as a share of the control's shift on these items), and the type's relative update "
+                "norm ||ΔW||/||W||:",
                 "",
                 records_to_markdown(abl),
                 "",
@@ -504,13 +506,11 @@ def plot_frontier(results: list[tuple[str, CompareResult]], path) -> None:
         ab = res.ablation_records()
         if ab:
             names = [r["dropped"] for r in ab]
-            vals = [r["share_removed"] for r in ab]
-            err = [
-                [r["share_removed"] - r["ci_low"] for r in ab],
-                [r["ci_high"] - r["share_removed"] for r in ab],
-            ]
+            vals = [r["removed"] for r in ab]  # the verdict's statistic (shares: results.json)
+            err = [[r["removed"] - r["removed_low"] for r in ab], [r["removed_high"] - r["removed"] for r in ab]]
             ax2.bar(names, vals, yerr=err, color=[colours.get(x, "gray") for x in names])
-            ax2.set_ylabel("share of the control's shift removed")
+            ax2.axhline(0, color="gray", lw=0.5)
+            ax2.set_ylabel("control's shift removed, nats/token")
             ax2.set_title(f"{label}: projection ablation (positive control)")
         else:
             ax2.axis("off")

@@ -7,7 +7,7 @@ code fingerprint leaves this module out), as a change of a verdict rule does not
   dataset's format (which moves both labels alike) cancels out. Paired items (DPO) are
   resampled as pairs, unpaired ones (SFT) within each label.
 * :func:`seed_item_effect`: the same with seeds resampled too (a two-level bootstrap).
-* :func:`share_removed`: the projection ablation's shares; :func:`preference_accuracy`.
+* :func:`projection_ablation`: the shift and share of it each projection type's update carries; :func:`preference_accuracy`.
 """
 
 from __future__ import annotations
@@ -105,32 +105,44 @@ def seed_item_effect(shifts, labels, groups=None, blocks=None, n_boot: int = 200
     return Estimate(value, float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975)), len(d))
 
 
-def share_removed(d_full, d_ablated: dict, labels, groups=None, n_boot: int = 2000, seed: int = 0):
-    """Per projection type, the share of the gained shift that dropping its update removes,
-    ``1 - shift(ablated) / shift(full)``, and the value share minus the largest other share; all
-    with intervals from the same resamples of items."""
+def projection_ablation(d_full, d_ablated: dict, labels, groups=None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The projection ablation, all from the same item resamples.
+
+    Per projection type ``p``: ``removed[p] = shift(full) - shift(ablated p)`` (nats/token), the part
+    of the gained shift that dropping ``p``'s update takes away, and ``shares[p] = removed[p] /
+    shift(full)``. ``gap``: ``removed[v]`` minus the largest other ``removed``, the statistic of the
+    "the value path carries the largest share" verdict; ``share_gap``: the same with shares.
+
+    The two gaps order the types alike (one positive denominator), but the share gap divides by the
+    control's shift on the resampled items, and a resample where that shift comes near zero throws
+    it far out: on 60 + 60 SST-2 items its interval reached [-6.89, 0.035]. The removal gap has no
+    denominator, so its interval is as wide as the items make it; the shares stay as context."""
     d_full, labels = np.asarray(d_full, float), np.asarray(labels)
     names = list(d_ablated)
+    ablated = {n: np.asarray(d_ablated[n], float) for n in names}
     samples = _resamples(labels, groups, n_boot, seed)
 
-    def shares(idx):
+    def removed(idx):
         full = _stat(d_full[idx], labels[idx])
-        return {n: 1.0 - _stat(np.asarray(d_ablated[n])[idx], labels[idx]) / full for n in names}
+        return full, {n: full - _stat(ablated[n][idx], labels[idx]) for n in names}
 
-    point = shares(np.arange(len(d_full)))
-    boots = [shares(i) for i in samples]
-    out = {}
-    for n in names:
-        vals = [b[n] for b in boots]
-        out[n] = Estimate(
-            point[n], float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975)), len(d_full)
-        )
+    def estimate(point: float, boots: list[float]) -> Estimate:
+        return Estimate(point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), len(d_full))
+
+    def v_minus_next(values: dict) -> float:
+        return values["v"] - max(values[n] for n in names if n != "v")
+
+    full, point = removed(np.arange(len(d_full)))
+    draws = [removed(i) for i in samples]
+    point_share = {n: point[n] / full for n in names}
+    draw_share = [{n: r[n] / f for n in names} for f, r in draws]
+    out = {
+        "removed": {n: estimate(point[n], [r[n] for _, r in draws]) for n in names},
+        "shares": {n: estimate(point_share[n], [s[n] for s in draw_share]) for n in names},
+    }
     if "v" in names and len(names) > 1:
-        gap = [b["v"] - max(b[n] for n in names if n != "v") for b in boots]
-        p = point["v"] - max(point[n] for n in names if n != "v")
-        out["v_minus_next"] = Estimate(
-            p, float(np.quantile(gap, 0.025)), float(np.quantile(gap, 0.975)), len(d_full)
-        )
+        out["gap"] = estimate(v_minus_next(point), [v_minus_next(r) for _, r in draws])
+        out["share_gap"] = estimate(v_minus_next(point_share), [v_minus_next(s) for s in draw_share])
     return out
 
 
