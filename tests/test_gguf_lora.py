@@ -496,16 +496,63 @@ def _llama_cpp_sdist():
     return path
 
 
-def _tiny_phi3_gguf(tmp_path):
-    """A tiny random Phi-3 (fused qkv_proj) with SmolLM2's BPE tokenizer, converted to an f32 GGUF
-    by llama.cpp's own convert_hf_to_gguf.py from the llama-cpp-python sdist."""
+def _converted(model, tmp_path, name: str, tokenizer_class: str | None = None, converter_fix=None):
+    """``model`` (random weights) with SmolLM2's BPE tokenizer, converted to an f32 GGUF by
+    llama.cpp's own convert_hf_to_gguf.py from the llama-cpp-python sdist. ``converter_fix``:
+    ``(file, old, new)``, one text replacement in the converter (asserted to apply)."""
     import subprocess
     import sys
     import tarfile
 
-    import transformers
-
     from vsteer.models import load_model
+
+    hf = tmp_path / name  # not the family's name: llama.cpp may then expect its own special tokens
+    model.save_pretrained(hf)
+    _, tokenizer = load_model("smollm2-135m-instruct", device="cpu")
+    tokenizer.save_pretrained(hf)
+    if tokenizer_class:
+        tc_path = hf / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text())
+        tc["tokenizer_class"] = tokenizer_class
+        tc_path.write_text(json.dumps(tc))
+    src = tmp_path / "llama.cpp"
+    if not (src / "convert_hf_to_gguf.py").is_file():
+        prefix = f"llama_cpp_python-{LLAMACPP_VERSION}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        with tarfile.open(_llama_cpp_sdist()) as tar:
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+            ]
+            for m in members:
+                m.name = m.name[len(prefix) :]
+            tar.extractall(src, members=members, filter="data")
+    if converter_fix:
+        file, old, new = converter_fix
+        text = (src / file).read_text()
+        assert old in text, f"{file} changed: the fix for it no longer applies"
+        (src / file).write_text(text.replace(old, new))
+    out = tmp_path / f"{name}-f32.gguf"
+    run = subprocess.run(
+        [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(out), "--outtype", "f32"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    return tokenizer, out
+
+
+def _sharpen(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)  # random init is ~0.02: too flat to tell next tokens apart
+    return model
+
+
+def _tiny_phi3_gguf(tmp_path):
+    """A tiny random Phi-3 (fused qkv_proj), converted to an f32 GGUF by llama.cpp's converter."""
+    import transformers
 
     torch.manual_seed(0)
     config = transformers.Phi3Config(
@@ -514,38 +561,97 @@ def _tiny_phi3_gguf(tmp_path):
         original_max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         tie_word_embeddings=False,
     )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.08)  # random init is ~0.02: too flat to tell next tokens apart
-    hf = tmp_path / "tiny-fused"  # not "phi3": llama.cpp then expects Phi-3's own special tokens
-    model.save_pretrained(hf)
-    _, tokenizer = load_model("smollm2-135m-instruct", device="cpu")
-    tokenizer.save_pretrained(hf)
-    tc_path = hf / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text())
-    tc["tokenizer_class"] = "GPT2Tokenizer"  # Phi3's converter reads BPE vocabularies for this class
-    tc_path.write_text(json.dumps(tc))
-    src = tmp_path / "llama.cpp"
-    prefix = f"llama_cpp_python-{LLAMACPP_VERSION}/vendor/llama.cpp/"
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-    with tarfile.open(_llama_cpp_sdist()) as tar:
-        members = [
-            m
-            for m in tar.getmembers()
-            if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
-        ]
-        for m in members:
-            m.name = m.name[len(prefix) :]
-        tar.extractall(src, members=members, filter="data")
-    out = tmp_path / "phi3-tiny-f32.gguf"
-    run = subprocess.run(
-        [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(out), "--outtype", "f32"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    model = _sharpen(transformers.AutoModelForCausalLM.from_config(config).eval())
+    # Phi3's converter reads BPE vocabularies for this tokenizer class
+    tokenizer, out = _converted(model, tmp_path, "tiny-fused", tokenizer_class="GPT2Tokenizer")
     return model, tokenizer, out
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_an_exported_value_vector_like_pytorch_on_gpt_neox(tmp_path):
+    """The parallel-residual export (direction.l = W_O v) run through llama.cpp itself: a tiny random
+    GPT-NeoX converted by llama.cpp's converter, the vsteer ``v`` vector exported with
+    ``export_gguf`` and set with llama.cpp's own control-vector call, exactly as ``llama-cli
+    --control-vector-scaled FILE S`` does (``direction.N`` at offset ``(N - 1) * n_embd``, scaled by S):
+    llama.cpp's logits equal PyTorch's under ``vsteer.steer(model, vec, S)`` at the value site."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is built and installed by `make llamacpp`")
+    import ctypes
+
+    import llama_cpp
+    import transformers
+
+    from vsteer.arch import get_arch, parallel_residual
+    from vsteer.data import neutral_prompts
+    from vsteer.gguf_io import export_gguf
+    from vsteer.hooks import site_shape
+    from vsteer.vectors import SteeringVector
+
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = _sharpen(transformers.GPTNeoXForCausalLM(config).eval())
+    assert parallel_residual(model)
+    # llama.cpp's GPT-NeoX converter (0.3.36's vendored copy) reads the config key rotary_pct, which
+    # transformers 5's AutoConfig, through which it reads the config, no longer returns (it is
+    # rope_parameters["partial_rotary_factor"] now): read that instead. Nothing else is touched.
+    fix = (
+        "conversion/gptneox.py",
+        'self.hparams["rotary_pct"]',
+        'self.hparams["rope_parameters"]["partial_rotary_factor"]',
+    )
+    tokenizer, base_gguf = _converted(model, tmp_path, "tiny-parallel", converter_fix=fix)
+    g = torch.Generator().manual_seed(11)
+    shape = site_shape(get_arch(model), "v")
+    vec = SteeringVector.for_model(
+        model, {1: torch.randn(shape, generator=g) * 0.5, 2: torch.randn(shape, generator=g) * 0.5}, "v"
+    )
+    scale = 1.5
+    exported = export_gguf(vec, tmp_path / "v-as-control-vector.gguf", model=model)
+    _, tensors = _read(exported)
+    assert sorted(tensors) == ["direction.1", "direction.2"]
+    n_embd, n_layer = config.hidden_size, config.num_hidden_layers
+    data = np.zeros((n_layer - 1) * n_embd, dtype=np.float32)  # layer 1 onwards, as llama.cpp reads it
+    for name, t in tensors.items():
+        layer = int(name.split(".")[1])
+        data[(layer - 1) * n_embd : layer * n_embd] = scale * t.astype(np.float32)
+    # the sensitivity check: the same directions one block too early (direction.l at block l - 1)
+    # (direction.1 would land on block 0, which control vectors cannot reach: it is dropped there)
+    early = np.zeros_like(data)
+    early[:-n_embd] = data[n_embd:]
+    base_cpp, steered_cpp, early_cpp = _llama(base_gguf), _llama(base_gguf), _llama(base_gguf)
+    for llm, buf in ((steered_cpp, data), (early_cpp, early)):
+        rc = llama_cpp.llama_set_adapter_cvec(  # what llama-cli --control-vector-scaled calls
+            llm._ctx.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size, n_embd, 1, n_layer - 1
+        )
+        assert rc == 0
+    worst_base, worst_change, moved, correlations, early_gap = 0.0, 0.0, [], [], []
+    for prompt in neutral_prompts(8):
+        ids = tokenizer(prompt)["input_ids"][:48]
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            base_pt = model(input_ids=x).logits[0, -1].double().numpy()
+            with vsteer.steer(model, vec, scale, as_bias=False):
+                steered_pt = model(input_ids=x).logits[0, -1].double().numpy()
+        base_c, steered_c = _llama_logits(base_cpp, ids), _llama_logits(steered_cpp, ids)
+        change_pt, change_c = steered_pt - base_pt, steered_c - base_c
+        worst_base = max(worst_base, float(np.abs(base_c - base_pt).max()))
+        worst_change = max(worst_change, float(np.abs(change_c - change_pt).max()))
+        moved.append(float(np.abs(change_pt).max()))
+        correlations.append(float(np.corrcoef(change_pt, change_c)[0, 1]))
+        early_gap.append(float(np.abs(_llama_logits(early_cpp, ids) - base_c - change_pt).max()))
+    print(
+        f"gpt-neox control vector: max |llama.cpp - PyTorch| base {worst_base:.2e}, of the change "
+        f"{worst_change:.2e}; change correlation min {min(correlations):.6f}; max |change| median "
+        f"{np.median(moved):.2f}; one block too early: max |difference| median {np.median(early_gap):.2f}"
+    )
+    assert np.median(moved) > 0.5, "the vector barely moves the logits: the comparison would prove nothing"
+    # the engines differ on the model itself by ~1e-3 (f32 kernels; ggml's GELU): far below the change
+    assert worst_base < 1e-2, "llama.cpp and PyTorch disagree on the base model itself"
+    assert worst_change < 1e-2 and min(correlations) > MIN_CORRELATION_F32
+    assert np.median(early_gap) > 50 * worst_change, "a misplaced vector would pass: the test proves nothing"
 
 
 @pytest.mark.slow

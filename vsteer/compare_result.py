@@ -132,7 +132,10 @@ class CompareResult:
         full, base, labels = full[index], base[index], labels[index]
         groups = None if groups is None else [groups[i] for i in index]
         abl = {p: np.array(v) - base for p, v in ev["ablation"].items()}
-        return {**projection_ablation(full, abl, labels, groups, seed=self.first), "norms": ev.get("update_norms", {})}
+        return {
+            **projection_ablation(full, abl, labels, groups, seed=self.first),
+            "norms": ev.get("update_norms", {}),
+        }
 
     # ---- findings and rules ----------------------------------------------------------------
     def findings(self, prefix: str | None = None, command: str = "") -> list[Finding]:
@@ -507,7 +510,10 @@ def plot_frontier(results: list[tuple[str, CompareResult]], path) -> None:
         if ab:
             names = [r["dropped"] for r in ab]
             vals = [r["removed"] for r in ab]  # the verdict's statistic (shares: results.json)
-            err = [[r["removed"] - r["removed_low"] for r in ab], [r["removed_high"] - r["removed"] for r in ab]]
+            err = [
+                [r["removed"] - r["removed_low"] for r in ab],
+                [r["removed_high"] - r["removed"] for r in ab],
+            ]
             ax2.bar(names, vals, yerr=err, color=[colours.get(x, "gray") for x in names])
             ax2.axhline(0, color="gray", lw=0.5)
             ax2.set_ylabel("control's shift removed, nats/token")

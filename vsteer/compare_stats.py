@@ -105,7 +105,9 @@ def seed_item_effect(shifts, labels, groups=None, blocks=None, n_boot: int = 200
     return Estimate(value, float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975)), len(d))
 
 
-def projection_ablation(d_full, d_ablated: dict, labels, groups=None, n_boot: int = 2000, seed: int = 0) -> dict:
+def projection_ablation(
+    d_full, d_ablated: dict, labels, groups=None, n_boot: int = 2000, seed: int = 0
+) -> dict:
     """The projection ablation, all from the same item resamples.
 
     Per projection type ``p``: ``removed[p] = shift(full) - shift(ablated p)`` (nats/token), the part
@@ -127,7 +129,9 @@ def projection_ablation(d_full, d_ablated: dict, labels, groups=None, n_boot: in
         return full, {n: full - _stat(ablated[n][idx], labels[idx]) for n in names}
 
     def estimate(point: float, boots: list[float]) -> Estimate:
-        return Estimate(point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), len(d_full))
+        return Estimate(
+            point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), len(d_full)
+        )
 
     def v_minus_next(values: dict) -> float:
         return values["v"] - max(values[n] for n in names if n != "v")
