@@ -567,10 +567,37 @@ def _tiny_phi3_gguf(tmp_path):
     return model, tokenizer, out
 
 
+def _tiny_parallel(family: str):
+    """A tiny random parallel-residual model and the fix its llama.cpp converter needs (or None)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    if family == "gpt_neox":
+        config = transformers.GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True)
+        # llama.cpp's GPT-NeoX converter (0.3.36's vendored copy) reads the config key rotary_pct,
+        # which transformers 5's AutoConfig, through which it reads the config, no longer returns (it
+        # is rope_parameters["partial_rotary_factor"] now): read that instead. Nothing else is touched.
+        fix = (
+            "conversion/gptneox.py",
+            'self.hparams["rotary_pct"]',
+            'self.hparams["rope_parameters"]["partial_rotary_factor"]',
+        )
+        return _sharpen(transformers.GPTNeoXForCausalLM(config).eval()), fix
+    # Phi-1/2: attention and MLP both read ln(x). llama.cpp's phi2 loader expects n_ff = 4 * n_embd
+    config = transformers.PhiConfig(**{**common, "intermediate_size": 256}, partial_rotary_factor=0.5)
+    return _sharpen(transformers.PhiForCausalLM(config).eval()), None
+
+
 @pytest.mark.slow
-def test_llama_cpp_applies_an_exported_value_vector_like_pytorch_on_gpt_neox(tmp_path):
+@pytest.mark.parametrize("family", ["gpt_neox", "phi"])
+def test_llama_cpp_applies_an_exported_value_vector_like_pytorch_on_parallel_blocks(tmp_path, family):
     """The parallel-residual export (direction.l = W_O v) run through llama.cpp itself: a tiny random
-    GPT-NeoX converted by llama.cpp's converter, the vsteer ``v`` vector exported with
+    GPT-NeoX / Phi-2 converted by llama.cpp's converter, the vsteer ``v`` vector exported with
     ``export_gguf`` and set with llama.cpp's own control-vector call, exactly as ``llama-cli
     --control-vector-scaled FILE S`` does (``direction.N`` at offset ``(N - 1) * n_embd``, scaled by S):
     llama.cpp's logits equal PyTorch's under ``vsteer.steer(model, vec, S)`` at the value site."""
@@ -578,7 +605,6 @@ def test_llama_cpp_applies_an_exported_value_vector_like_pytorch_on_gpt_neox(tmp
     import ctypes
 
     import llama_cpp
-    import transformers
 
     from vsteer.arch import get_arch, parallel_residual
     from vsteer.data import neutral_prompts
@@ -586,22 +612,9 @@ def test_llama_cpp_applies_an_exported_value_vector_like_pytorch_on_gpt_neox(tmp
     from vsteer.hooks import site_shape
     from vsteer.vectors import SteeringVector
 
-    torch.manual_seed(0)
-    config = transformers.GPTNeoXConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    model = _sharpen(transformers.GPTNeoXForCausalLM(config).eval())
+    model, fix = _tiny_parallel(family)
+    config = model.config
     assert parallel_residual(model)
-    # llama.cpp's GPT-NeoX converter (0.3.36's vendored copy) reads the config key rotary_pct, which
-    # transformers 5's AutoConfig, through which it reads the config, no longer returns (it is
-    # rope_parameters["partial_rotary_factor"] now): read that instead. Nothing else is touched.
-    fix = (
-        "conversion/gptneox.py",
-        'self.hparams["rotary_pct"]',
-        'self.hparams["rope_parameters"]["partial_rotary_factor"]',
-    )
     tokenizer, base_gguf = _converted(model, tmp_path, "tiny-parallel", converter_fix=fix)
     g = torch.Generator().manual_seed(11)
     shape = site_shape(get_arch(model), "v")
@@ -643,7 +656,7 @@ def test_llama_cpp_applies_an_exported_value_vector_like_pytorch_on_gpt_neox(tmp
         correlations.append(float(np.corrcoef(change_pt, change_c)[0, 1]))
         early_gap.append(float(np.abs(_llama_logits(early_cpp, ids) - base_c - change_pt).max()))
     print(
-        f"gpt-neox control vector: max |llama.cpp - PyTorch| base {worst_base:.2e}, of the change "
+        f"{family} control vector: max |llama.cpp - PyTorch| base {worst_base:.2e}, of the change "
         f"{worst_change:.2e}; change correlation min {min(correlations):.6f}; max |change| median "
         f"{np.median(moved):.2f}; one block too early: max |difference| median {np.median(early_gap):.2f}"
     )
