@@ -21,6 +21,11 @@ def _stat(d: np.ndarray, labels: np.ndarray) -> float:
     return float(d[labels == 1].mean() - d[labels == 0].mean())
 
 
+def _estimate(value: float, draws, n: int) -> Estimate:
+    """``value`` with the 95% percentile interval of its bootstrap ``draws``."""
+    return Estimate(value, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)), n)
+
+
 def _resamples(labels: np.ndarray, groups, n_boot: int, seed: int) -> list[np.ndarray]:
     """Index arrays of bootstrap resamples: whole pairs when ``groups`` is given, else per label."""
     rng = np.random.default_rng(seed)
@@ -42,9 +47,7 @@ def shift_effect(d, labels, groups=None, n_boot: int = 2000, seed: int = 0) -> E
     """Likelihood shift of target over contrast items, ``mean(d|1) - mean(d|0)``, 95% bootstrap CI."""
     d, labels = np.asarray(d, float), np.asarray(labels)
     stats = [_stat(d[i], labels[i]) for i in _resamples(labels, groups, n_boot, seed)]
-    return Estimate(
-        _stat(d, labels), float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975)), len(d)
-    )
+    return _estimate(_stat(d, labels), stats, len(d))
 
 
 def seed_item_effect(shifts, labels, groups=None, blocks=None, n_boot: int = 2000, seed: int = 0) -> Estimate:
@@ -101,8 +104,7 @@ def seed_item_effect(shifts, labels, groups=None, blocks=None, n_boot: int = 200
             tn.append(shifts[j, neg])
         stats.append(np.concatenate(tp).mean() - np.concatenate(tn).mean())
     d = np.nanmean(shifts, axis=0)
-    value = _stat(d, labels)
-    return Estimate(value, float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975)), len(d))
+    return _estimate(_stat(d, labels), stats, len(d))
 
 
 def projection_ablation(
@@ -128,11 +130,6 @@ def projection_ablation(
         full = _stat(d_full[idx], labels[idx])
         return full, {n: full - _stat(ablated[n][idx], labels[idx]) for n in names}
 
-    def estimate(point: float, boots: list[float]) -> Estimate:
-        return Estimate(
-            point, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), len(d_full)
-        )
-
     def v_minus_next(values: dict) -> float:
         return values["v"] - max(values[n] for n in names if n != "v")
 
@@ -140,13 +137,14 @@ def projection_ablation(
     draws = [removed(i) for i in samples]
     point_share = {n: point[n] / full for n in names}
     draw_share = [{n: r[n] / f for n in names} for f, r in draws]
+    n = len(d_full)
     out = {
-        "removed": {n: estimate(point[n], [r[n] for _, r in draws]) for n in names},
-        "shares": {n: estimate(point_share[n], [s[n] for s in draw_share]) for n in names},
+        "removed": {p: _estimate(point[p], [r[p] for _, r in draws], n) for p in names},
+        "shares": {p: _estimate(point_share[p], [s[p] for s in draw_share], n) for p in names},
     }
     if "v" in names and len(names) > 1:
-        out["gap"] = estimate(v_minus_next(point), [v_minus_next(r) for _, r in draws])
-        out["share_gap"] = estimate(v_minus_next(point_share), [v_minus_next(s) for s in draw_share])
+        out["gap"] = _estimate(v_minus_next(point), [v_minus_next(r) for _, r in draws], n)
+        out["share_gap"] = _estimate(v_minus_next(point_share), [v_minus_next(s) for s in draw_share], n)
     return out
 
 
