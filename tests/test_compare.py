@@ -424,6 +424,56 @@ def test_ablation_subset_is_fixed_stratified_and_keeps_pairs_whole(tiny_dir, use
     assert res.ablation()["shares"]["v"].n == 6
 
 
+def test_ablation_of_every_seed_pools_each_seeds_own_items(tiny_dir, user_files, tmp_path):
+    """``ablation_seeds: all``: each later seed's control is ablated on its own scored block, the
+    pooled ablation is the first seed's items plus theirs (none shared), a seed's removed shift is
+    measured against its own run, and the first seed's pieces are reused from the cache as they were."""
+    kw = dict(arms=["v", "all"], learning_rates=[3e-2], seeds=[0, 1], test_items="per-seed", ablation_items=2)
+    kw["data"] = {"source": "user", "train": str(user_files[0]), "eval": str(user_files[1]), "n_test": 4}
+    cache = tmp_path / "cache"
+    one = run_compare(load_compare_recipe(_recipe(tiny_dir, *user_files, **kw)), cache=cache, progress=False)
+    both = run_compare(
+        load_compare_recipe(_recipe(tiny_dir, *user_files, **kw, ablation_seeds="all")),
+        cache=cache,
+        progress=False,
+    )
+    assert ("ablate", "all", 1) in both.runs and ("ablate", "all", 1) not in one.runs
+    first, later = both.runs[("eval", "all", 0)], both.runs[("ablate", "all", 1)]
+    assert first == one.runs[("eval", "all", 0)]  # a cache hit: the first seed's piece is unchanged
+    assert "test" not in later and set(later["ablation"]) == set(first["ablation"])
+    assert not set(first["ablation_index"]) & set(later["ablation_index"])
+    assert set(later["ablation_index"]) <= set(both.block(1).tolist())
+    a1, a2 = one.ablation(), both.ablation()
+    assert a1["removed"]["v"].n == 4 and a2["removed"]["v"].n == 8 and a2["seeds"] == [0, 1]
+    # the pooled statistic by hand: each seed's full shift (its own run) minus its ablated shift
+    labels, _ = both._labels("test")
+    base = both._base("test")
+    shifts = both.test_shifts("all")
+    full, abl, lab = [], [], []
+    for j, ev in ((0, first), (1, later)):
+        idx = np.array(ev["ablation_index"])
+        full.append(shifts[j, idx])
+        abl.append(np.array(ev["ablation"]["v"]) - base[idx])
+        lab.append(labels[idx])
+    full, abl, lab = np.concatenate(full), np.concatenate(abl), np.concatenate(lab)
+    want = (full[lab == 1].mean() - full[lab == 0].mean()) - (abl[lab == 1].mean() - abl[lab == 0].mean())
+    assert a2["removed"]["v"].value == pytest.approx(want)
+    # shared test items, both seeds' controls ablated on all of them: each item is one unit (the
+    # mean of the two runs' shifts), not two
+    data = {k: v for k, v in kw["data"].items() if k != "n_test"}
+    kw.update(test_items="shared", data=data, ablation_items=None)
+    shared = run_compare(
+        load_compare_recipe(_recipe(tiny_dir, *user_files, **kw, ablation_seeds="all")),
+        cache=cache,
+        progress=False,
+    )
+    n_test = len(shared.data.test)
+    assert len(shared.runs[("ablate", "all", 1)]["ablation_index"]) == n_test
+    assert shared.ablation()["removed"]["v"].n == n_test
+    with pytest.raises(RecipeError, match="ablation_seeds must be one of first, all"):
+        load_compare_recipe(_recipe(tiny_dir, *user_files, ablation_seeds="every"))
+
+
 def test_loads_from_two_threads_leave_no_meta_tensors(tiny_dir):
     """Two comparisons driven side by side load models from two threads; transformers' loading
     swaps process-wide state, so without vsteer's load lock later loads came out on the meta

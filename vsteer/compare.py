@@ -88,6 +88,10 @@ class CompareSpec:
     # the ablation's five extra scorings on a fixed subset of the test split: this many items
     # per label (pairs, for paired data); null: the whole split
     ablation_items: int | None = None
+    # which seeds' positive controls are ablated: first (one run) or all (each seed's run on its own
+    # scored items, pooled: with test_items per-seed, len(seeds) times the items, and the seed-to-seed
+    # spread of where the gain lands inside the interval)
+    ablation_seeds: str = "first"
     metrics: list = field(default_factory=lambda: ["kl", "mmlu", "vader"])
     n_kl_windows: int = 8
     kl_window: int = 64
@@ -112,6 +116,7 @@ _METRICS = ("kl", "mmlu", "vader")
 _TASKS = ("sft", "dpo")
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _TEST_ITEMS = ("shared", "per-seed")
+_ABLATION_SEEDS = ("first", "all")
 _SOURCE_KEYS = {"imdb-openings": ("completion_tokens",), "caa-behaviour": ("behaviour",)}
 
 
@@ -192,6 +197,10 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
             raise RecipeError(f"{key} must be a positive int, got {v!r}")
     if spec.test_items not in _TEST_ITEMS:
         raise RecipeError(f"test_items must be one of {', '.join(_TEST_ITEMS)}, got {spec.test_items!r}")
+    if spec.ablation_seeds not in _ABLATION_SEEDS:
+        raise RecipeError(
+            f"ablation_seeds must be one of {', '.join(_ABLATION_SEEDS)}, got {spec.ablation_seeds!r}"
+        )
     for key in ("length_buckets", "shared_reference", "ablation"):
         if not isinstance(getattr(spec, key), bool):
             raise RecipeError(f"{key} must be true or false, got {getattr(spec, key)!r}")
@@ -623,9 +632,12 @@ def _load_adapter(ctx, adapter_dir: Path, state: dict | None = None):
     return PeftModel.from_pretrained(model, str(adapter_dir)).to(next(model.parameters()).device).eval()
 
 
-def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dict:
-    """Score a trained run on the test split; with ``extras`` also frontier and cost, with
-    ``ablation`` the projection ablation and update norms."""
+def eval_job(
+    spec_dict: dict, run_dir: str, extras: bool, ablation: bool, seed: int | None = None, test: bool = True
+) -> dict:
+    """Score a trained run of ``seed`` (default: the first) on its test items; with ``extras``
+    also frontier and cost, with ``ablation`` the projection ablation and update norms; ``test``
+    False skips the plain test scoring (a later seed's, done in its training process)."""
     import torch
 
     from vsteer.compare_eval import PROJECTION_TYPES, ablate, kl_and_ppl, update_norms
@@ -635,9 +647,9 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
     spec = ctx["spec"]
     run = Path(run_dir)
     model = _load_adapter(ctx, run / "adapter")
-    first = spec.seeds[0]
+    first = spec.seeds[0] if seed is None else seed
     block = _index(ctx, "test", first)
-    out = {"test": _scores(model, ctx, "test", block).tolist()}
+    out = {"test": _scores(model, ctx, "test", block).tolist()} if test else {}
     if extras:
         out.update(_cost(model, ctx))
         from vsteer.interventions import FILE_NAME
@@ -672,7 +684,7 @@ def eval_job(spec_dict: dict, run_dir: str, extras: bool, ablation: bool) -> dic
     if ablation:
         from vsteer.compare_eval import item_subset
 
-        # a fixed subset of the items the first seed was scored on (indices into the test split)
+        # a fixed subset of the items this seed was scored on (indices into the test split)
         block = block if block is not None else list(range(len(ctx["data"].test)))
         sub = item_subset([ctx["data"].test[i] for i in block], spec.ablation_items, seed=first)
         index = [block[i] for i in sub]
@@ -749,7 +761,10 @@ PIECE_CODE_EXCLUDED = (*CODE_EXCLUDED, "vsteer.compare_result", "vsteer.compare_
 
 
 def _inputs(spec: CompareSpec, common: dict, **extra) -> dict:
-    relevant = {k: v for k, v in spec.to_dict().items() if k not in ("name", "workers", "arms", "seeds")}
+    # fields that change which pieces run, not what a piece computes, stay out of its key (the
+    # ablation's own fields go into the keys of the pieces that ablate: evaluate, ablate_later)
+    skip = ("name", "workers", "arms", "seeds", "ablation", "ablation_items", "ablation_seeds")
+    relevant = {k: v for k, v in spec.to_dict().items() if k not in skip}
     return {"spec": relevant, **common, **extra}
 
 
@@ -840,8 +855,27 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
     def evaluate(arm, lr):
         key = ("train", arm, lr, first)
         abl = spec.ablation and arm == CONTROL
-        inputs = _inputs(spec, common, arm=arm, lr=lr, seed=first, budget=budget, extras=True, ablation=abl)
+        extra = {"ablation_items": spec.ablation_items} if abl else {}
+        inputs = _inputs(
+            spec, common, arm=arm, lr=lr, seed=first, budget=budget, extras=True, ablation=abl, **extra
+        )
         submit(("eval", arm, first), "compare-eval", inputs, eval_job, spec_dict, str(dirs[key]), True, abl)
+
+    def ablate_later(arm, lr, seed):
+        # a later seed's positive control, ablated on its own scored items (ablation_seeds: all)
+        key = ("train", arm, lr, seed)
+        inputs = _inputs(
+            spec,
+            common,
+            arm=arm,
+            lr=lr,
+            seed=seed,
+            budget=budget,
+            ablation=True,
+            ablation_items=spec.ablation_items,
+        )
+        args = (spec_dict, str(dirs[key]), False, True, seed, False)
+        submit(("ablate", arm, seed), "compare-ablate", inputs, eval_job, *args)
 
     try:
         if shared:  # first: the training runs wait for it
@@ -886,6 +920,8 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
                     key = ("train", arm, lr, seed)
                     if key in results and ("eval", arm, seed) not in results:
                         results[("eval", arm, seed)] = {"test": results[key]["test"]}
+                        if spec.ablation and spec.ablation_seeds == "all" and arm == CONTROL:
+                            ablate_later(arm, lr, seed)
             if not pending:
                 break
             done = next(iter(pending)) if isinstance(executor, _InlineExecutor) else _wait_one(pending)

@@ -119,22 +119,52 @@ class CompareResult:
             return True  # nothing to gate on; said in the notes
         return self.effect(CONTROL).low > self.spec.rope[1]
 
-    def ablation(self) -> dict | None:
+    def _ablation_runs(self) -> list[tuple[int, dict]]:
+        """``(seed index, evaluation)`` of every ablated positive-control run: the first seed's,
+        and with ``ablation_seeds: all`` the later seeds' too."""
         from vsteer.compare import CONTROL
 
-        ev = self.runs.get(("eval", CONTROL, self.first), {})
-        if "ablation" not in ev:
+        out = []
+        for j, s in enumerate(self.spec.seeds):
+            ev = self.runs.get(("eval", CONTROL, s) if j == 0 else ("ablate", CONTROL, s), {})
+            if "ablation" in ev:
+                out.append((j, ev))
+        return out
+
+    def ablation(self) -> dict | None:
+        """The projection ablation over the items of every ablated control run: per test item the
+        mean over the runs that ablated it (each run's removed shift measured against that run),
+        so an item scored by several seeds (``test_items: shared``) stays one unit of the resample."""
+        from vsteer.compare import CONTROL
+
+        runs = self._ablation_runs()
+        if not runs:
             return None
         labels, groups = self._labels("test")
         base = self._base("test")
-        full = self.test_shifts(CONTROL)[0]  # the first seed's run (NaN off its block)
-        index = np.array(ev.get("ablation_index", range(len(base))), dtype=int)  # the scored subset
-        full, base, labels = full[index], base[index], labels[index]
-        groups = None if groups is None else [groups[i] for i in index]
-        abl = {p: np.array(v) - base for p, v in ev["ablation"].items()}
+        shifts = self.test_shifts(CONTROL)  # [seeds, items], NaN off a seed's block
+        names = [p for p in runs[0][1]["ablation"] if all(p in ev["ablation"] for _, ev in runs)]
+        count = np.zeros(len(base))
+        full = np.zeros(len(base))
+        abl = {p: np.zeros(len(base)) for p in names}
+        for j, ev in runs:
+            index = np.array(ev.get("ablation_index", range(len(base))), dtype=int)  # the scored subset
+            count[index] += 1
+            full[index] += shifts[j, index]
+            for p in names:
+                abl[p][index] += np.array(ev["ablation"][p]) - base[index]
+        keep = np.flatnonzero(count)
+        n = count[keep]
         return {
-            **projection_ablation(full, abl, labels, groups, seed=self.first),
-            "norms": ev.get("update_norms", {}),
+            **projection_ablation(
+                full[keep] / n,
+                {p: v[keep] / n for p, v in abl.items()},
+                labels[keep],
+                None if groups is None else [groups[i] for i in keep],
+                seed=self.first,
+            ),
+            "norms": runs[0][1].get("update_norms", {}),
+            "seeds": [self.spec.seeds[j] for j, _ in runs],
         }
 
     # ---- findings and rules ----------------------------------------------------------------
@@ -313,11 +343,14 @@ class CompareResult:
         return rows
 
     def _ablation_scope(self) -> str:
-        from vsteer.compare import CONTROL
-
-        ev = self.runs.get(("eval", CONTROL, self.first), {})
-        n, total = len(ev.get("ablation_index", self.data.test)), len(self.data.test)
-        return "test split" if n == total else f"a fixed random {n} of the {total} test items"
+        runs = self._ablation_runs()
+        scored = {i for _, ev in runs for i in ev.get("ablation_index", range(len(self.data.test)))}
+        n, total = len(scored), len(self.data.test)
+        if len(runs) > 1:
+            seeds = ", ".join(str(self.spec.seeds[j]) for j, _ in runs)
+            return f"seeds {seeds}, each on its own scored items: {n} of the {total} test items, pooled"
+        scope = "the test split" if n == total else f"a fixed random {n} of the {total} test items"
+        return f"seed {self.spec.seeds[runs[0][0]]}, {scope}"
 
     def ablation_records(self) -> list[dict]:
         abl = self.ablation()
@@ -395,7 +428,7 @@ class CompareResult:
         abl = self.ablation_records()
         if abl:
             notes += [
-                f"Projection ablation of the positive control (seed {self.first}, {self._ablation_scope()}): the "
+                f"Projection ablation of the positive control ({self._ablation_scope()}): the "
                 "part of its shift removed by dropping one projection type's learned update (nats/token, "
                 "and as a share of the control's shift on these items), and the type's relative update "
                 "norm ||ΔW||/||W||:",

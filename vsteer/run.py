@@ -200,10 +200,19 @@ def _check_option_keys(section: str, opts: Mapping, where: str) -> None:
             )
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, mappings merged key by key (a recipe's
+    ``options.adapters.sft.seeds`` replaces the profile's seeds, not the whole ``sft`` mapping)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def section_options(spec: RunSpec, section: str) -> dict:
-    """Profile sizes merged with the recipe's ``options.<section>``, keys checked against the
-    section's config dataclass."""
-    opts = {**load_profile(spec.profile).get(section, {}), **spec.options.get(section, {})}
+    """Profile sizes merged with the recipe's ``options.<section>`` (nested mappings key by key),
+    keys checked against the section's config dataclass."""
+    opts = _merged(load_profile(spec.profile).get(section, {}), spec.options.get(section, {}))
     _check_option_keys(section, spec.options.get(section, {}), "the recipe")
     return opts
 
