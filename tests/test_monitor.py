@@ -476,6 +476,27 @@ def test_monitor_section_runs_on_a_tiny_model_with_tables_plot_and_verdicts(llam
     assert (tmp_path / "roc.png").stat().st_size > 1000
 
 
+def test_paired_readers_fit_within_conversation_differences_and_the_verdict_reads_pairs():
+    """Replies of one conversation share a large conversation-level component that an unpaired fit
+    must separate across conversations; the Bradley-Terry fit on differences ignores it. On
+    synthetic pairs where only one small direction tells the more harmful reply, the paired bag of
+    words ranks every held-out pair right, and the paired bootstrap resamples conversations."""
+    from vsteer.experiments.monitoring import _boot_pairs_diff, bag_of_words, concordance
+
+    rng = np.random.default_rng(0)
+    topics = [" ".join(rng.choice(list("abcdefghij"), 6)) for _ in range(80)]
+    rejected = [f"{t} sure here is how harm" for t in topics]
+    chosen = [f"{t} sure here is how help" for t in topics]
+    bp, bn = bag_of_words(rejected[:40], chosen[:40], rejected[40:], chosen[40:], paired=True)
+    assert concordance(bp, bn) == 1.0
+    assert concordance(np.array([1.0, 0.0, 2.0]), np.array([0.0, 0.0, 3.0])) == pytest.approx(0.5)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    same = _boot_pairs_diff(a + 1, a, b + 1, b)  # both readers order every pair right
+    assert same.value == 0 and same.low == 0 and same.high == 0 and same.n == 50
+    half = _boot_pairs_diff(a + 1, a, b + np.where(np.arange(50) % 2, 1, -1), b)
+    assert half.value == pytest.approx(0.5) and half.low < 0.5 < half.high
+
+
 # ---- the embedded model and the shipped data ------------------------------------------------------
 @pytest.mark.slow
 def test_value_monitor_separates_held_out_harmful_from_harmless_prompts_on_smollm2():
