@@ -481,7 +481,7 @@ def test_paired_readers_fit_within_conversation_differences_and_the_verdict_read
     must separate across conversations; the Bradley-Terry fit on differences ignores it. On
     synthetic pairs where only one small direction tells the more harmful reply, the paired bag of
     words ranks every held-out pair right, and the paired bootstrap resamples conversations."""
-    from vsteer.experiments.monitoring import _boot_pairs_diff, bag_of_words, concordance
+    from vsteer.experiments.monitoring import _boot_diff, bag_of_words, concordance
 
     rng = np.random.default_rng(0)
     topics = [" ".join(rng.choice(list("abcdefghij"), 6)) for _ in range(80)]
@@ -491,9 +491,9 @@ def test_paired_readers_fit_within_conversation_differences_and_the_verdict_read
     assert concordance(bp, bn) == 1.0
     assert concordance(np.array([1.0, 0.0, 2.0]), np.array([0.0, 0.0, 3.0])) == pytest.approx(0.5)
     a, b = rng.normal(size=50), rng.normal(size=50)
-    same = _boot_pairs_diff(a + 1, a, b + 1, b)  # both readers order every pair right
+    same = _boot_diff(concordance, a + 1, a, b + 1, b, paired=True)  # both readers order every pair right
     assert same.value == 0 and same.low == 0 and same.high == 0 and same.n == 50
-    half = _boot_pairs_diff(a + 1, a, b + np.where(np.arange(50) % 2, 1, -1), b)
+    half = _boot_diff(concordance, a + 1, a, b + np.where(np.arange(50) % 2, 1, -1), b, paired=True)
     assert half.value == pytest.approx(0.5) and half.low < 0.5 < half.high
 
 

@@ -148,18 +148,20 @@ def _boot_two(stat, pos, neg, seed=0, n_boot=1000) -> Estimate:
     )
 
 
-def _boot_diff(stat, pa, na, pb, nb, seed=0, n_boot=1000) -> Estimate:
-    """Paired bootstrap of ``stat(pa, na) - stat(pb, nb)`` (a and b score the same items)."""
+def _boot_diff(stat, pa, na, pb, nb, seed=0, n_boot=1000, paired: bool = False) -> Estimate:
+    """Paired bootstrap of ``stat(pa, na) - stat(pb, nb)`` (a and b score the same items); with
+    ``paired`` (``pa[i]`` and ``na[i]`` are one conversation's two replies) whole pairs are resampled."""
     g = np.random.default_rng(seed)
     vals = []
     for _ in range(n_boot):
-        i, j = g.integers(0, len(pa), len(pa)), g.integers(0, len(na), len(na))
+        i = g.integers(0, len(pa), len(pa))
+        j = i if paired else g.integers(0, len(na), len(na))
         vals.append(stat(pa[i], na[j]) - stat(pb[i], nb[j]))
     return Estimate(
         float(stat(pa, na) - stat(pb, nb)),
         float(np.quantile(vals, 0.025)),
         float(np.quantile(vals, 0.975)),
-        len(pa) + len(na),
+        len(pa) if paired else len(pa) + len(na),
     )
 
 
@@ -168,22 +170,6 @@ def concordance(pos: np.ndarray, neg: np.ndarray) -> float:
     within-pair AUROC of paired items)."""
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
-
-
-def _boot_pairs_diff(pa, na, pb, nb, seed=0, n_boot=1000) -> Estimate:
-    """Bootstrap over pairs (conversations) of ``concordance(pa, na) - concordance(pb, nb)``."""
-    g = np.random.default_rng(seed)
-    pa, na, pb, nb = (np.asarray(x, float) for x in (pa, na, pb, nb))
-    vals = []
-    for _ in range(n_boot):
-        i = g.integers(0, len(pa), len(pa))
-        vals.append(concordance(pa[i], na[i]) - concordance(pb[i], nb[i]))
-    return Estimate(
-        concordance(pa, na) - concordance(pb, nb),
-        float(np.quantile(vals, 0.025)),
-        float(np.quantile(vals, 0.975)),
-        len(pa),
-    )
 
 
 def _mirrored(d):
@@ -855,7 +841,7 @@ def _findings(records, scores, layers, opts, refusals):
     for task in below:
         (pv, nv), (pr, nr) = scores[(task, "v", layer)], scores[(task, "resid", layer)]
         if task in paired:
-            eff = _boot_pairs_diff(pv, nv, pr, nr, opts.seed)
+            eff = _boot_diff(concordance, pv, nv, pr, nr, opts.seed, paired=True)
             what = "within-conversation AUROC (share of held-out conversations whose rejected reply the probe scores above the chosen one; Bradley-Terry probes)"
         else:
             eff = _boot_diff(auroc, pv, nv, pr, nr, opts.seed)
