@@ -279,14 +279,14 @@ def test_every_shipped_profile_validates_and_smoke_is_smallest():
 
 
 def test_a_nested_option_overrides_one_key_and_keeps_the_profiles_others():
-    """``--set options.adapters.sft.ablation_seeds=all`` once replaced the profile's whole ``sft``
+    """``--set options.adapters.sft.ablation_seeds=...`` once replaced the profile's whole ``sft``
     mapping, so the comparison silently ran at the recipe's own sizes (3 learning rates, other
     steps): 28 minutes instead of 12, for different numbers."""
     from vsteer.run import load_profile, load_run_spec, section_options
 
-    spec = load_run_spec("claims", ["options.adapters.sft.ablation_seeds=all", "options.swaps.n_pairs=4"])
+    spec = load_run_spec("claims", ["options.adapters.sft.ablation_seeds=first", "options.swaps.n_pairs=4"])
     sft, profile = section_options(spec, "adapters")["sft"], load_profile("cpu")["adapters"]["sft"]
-    assert sft == {**profile, "ablation_seeds": "all"}
+    assert profile["ablation_seeds"] == "all" and sft == {**profile, "ablation_seeds": "first"}
     assert section_options(spec, "adapters")["dpo"] == load_profile("cpu")["adapters"]["dpo"]
     assert section_options(spec, "swaps")["n_pairs"] == 4
 

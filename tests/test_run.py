@@ -34,6 +34,15 @@ def _spec(out: Path, **changes):
     return load_run_spec({**TINY, "output_dir": str(out), **changes})
 
 
+def _flat(obj) -> list:
+    """Every leaf of a JSON value, in order."""
+    if isinstance(obj, dict):
+        return [x for k in sorted(obj) for x in [k, *_flat(obj[k])]]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _flat(v)]
+    return [obj]
+
+
 def _numbers(report_dir: Path) -> list:
     data = json.loads((report_dir / "results.json").read_text())
     return [(v["claim"], v["effect"], v["verdict"]) for v in data["verdicts"]] + [
@@ -65,11 +74,25 @@ def test_report_has_a_verdict_table_and_every_number_in_results_json(tmp_path):
 
 def test_rerun_reuses_pieces_and_same_seed_gives_same_numbers(tmp_path):
     first = run(_spec(tmp_path / "a"), progress=False).parent
-    again = run(_spec(tmp_path / "a"), progress=False).parent
+    # the piece keys do not depend on how the sections are scheduled
+    again = run(_spec(tmp_path / "a", workers=2), progress=False).parent
     meta = json.loads((again / "results.json").read_text())["meta"]
     assert meta["cache_misses"] == [] and len(meta["cache_hits"]) == 2
-    fresh = run(_spec(tmp_path / "b"), progress=False).parent  # recomputed from scratch
-    assert _numbers(first) == _numbers(again) == _numbers(fresh)
+    assert _numbers(first) == _numbers(again)
+    # recomputed from scratch, the two sections side by side in two processes of one thread
+    fresh = run(_spec(tmp_path / "b", workers=2), progress=False).parent
+    meta = json.loads((fresh / "results.json").read_text())["meta"]
+    assert meta["section_workers"] == 2 and "2 sections side by side in 2 processes" in meta["machine"]
+    for piece in (fresh / "cache").glob("section-*/piece.json"):  # a worker's reads reach its piece
+        reads = json.loads(piece.read_text())["reads"]
+        assert any(k.startswith("data/sst2/") for k in reads) and all(len(h) == 64 for h in reads.values())
+    a, b = _flat(_numbers(first)), _flat(_numbers(fresh))
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):  # one thread per worker: sums may round differently
+        if isinstance(x, float) and isinstance(y, float):
+            assert x == pytest.approx(y, rel=1e-4, abs=1e-6, nan_ok=True)
+        else:
+            assert x == y
 
 
 def test_killed_run_resumes_without_redoing_finished_pieces(tmp_path):
@@ -101,3 +124,19 @@ def test_killed_run_resumes_without_redoing_finished_pieces(tmp_path):
     assert any(h.startswith("section-basis-") for h in meta["cache_hits"])
     assert any(m.startswith("section-probes-") for m in meta["cache_misses"])
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no half-written leftovers
+
+
+def _flat(obj) -> list:
+    """Every leaf of a JSON value, in order."""
+    if isinstance(obj, dict):
+        return [x for k in sorted(obj) for x in [k, *_flat(obj[k])]]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _flat(v)]
+    return [obj]
+
+
+def test_workers_below_one_is_refused_in_one_line(tmp_path):
+    from vsteer.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="'workers' must be at least 1, got 0"):
+        _spec(tmp_path, workers=0)

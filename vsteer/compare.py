@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ import yaml
 
 from vsteer.errors import DataError, RecipeError, VsteerError
 from vsteer.pieces import CODE_EXCLUDED
+from vsteer.pool import InlineExecutor, make_executor
 
 ARMS = ("v", "qk", "o", "qkvo", "all")
 # value-site interventions (vsteer.interventions) as arms: trained at the budget's largest rank, scored
@@ -378,28 +379,6 @@ def select_lr(val_effects: Mapping[float, float]) -> float:
 _WORKER: dict = {}
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    os.environ.setdefault("VSTEER_PROGRESS", "0")
-    import logging
-
-    for name in ("transformers", "trl", "datasets", "accelerate", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-    import warnings
-
-    warnings.filterwarnings("ignore")
-
-
 def _context(spec_dict: dict):
     """Per process and comparison: the spec, tokenizer and data (built once), WikiText windows.
     Kept per comparison, so a worker shared by two comparisons does not rebuild them by turns."""
@@ -701,45 +680,6 @@ def eval_job(
 # ---- orchestration -------------------------------------------------------------------------
 
 
-class _InlineExecutor:
-    """Runs jobs in this process, one after another (``workers: 1``)."""
-
-    def __init__(self, threads: int):
-        self.threads = threads
-
-    def submit(self, fn, *args) -> Future:
-        import torch
-
-        f: Future = Future()
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            f.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
-            f.set_exception(err)
-        finally:
-            torch.set_num_threads(previous)
-        return f
-
-    def shutdown(self, wait=True, cancel_futures=False):
-        pass
-
-
-def make_executor(workers: int, threads: int = 1):
-    """The pool comparisons run their jobs in: ``workers`` spawned processes of ``threads``
-    torch threads each (``workers: 1``: this process, one job after another)."""
-    if workers <= 1:
-        return _InlineExecutor(threads)
-    import multiprocessing as mp
-
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=mp.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(threads,),
-    )
-
-
 def _common_inputs(model_key: dict, data_key: str) -> dict:
     """What every piece of one comparison is computed from besides its own options: the model,
     the data, the package versions and the code (fingerprinted once per comparison)."""
@@ -924,7 +864,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
                             ablate_later(arm, lr, seed)
             if not pending:
                 break
-            done = next(iter(pending)) if isinstance(executor, _InlineExecutor) else _wait_one(pending)
+            done = next(iter(pending)) if isinstance(executor, InlineExecutor) else _wait_one(pending)
             finish(done)
     except BaseException:
         if own_executor:

@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -280,6 +280,14 @@ def track_reads() -> Iterator[dict[str, str]]:
             reads[key] = file_digest(path) if path is not None else ""
 
 
+def note_reads(reads: Mapping[str, str]) -> None:
+    """Record ``reads`` (tracked files another process read for the piece being computed here)
+    in every active :func:`track_reads` block."""
+    with _LOCK:
+        for t in _TRACKERS:
+            t.update({k: "" for k in reads})  # digested when the block ends
+
+
 def _clear_data_caches() -> None:
     for name, mod in list(sys.modules.items()):
         if name == "vsteer.data" or name.startswith("vsteer.data."):
@@ -337,9 +345,7 @@ class PieceCache:
         found = self.get(kind, inputs)
         if found is not None:
             self.hits.append(final.name)
-            with _LOCK:  # an enclosing piece depends on what this cached one read
-                for t in _TRACKERS:
-                    t.update(found.get("reads", {}))
+            note_reads(found.get("reads", {}))  # an enclosing piece depends on what this one read
             return found, final
         self.misses.append(final.name)
         work = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{final.name}."))

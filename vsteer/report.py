@@ -57,6 +57,11 @@ def _multiplicity(rows: list[tuple[str, Verdict]]) -> str:
     )
 
 
+def _side_by_side(meta: dict) -> str:
+    n = meta.get("section_workers", 1)
+    return f", summed over sections, some computed side by side in {n} processes" if n > 1 else ""
+
+
 def _fmt_params(n: int | None) -> str:
     if not n:
         return "? parameters"
@@ -77,7 +82,8 @@ def limits(meta: Mapping, rows: list[tuple[str, Verdict]]) -> str:
     lines.append(
         f"- Sample sizes from profile `{meta.get('profile')}`: each verdict's interval rests on {size} items "
         f"(per verdict in results.json); this run took {meta.get('runtime_s', 0):.0f} s "
-        f"({meta.get('compute_s', 0):.0f} s of computing in the pieces it used). With wide intervals "
+        f"({meta.get('compute_s', 0):.0f} s of computing in the pieces it used{_side_by_side(meta)}). "
+        "With wide intervals "
         "*inconclusive* means the data cannot decide at this size, not that there is no effect."
     )
     adapters = meta.get("config", {}).get("adapters")

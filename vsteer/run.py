@@ -36,13 +36,13 @@ from vsteer.files import atomic_write, resolve_recipe
 SECTION_TABLE = {
     "adapters": ("vsteer.experiments.adapters", "AdapterComparisonConfig", "run_adapter_comparison"),
     "steering": ("vsteer.experiments.steering", "SteeringOptions", "run_steering"),
+    "monitor": ("vsteer.experiments.monitoring", "MonitorOptions", "run_monitoring"),
     "swaps": ("vsteer.experiments.swaps", "SwapConfig", "run_swaps"),
     "probes": ("vsteer.experiments.probing", "ProbeConfig", "run_probes"),
     "patching": ("vsteer.experiments.patching", "PatchConfig", "run_patching"),
     "basis": ("vsteer.experiments.basis", "BasisConfig", "run_basis"),
     "persona": ("vsteer.experiments.persona", "PersonaConfig", "run_persona"),
     "entities": ("vsteer.experiments.entity_gen", "EntityGenConfig", "run_entity_gen"),
-    "monitor": ("vsteer.experiments.monitoring", "MonitorOptions", "run_monitoring"),
 }
 SECTIONS = tuple(SECTION_TABLE)
 SECTION_MODULES = {name: row[0] for name, row in SECTION_TABLE.items()}
@@ -61,13 +61,17 @@ TOP_KEYS = {
     "device": str,
     "dtype": str,
     "rules": str,
+    "workers": int,
 }
 
 
 @dataclasses.dataclass
 class RunSpec:
     """A run recipe. ``profile``: a shipped profile name or a profile YAML file; ``rules``: a
-    verdict rules file ("" = the shipped ``vsteer/recipes/verdicts.yaml``)."""
+    verdict rules file ("" = the shipped ``vsteer/recipes/verdicts.yaml``); ``workers``: on the
+    CPU, compute the sections after ``adapters`` (which trains in a pool of its own) side by side
+    in this many spawned processes, the torch threads split between them (1: one after another
+    in this process, as on a GPU)."""
 
     name: str = "claims"
     description: str = ""
@@ -80,6 +84,7 @@ class RunSpec:
     device: str = "auto"
     dtype: str = "float32"
     rules: str = ""
+    workers: int = 1
 
 
 def profile_names() -> list[str]:
@@ -142,6 +147,8 @@ def load_run_spec(source: str | os.PathLike | Mapping, overrides: Iterable[str] 
         if not isinstance(value, TOP_KEYS[key]) or isinstance(value, bool) and TOP_KEYS[key] is int:
             raise RecipeError(f"key {key!r} must be {TOP_KEYS[key].__name__}, got {value!r}")
     spec = RunSpec(**raw)
+    if spec.workers < 1:
+        raise RecipeError(f"key 'workers' must be at least 1, got {spec.workers}")
     load_profile(spec.profile)  # validates the profile
     for s in spec.sections:
         if s not in SECTIONS:
@@ -327,35 +334,49 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
         "dtype": facts["dtype"],
         "device": facts["device"].split(":")[0],
     }
-    results: list[ExperimentResult] = []
+    per_section: dict[str, list[dict]] = {}
     plots: dict[str, Path] = {}
-    timings, configs = {}, {}
-    for section in tqdm(sections, desc="claims report", disable=not progress):
+    timings, configs, jobs = {}, {}, {}
+    for section in sections:
         opts = section_options(spec, section)
         configs[section] = _config_record(section, opts)
-        inputs = section_inputs(section, spec, opts, model_key)
-        t0 = time.perf_counter()
+        jobs[section] = (opts, section_inputs(section, spec, opts, model_key))
+    workers, threads = _section_workers(spec, model_key["device"])
+    # on the CPU the sections after adapters (which trains in a pool of its own) run side by side
+    pooled = [
+        s
+        for s in sections
+        if workers > 1 and s != "adapters" and cache.get(f"section-{s}", jobs[s][1]) is None
+    ]
+    if len(pooled) < 2:
+        pooled = []
+    bar = tqdm(total=len(sections), desc="claims report", disable=not progress)
 
-        def compute(work, section=section, opts=opts):
-            s0 = time.perf_counter()
-            rs = _run_section(section, model, tokenizer, spec, opts, cache, progress)
-            for r in rs:
-                r.plot(work / f"{r.name}.png")
-            return {
-                "results": [dict(r.to_dict(), columns=r.columns) for r in rs],
-                "seconds": time.perf_counter() - s0,
-            }
-
-        piece, where = cache.run(f"section-{section}", inputs, compute)
+    def record(section, piece, where, t0):
         timings[section] = {
             "seconds": round(piece["result"]["seconds"], 1),
             "this_run_s": round(time.perf_counter() - t0, 1),
         }
+        per_section[section] = piece["result"]["results"]
         for d in piece["result"]["results"]:
-            results.append(result_from_dict(d))
             png = where / f"{d['name']}.png"
             if png.is_file():
                 plots[d["name"]] = png
+        bar.update(1)
+
+    for section in [s for s in sections if s not in pooled]:
+        opts, inputs = jobs[section]
+        t0 = time.perf_counter()
+
+        def compute(work, section=section, opts=opts):
+            return _compute_section(section, model, tokenizer, spec, opts, cache, progress, work)
+
+        piece, where = cache.run(f"section-{section}", inputs, compute)
+        record(section, piece, where, t0)
+    if pooled:
+        _run_pooled(pooled, jobs, spec, cache, workers, threads, record, bar)
+    bar.close()
+    results = [result_from_dict(d) for s in sections for d in per_section[s]]
     meta = {
         "name": spec.name,
         "model": spec.model,
@@ -369,7 +390,13 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
         "timings": timings,
         "runtime_s": time.perf_counter() - start,
         "compute_s": sum(t["seconds"] for t in timings.values()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {_threads()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {_threads()}"
+        + (
+            f"; {len(pooled)} sections side by side in {workers} processes of {threads} thread(s)"
+            if pooled
+            else ""
+        ),
+        "section_workers": workers if pooled else 1,
         "version": vsteer.__version__,
         "packages": package_versions(),
         "rules": str(spec.rules) if spec.rules else "vsteer/recipes/verdicts.yaml (shipped)",
@@ -384,6 +411,82 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
     return write_report(
         report_dir, results, meta, plots={n: report_dir / f"{n}.png" for n in plots}, rules=rules
     )
+
+
+def _compute_section(section, model, tokenizer, spec: RunSpec, opts: dict, cache, progress, work: Path):
+    """One section's piece: its results (with columns) and plots written into ``work``."""
+    s0 = time.perf_counter()
+    rs = _run_section(section, model, tokenizer, spec, opts, cache, progress)
+    for r in rs:
+        r.plot(work / f"{r.name}.png")
+    return {
+        "results": [dict(r.to_dict(), columns=r.columns) for r in rs],
+        "seconds": time.perf_counter() - s0,
+    }
+
+
+def _section_workers(spec: RunSpec, device: str) -> tuple[int, int]:
+    """(processes, torch threads each) for the sections computed side by side: on the CPU
+    ``spec.workers`` (at most one per torch thread), elsewhere 1 (one accelerator)."""
+    total = _threads()
+    if device != "cpu" or spec.workers <= 1 or total < 2:
+        return 1, total
+    workers = min(spec.workers, total)
+    return workers, max(1, total // workers)
+
+
+def section_job(spec_dict: dict, section: str, opts: dict, workdir: str) -> dict:
+    """A section computed in a worker process (:mod:`vsteer.pool`): the model loaded there, the
+    plots written into ``workdir``; returns the piece's result and the tracked files it read."""
+    from vsteer import models
+    from vsteer.pieces import track_reads
+
+    spec = RunSpec(**spec_dict)
+    model, tokenizer = models.load_model(spec.model, dtype=spec.dtype, device=spec.device)
+    with track_reads() as reads:
+        result = _compute_section(section, model, tokenizer, spec, opts, None, False, Path(workdir))
+    return {"result": result, "reads": dict(reads)}
+
+
+def _run_pooled(pooled, jobs, spec: RunSpec, cache, workers: int, threads: int, record, bar) -> None:
+    """Compute ``pooled`` sections in a pool of ``workers`` processes; each finished one becomes
+    its cached piece (with the reads its worker recorded) as soon as it is back."""
+    import shutil
+    import tempfile
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from vsteer.pieces import note_reads
+    from vsteer.pool import make_executor
+
+    pool = make_executor(workers, threads)
+    pending = {}
+    try:
+        for section in pooled:
+            opts, _ = jobs[section]
+            work = tempfile.mkdtemp(dir=cache.root, prefix=".job-")
+            fut = pool.submit(section_job, dataclasses.asdict(spec), section, opts, work)
+            pending[fut] = (section, work, time.perf_counter())
+        while pending:
+            running = [s for f, (s, _, _) in pending.items() if f.running()]
+            bar.set_postfix_str(f"running {', '.join(running)}; {len(pending) - len(running)} queued")
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                section, work, t0 = pending.pop(fut)
+                value = fut.result()
+
+                def compute(into: Path, work=work, value=value):
+                    for p in Path(work).iterdir():
+                        shutil.move(str(p), into / p.name)
+                    note_reads(value["reads"])
+                    return value["result"]
+
+                piece, where = cache.run(f"section-{section}", jobs[section][1], compute)
+                shutil.rmtree(work, ignore_errors=True)
+                record(section, piece, where, t0)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _threads() -> int:
