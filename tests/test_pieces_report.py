@@ -365,3 +365,33 @@ def test_run_command_takes_device_dtype_and_rules(tmp_path, monkeypatch, capsys)
     assert (spec.device, spec.dtype, spec.rules, spec.profile) == ("cpu", "bfloat16", str(rules), "smoke")
     assert main(["run", "claims", "--rules", str(tmp_path / "missing.yaml")]) == 2
     assert "verdict rules file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "workers, threads, device, expected",
+    [
+        (2, 2, "cpu", (2, 1)),  # the shipped recipe on 2 cores: two processes of one thread
+        (2, 16, "cpu", (2, 8)),
+        (4, 2, "cpu", (2, 1)),  # never more processes than torch threads
+        (2, 1, "cpu", (1, 1)),  # one thread: one after another
+        (2, 8, "cuda", (1, 8)),  # one accelerator: in this process
+        (1, 2, "cpu", (1, 2)),
+    ],
+)
+def test_sections_go_side_by_side_only_on_the_cpu_and_split_its_threads(
+    workers, threads, device, expected, monkeypatch
+):
+    import vsteer.run as run_mod
+
+    monkeypatch.setattr(run_mod, "_threads", lambda: threads)
+    assert run_mod._section_workers(run_mod.RunSpec(workers=workers), device) == expected
+
+
+def test_reads_noted_from_another_process_reach_the_enclosing_piece(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.txt").write_text("1")
+    monkeypatch.setattr(pieces, "tracked_roots", lambda: [data])
+    with track_reads() as reads:
+        pieces.note_reads({"data/x.txt": ""})
+    assert reads == {"data/x.txt": pieces.file_digest(data / "x.txt")}
