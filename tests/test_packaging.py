@@ -44,6 +44,7 @@ MODULE_LAYER = {
     "vsteer.evaluate": "core",
     "vsteer.metrics": "core",
     "vsteer.verdicts": "core",
+    "vsteer.pool": "core",  # worker processes with pinned threads (compare, run)
     "vsteer.lora": "capability",
     "vsteer.recipes": "capability",
     "vsteer.train": "capability",
