@@ -395,3 +395,20 @@ def test_reads_noted_from_another_process_reach_the_enclosing_piece(tmp_path, mo
     with track_reads() as reads:
         pieces.note_reads({"data/x.txt": ""})
     assert reads == {"data/x.txt": pieces.file_digest(data / "x.txt")}
+
+
+def test_a_result_from_another_process_is_adopted_with_its_files_and_reads(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.txt").write_text("1")
+    monkeypatch.setattr(pieces, "tracked_roots", lambda: [data])
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "plot.png").write_bytes(b"png")
+    cache = PieceCache(tmp_path / "cache")
+    piece, where = cache.adopt("k", {"a": 1}, {"value": 2}, work, {"data/x.txt": ""})
+    assert piece["result"] == {"value": 2} and (where / "plot.png").read_bytes() == b"png"
+    assert piece["reads"] == {"data/x.txt": pieces.file_digest(data / "x.txt")}
+    assert not work.exists() and cache.get("k", {"a": 1})["result"] == {"value": 2}
+    (data / "x.txt").write_text("2")  # the file its worker read changed: the piece is stale
+    assert cache.get("k", {"a": 1}) is None

@@ -126,15 +126,6 @@ def test_killed_run_resumes_without_redoing_finished_pieces(tmp_path):
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no half-written leftovers
 
 
-def _flat(obj) -> list:
-    """Every leaf of a JSON value, in order."""
-    if isinstance(obj, dict):
-        return [x for k in sorted(obj) for x in [k, *_flat(obj[k])]]
-    if isinstance(obj, list):
-        return [x for v in obj for x in _flat(v)]
-    return [obj]
-
-
 def test_workers_below_one_is_refused_in_one_line(tmp_path):
     from vsteer.errors import RecipeError
 

@@ -763,17 +763,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
 
     def finish(fut: Future):
         key, kind, inputs, workdir = pending.pop(fut)
-        value = fut.result()
-
-        def compute(work: Path):
-            if workdir is not None:
-                for p in Path(workdir).iterdir():
-                    shutil.move(str(p), work / p.name)
-            return value
-
-        piece, where = cache.run(kind, inputs, compute)
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        piece, where = cache.adopt(kind, inputs, fut.result(), workdir)
         results[key], dirs[key] = piece["result"], where
         bar.update(1)
 

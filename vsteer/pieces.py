@@ -363,6 +363,26 @@ class PieceCache:
             raise
         return json.loads(json.dumps(piece, default=str)), final
 
+    def adopt(
+        self, kind: str, inputs: dict, result: dict, workdir=None, reads: Mapping[str, str] | None = None
+    ) -> tuple[dict, Path]:
+        """Store as a piece a ``result`` computed in another process: the files it wrote into
+        ``workdir`` move into the piece (``workdir`` is removed), ``reads`` are the tracked files
+        that process read. Returns what :meth:`run` returns."""
+
+        def compute(work: Path) -> dict:
+            if workdir is not None:
+                for p in Path(workdir).iterdir():
+                    shutil.move(str(p), work / p.name)
+            note_reads(reads or {})
+            return result
+
+        try:
+            return self.run(kind, inputs, compute)
+        finally:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+
     def clean_partial(self) -> int:
         """Remove temporary directories left by killed runs."""
         n = 0

@@ -451,11 +451,9 @@ def section_job(spec_dict: dict, section: str, opts: dict, workdir: str) -> dict
 def _run_pooled(pooled, jobs, spec: RunSpec, cache, workers: int, threads: int, record, bar) -> None:
     """Compute ``pooled`` sections in a pool of ``workers`` processes; each finished one becomes
     its cached piece (with the reads its worker recorded) as soon as it is back."""
-    import shutil
     import tempfile
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    from vsteer.pieces import note_reads
     from vsteer.pool import make_executor
 
     pool = make_executor(workers, threads)
@@ -473,15 +471,8 @@ def _run_pooled(pooled, jobs, spec: RunSpec, cache, workers: int, threads: int, 
             for fut in done:
                 section, work, t0 = pending.pop(fut)
                 value = fut.result()
-
-                def compute(into: Path, work=work, value=value):
-                    for p in Path(work).iterdir():
-                        shutil.move(str(p), into / p.name)
-                    note_reads(value["reads"])
-                    return value["result"]
-
-                piece, where = cache.run(f"section-{section}", jobs[section][1], compute)
-                shutil.rmtree(work, ignore_errors=True)
+                kind, inputs = f"section-{section}", jobs[section][1]
+                piece, where = cache.adopt(kind, inputs, value["result"], work, value["reads"])
                 record(section, piece, where, t0)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
