@@ -253,6 +253,12 @@ def test_cli_swap_takes_the_early_layer_strata_and_refuses_a_negative_count(tiny
     assert main(["swap", "--model", str(tiny_dir), "--early-layers", "0", *small, "--out", str(out)]) == 0
     meta = json.loads((out / "result.json").read_text())["meta"]
     assert meta["config"]["early_layers"] == 0
+    # the early stratum's share of the sample: one line when it is too small for a spread
+    bad = ["swap", "--model", str(tiny_dir), "--early-pairs", "1"]
+    assert main([*bad, *small, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vsteer: error: early_pairs must be >= 2 (a stratum's spread needs 2 pairs), got 1"
+    assert json.loads((out / "result.json").read_text())["meta"]["config"]["early_layers"] == 0  # kept
 
 
 def test_a_recipe_sets_device_and_dtype_and_a_bad_one_is_one_error_line(tmp_path):

@@ -257,6 +257,25 @@ def test_layer_pairs_sample_within_the_early_layer_strata_and_return_their_popul
         swaps.layer_pairs(30, 8, seed=0, early_layers=-1)
 
 
+def test_layer_pairs_give_the_early_stratum_the_share_asked_for_with_the_same_weights():
+    pairs, weights = swaps.layer_pairs(30, 24, seed=0, early_pairs=6)
+    assert len(set(pairs)) == 24 and sum(a < 2 for a, _ in pairs) == 6
+    # the allocation changes the sample, never the weights the estimates use
+    assert weights == swaps.layer_pairs(30, 24, seed=0)[1]
+    assert sum(a < 2 for a, _ in swaps.layer_pairs(30, 24, seed=0)[0]) == 3  # proportional: 3.1
+    # all 57 early pairs can be asked for when 2 are left for the other stratum
+    assert sum(a < 2 for a, _ in swaps.layer_pairs(30, 59, seed=0, early_pairs=57)[0]) == 57
+    for bad in (23, 58):
+        with pytest.raises(
+            DataError, match=rf"early_pairs must leave each stratum at least 2 pairs.*got {bad}$"
+        ):
+            swaps.layer_pairs(30, 24 if bad < 58 else 70, seed=0, early_pairs=bad)
+    with pytest.raises(DataError, match="early_pairs must be >= 2"):
+        swaps.layer_pairs(30, 24, seed=0, early_pairs=1)
+    with pytest.raises(DataError, match="early_pairs needs strata"):
+        swaps.layer_pairs(30, 24, seed=0, early_layers=0, early_pairs=6)
+
+
 def test_swap_verdicts_weight_an_overdrawn_early_stratum_by_its_population_share():
     def rec(kind, m, pair, d, kl=0.0):
         return {

@@ -54,6 +54,12 @@ def register(sub) -> None:
         help="sample pairs within the strata with and without one of the first N layers, weighted by "
         "their shares of all pairs (0: one simple random sample)",
     )
+    p.add_argument(
+        "--early-pairs",
+        type=int,
+        help="how many of the sampled pairs come from the early stratum (default: its proportional "
+        "share, at least 2)",
+    )
     p.set_defaults(func=_swap)
 
     p = sub.add_parser("probe", help="claim (b): logistic probes on q/k/v/z/resid per layer")
@@ -174,6 +180,7 @@ def _swap(args) -> int:
         matrices=_split(args.matrices),
         activations=not args.no_activations,
         early_layers=args.early_layers,
+        early_pairs=args.early_pairs,
     )
     result = run_swaps(model, tok, config, pairs=pairs, seed=args.seed, progress_bar=_progress(args))
     return _save(result, args.out, started, args.model)

@@ -125,19 +125,27 @@ def population_weights(n_layers: int, early_layers: int) -> dict[str, float]:
 
 
 def layer_pairs(
-    n_layers: int, n_pairs: int | None, seed: int, early_layers: int = 2
+    n_layers: int,
+    n_pairs: int | None,
+    seed: int,
+    early_layers: int = 2,
+    early_pairs: int | None = None,
 ) -> tuple[list[tuple[int, int]], dict[str, float] | None]:
     """All pairs ``a < b`` or a seed-fixed sample of ``n_pairs`` of them, and the strata weights the
     estimates must use (None: the plain mean over the pairs returned is the estimate).
 
-    ``early_layers`` > 0: draw the sample within the two strata of :func:`stratum_of`, each getting
-    its proportional share of ``n_pairs`` but at least 2 pairs (so its spread enters the interval);
-    the estimates then weight each stratum by its population share (:func:`population_weights`),
-    which keeps them estimates of the mean over all pairs. 0, or a sample too small for 2 pairs per
-    stratum: one simple random sample."""
+    ``early_layers`` > 0: draw the sample within the two strata of :func:`stratum_of`; the early
+    stratum gets ``early_pairs`` of the ``n_pairs`` (None: its proportional share, but at least 2 so
+    that its spread enters the interval). Any allocation keeps the estimates unbiased, since they
+    weight each stratum by its population share (:func:`population_weights`), not by its share of
+    the sample; a larger early share narrows them when the early pairs spread more (Neyman
+    allocation: share proportional to population share x spread). 0, or a sample too small for 2
+    pairs per stratum: one simple random sample."""
     pairs = [(a, b) for a in range(n_layers) for b in range(a + 1, n_layers)]
     if not pairs:
         raise SiteError(f"a swap needs two layers; this model has {n_layers}")
+    if early_pairs is not None and early_pairs < 2:
+        raise DataError(f"early_pairs must be >= 2 (a stratum's spread needs 2 pairs), got {early_pairs}")
     if n_pairs is None or n_pairs >= len(pairs):
         return pairs, None
     if n_pairs < 1:
@@ -146,7 +154,18 @@ def layer_pairs(
         raise DataError(f"early_layers must be >= 0, got {early_layers}")
     g = rng(seed)
     groups = {h: [p for p in pairs if stratum_of(p, early_layers) == h] for h in (EARLY, LATER)}
-    n_early = min(len(groups[EARLY]), max(2, round(n_pairs * len(groups[EARLY]) / len(pairs))))
+    if early_pairs is None:
+        n_early = min(len(groups[EARLY]), max(2, round(n_pairs * len(groups[EARLY]) / len(pairs))))
+    elif not early_layers:
+        raise DataError("early_pairs needs strata: set early_layers > 0")
+    elif early_pairs > min(n_pairs - 2, len(groups[EARLY])):
+        raise DataError(
+            f"early_pairs must leave each stratum at least 2 pairs: between 2 and "
+            f"{min(n_pairs - 2, len(groups[EARLY]))} for n_pairs {n_pairs} "
+            f"({len(groups[EARLY])} pairs with one of layers 0-{early_layers - 1}), got {early_pairs}"
+        )
+    else:
+        n_early = early_pairs
     n_later = n_pairs - n_early
     if not early_layers or not groups[LATER] or n_later < 2 or n_later > len(groups[LATER]):
         idx = np.sort(g.choice(len(pairs), size=n_pairs, replace=False))
@@ -195,7 +214,8 @@ class SwapConfig:
     """Sizes of the swap experiment. ``n_pairs=None``: all layer pairs. ``early_layers``: sample the
     pairs within the strata with and without one of the first ``early_layers`` layers and weight
     the estimates by population share (0: one simple sample; :func:`layer_pairs`). The default 2
-    comes from a 24-pair pilot on SmolLM2 (docs/experiments.md (a))."""
+    comes from a 24-pair pilot on SmolLM2 (docs/experiments.md (a)). ``early_pairs``: how many of the
+    ``n_pairs`` come from the early stratum (None: its proportional share, at least 2)."""
 
     n_pairs: int | None = 10
     n_windows: int = 4
@@ -205,6 +225,7 @@ class SwapConfig:
     activations: bool = True
     batch_size: int = 8
     early_layers: int = 2
+    early_pairs: int | None = None
 
 
 def run_swaps(
@@ -230,7 +251,9 @@ def run_swaps(
         raise DataError(f"early_layers must be >= 0, got {config.early_layers}")
     weights = None  # given pairs and the census: the plain mean over them is the estimate
     if pairs is None:
-        pairs, weights = layer_pairs(arch.n_layers, config.n_pairs, seed, config.early_layers)
+        pairs, weights = layer_pairs(
+            arch.n_layers, config.n_pairs, seed, config.early_layers, config.early_pairs
+        )
     else:
         pairs = [_check_pair(arch, a, b) for a, b in require_items(pairs, "layer pairs")]
     if text is None:
