@@ -272,6 +272,12 @@ def test_layer_pairs_give_the_early_stratum_the_share_asked_for_with_the_same_we
             swaps.layer_pairs(30, 24 if bad < 58 else 70, seed=0, early_pairs=bad)
     with pytest.raises(DataError, match="early_pairs must be >= 2"):
         swaps.layer_pairs(30, 24, seed=0, early_pairs=1)
+    # 6 layers: 9 pairs with layer 0 or 1, 6 without; 10 pairs with 3 early would need 7 others
+    with pytest.raises(
+        DataError, match="early_pairs 3 leaves 7 pairs for the other stratum, which has 6; ask for at least 4"
+    ):
+        swaps.layer_pairs(6, 10, seed=0, early_pairs=3)
+    assert sum(a < 2 for a, _ in swaps.layer_pairs(6, 10, seed=0, early_pairs=4)[0]) == 4
     with pytest.raises(DataError, match="early_pairs needs strata"):
         swaps.layer_pairs(30, 24, seed=0, early_layers=0, early_pairs=6)
 

@@ -167,6 +167,11 @@ def layer_pairs(
     else:
         n_early = early_pairs
     n_later = n_pairs - n_early
+    if early_pairs is not None and n_later > len(groups[LATER]):
+        raise DataError(
+            f"early_pairs {early_pairs} leaves {n_later} pairs for the other stratum, which has "
+            f"{len(groups[LATER])}; ask for at least {n_pairs - len(groups[LATER])}"
+        )
     if not early_layers or not groups[LATER] or n_later < 2 or n_later > len(groups[LATER]):
         idx = np.sort(g.choice(len(pairs), size=n_pairs, replace=False))
         return [pairs[i] for i in idx], None
