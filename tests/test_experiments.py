@@ -265,16 +265,16 @@ def test_layer_pairs_give_the_early_stratum_the_share_asked_for_with_the_same_we
     assert sum(a < 2 for a, _ in swaps.layer_pairs(30, 24, seed=0)[0]) == 3  # proportional: 3.1
     # all 57 early pairs can be asked for when 2 are left for the other stratum
     assert sum(a < 2 for a, _ in swaps.layer_pairs(30, 59, seed=0, early_pairs=57)[0]) == 57
-    for bad in (23, 58):
-        with pytest.raises(
-            DataError, match=rf"early_pairs must leave each stratum at least 2 pairs.*got {bad}$"
-        ):
-            swaps.layer_pairs(30, 24 if bad < 58 else 70, seed=0, early_pairs=bad)
+    # each stratum keeps at least 2 pairs (23 of 24 leaves 1) and gets no more than it has (57 early)
+    for n, bad, high in ((24, 23, 22), (70, 58, 57)):
+        with pytest.raises(DataError, match=rf"early_pairs must be between 2 and {high} .* got {bad}$"):
+            swaps.layer_pairs(30, n, seed=0, early_pairs=bad)
     with pytest.raises(DataError, match="early_pairs must be >= 2"):
         swaps.layer_pairs(30, 24, seed=0, early_pairs=1)
     # 6 layers: 9 pairs with layer 0 or 1, 6 without; 10 pairs with 3 early would need 7 others
     with pytest.raises(
-        DataError, match="early_pairs 3 leaves 7 pairs for the other stratum, which has 6; ask for at least 4"
+        DataError,
+        match=r"early_pairs must be between 4 and 8 for n_pairs 10 \(9 pairs .*, 6 without\), got 3",
     ):
         swaps.layer_pairs(6, 10, seed=0, early_pairs=3)
     assert sum(a < 2 for a, _ in swaps.layer_pairs(6, 10, seed=0, early_pairs=4)[0]) == 4

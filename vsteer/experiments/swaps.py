@@ -154,25 +154,22 @@ def layer_pairs(
         raise DataError(f"early_layers must be >= 0, got {early_layers}")
     g = rng(seed)
     groups = {h: [p for p in pairs if stratum_of(p, early_layers) == h] for h in (EARLY, LATER)}
+    n_early_all, n_later_all = len(groups[EARLY]), len(groups[LATER])
     if early_pairs is None:
-        n_early = min(len(groups[EARLY]), max(2, round(n_pairs * len(groups[EARLY]) / len(pairs))))
+        n_early = min(n_early_all, max(2, round(n_pairs * n_early_all / len(pairs))))
     elif not early_layers:
         raise DataError("early_pairs needs strata: set early_layers > 0")
-    elif early_pairs > min(n_pairs - 2, len(groups[EARLY])):
-        raise DataError(
-            f"early_pairs must leave each stratum at least 2 pairs: between 2 and "
-            f"{min(n_pairs - 2, len(groups[EARLY]))} for n_pairs {n_pairs} "
-            f"({len(groups[EARLY])} pairs with one of layers 0-{early_layers - 1}), got {early_pairs}"
-        )
     else:
+        # each stratum at least 2 pairs, and no more than it has
+        low, high = max(2, n_pairs - n_later_all), min(n_pairs - 2, n_early_all)
+        if not low <= early_pairs <= high:
+            raise DataError(
+                f"early_pairs must be between {low} and {high} for n_pairs {n_pairs} ({n_early_all} "
+                f"pairs with one of layers 0-{early_layers - 1}, {n_later_all} without), got {early_pairs}"
+            )
         n_early = early_pairs
     n_later = n_pairs - n_early
-    if early_pairs is not None and n_later > len(groups[LATER]):
-        raise DataError(
-            f"early_pairs {early_pairs} leaves {n_later} pairs for the other stratum, which has "
-            f"{len(groups[LATER])}; ask for at least {n_pairs - len(groups[LATER])}"
-        )
-    if not early_layers or not groups[LATER] or n_later < 2 or n_later > len(groups[LATER]):
+    if not early_layers or not n_later_all or n_later < 2 or n_later > n_later_all:
         idx = np.sort(g.choice(len(pairs), size=n_pairs, replace=False))
         return [pairs[i] for i in idx], None
     chosen = []
