@@ -246,3 +246,19 @@ def test_next_token_logprobs_batched_equal_one_by_one(models, family):
     together = next_token_logprobs(models[family], TOK, TEXTS)
     alone = torch.cat([next_token_logprobs(models[family], TOK, [t]) for t in TEXTS])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_length_batches_group_similar_lengths_and_cover_every_row_once():
+    from vsteer.encoding import length_batches
+    from vsteer.errors import DataError
+
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    batches = length_batches(lengths, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)  # sorted, ties in their original order
+    assert batches[0] == [1, 6, 3]
+    assert length_batches([], 4) == []
+    with pytest.raises(DataError, match="batch_size must be >= 1, got 0"):
+        length_batches(lengths, 0)

@@ -539,3 +539,49 @@ def test_cli_has_fit_score_and_eval():
     for cmd in ("fit", "score", "eval"):
         with pytest.raises(SystemExit):
             parser.parse_args(["monitor", cmd, "--help"])
+
+
+@pytest.mark.parametrize("n_prompt", [40, 80, 120, 240])
+def test_refusal_search_selection_requests_never_enter_the_prompt_task_whatever_its_size(n_prompt):
+    """The selection split chooses the refusal vector's layer and scale; it was drawn from outside the
+    prompt task of the run's own n_prompt, so a search at one size and a run at another shared items
+    (at 120 and 80: 2 harmful and 1 harmless held-out request had been selection requests)."""
+    from vsteer.experiments.monitoring import MonitorOptions, _selection_split, build_tasks
+
+    search = _selection_split(MonitorOptions(n_prompt=120))
+    opts = MonitorOptions(n_prompt=n_prompt)
+    assert _selection_split(opts) == search  # independent of n_prompt
+    tasks = build_tasks(opts)
+    for k, selected in enumerate(search):
+        used = set(tasks["prompt"]["train"][k]) | set(tasks["prompt"]["test"][k])
+        assert len(used) == n_prompt and len(selected) == opts.n_select
+        assert not used & set(selected)
+
+
+def test_bucketed_generation_keeps_each_prompts_completion_and_flags_in_order(llama):
+    """monitoring._generate runs prompts in batches of similar length and puts outputs back in order."""
+    from dataclasses import replace
+
+    from vsteer.experiments.monitoring import _generate as generate
+    from vsteer.experiments.monitoring import _user
+
+    prompts = [POS[0], "short", NEG[1] + " and then some more words here", POS[3] + " more", NEG[2]]
+    vec = _vec(llama, layers=(2,))
+    mon = fit(llama, CHAT, POS, NEG, site="v", layers=[1], fpr=0.2, calibration=0.5, C=1.0)
+    batch = vsteer.encoding.encode_batch(CHAT, [_user(p) for p in prompts])
+    with vsteer.steer(llama, vec, scale=1.0, when=mon) as seen, torch.no_grad():
+        llama(**batch)
+    scores = np.sort(seen.scores[:, 0].numpy())  # the gate's own prompt scores, rows alone or not
+    m = replace(mon, threshold=float((scores[1] + scores[2]) / 2))  # some prompts fire, some do not
+    runs = {}
+    for name, kw in (("plain", {}), ("gated", dict(vectors=vec, scale=1.0, when=m))):
+        one, flags_one = generate(llama, CHAT, prompts, 4, True, batch_size=len(prompts), **kw)
+        small, flags_small = generate(llama, CHAT, prompts, 4, True, batch_size=2, **kw)
+        alone = [generate(llama, CHAT, [p], 4, batch_size=1, **kw)[0] for p in prompts]
+        assert one == small == alone
+        assert (flags_one is None) == (flags_small is None) == (name == "plain")
+        assert flags_one is None or flags_one.tolist() == flags_small.tolist()
+        runs[name] = (small, flags_small)
+    (plain, _), (gated, flags) = runs["plain"], runs["gated"]
+    assert flags.any() and not flags.all()
+    assert [a != b for a, b in zip(gated, plain, strict=True)] == flags.tolist()  # only rows that fire

@@ -109,6 +109,15 @@ def encode_batch(
     return pad_batch(seqs, pad_token_id(tokenizer), padding_side, max_length, device)
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of at most ``batch_size`` rows of similar length (a stable
+    sort by ``lengths``), so that padding a batch costs little compute. Every index appears once."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def to_device(batch: dict, device) -> dict:
     """``batch`` with every tensor on ``device`` (other values unchanged)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vsteer.encoding import pad_batch, pad_token_id, to_numpy, token_ids
+from vsteer.encoding import length_batches, pad_batch, pad_token_id, to_numpy, token_ids
 from vsteer.errors import DataError, VectorError
 from vsteer.models import model_device
 from vsteer.vectors import SteeringVector
@@ -137,12 +137,11 @@ def collect(
     from vsteer.hooks import captured_forward
 
     encoded = [encode(tokenizer, t) for t in texts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     pad, device = pad_token_id(tokenizer), model_device(model)
     names = [site] if isinstance(site, str) else list(site)
     sites = [(name, layer) for name in names for layer in layers]
     out: dict = {key: None for key in sites}
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(e[0]) for e in encoded], batch_size)  # little padding per batch
     if progress:
         from tqdm.auto import tqdm
 
@@ -631,8 +630,7 @@ def _tail_features(
     deepest layer."""
     from vsteer.hooks import captured_forward
 
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(seq) for seq in sequences], batch_size)
     if progress:
         from tqdm.auto import tqdm
 

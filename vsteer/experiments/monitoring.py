@@ -85,14 +85,15 @@ class MonitorOptions:
     # conditional steering. refusal: "direction" (Arditi et al. 2024: harmful minus harmless mean
     # activation at the post-instruction tokens of the prompt training split) or "caa" (mean_diff
     # of the shipped CAA refusal pairs, resid rescaled to the value vector's residual-stream norm).
-    # The layers and scales below were chosen once by refusal_search on SmolLM2-135M-Instruct
-    # (seed 0, n_prompt 120, 16 selection requests per class; grid and rates in docs/monitoring.md).
+    # The layers and scales below were chosen by refusal_search on SmolLM2-135M-Instruct (seed 0,
+    # the cpu profile's n_prompt 80 and 12 new tokens, the 16 + 16 selection requests reserved before
+    # the prompt task is drawn; 2026-12-07, grid and rates in docs/monitoring.md).
     n_steer: int = 16
     refusal: str = "direction"
     steer_layers: str = "12"  # value-site vector layers (arms b, c)
     steer_scale: float = 4.0
     resid_layers: str | None = "6"  # residual vector layers (arm d); None: steer_layers
-    resid_scale: float | None = 4.0  # None: steer_scale
+    resid_scale: float | None = 0.5  # None: steer_scale
     monitor_layer: int | None = None  # None: the layer before the first steered one
     # refusal="direction": None = the mean over the post-instruction tokens; a negative int = that one
     # post-instruction token (-1: the last), Arditi et al.'s choice (refusal_position_search)
@@ -100,13 +101,14 @@ class MonitorOptions:
     resid_offset: int | None = None  # arm (d)'s own position; None: refusal_offset
     refusal_pairs: int = 64
     fpr: float = 0.1
-    # refusal_search (not run by monitoring()): selection items per class outside the prompt task
+    # refusal_search (not run by monitoring()): selection items per class, reserved before the prompt
+    # task is drawn (so changing n_select redraws the prompt task; _selection_split)
     # search_grid: {site: {"layers": [layer specs, e.g. 12 or "10-17"], "scales": [...]}}
     n_select: int = 16
     search_grid: dict = field(
         default_factory=lambda: {
             "v": {"layers": [6, 12, 18, "4-11", "10-17", "16-23"], "scales": [2.0, 4.0, 8.0, 16.0]},
-            "resid": {"layers": [6, 12, 18], "scales": [0.5, 1.0, 2.0]},
+            "resid": {"layers": [6, 12, 18], "scales": [0.5, 1.0, 2.0, 4.0, 8.0]},
         }
     )
     max_harmless: float = 0.5
@@ -204,8 +206,11 @@ def build_tasks(opts: MonitorOptions) -> dict:
     from vsteer.experiments.common import subsample
 
     s, f = opts.seed, opts.test_fraction
-    harm = subsample(md.advbench_goals(), opts.n_prompt, s)
-    help_ = subsample(md.helpful_requests(), opts.n_prompt, s + 1)
+    # the refusal search's selection requests are reserved first (_selection_split): were they drawn
+    # from outside a prompt task of one size, a run with another n_prompt could hold them out as test
+    sel_harm, sel_help = map(set, _selection_split(opts))
+    harm = subsample([t for t in md.advbench_goals() if t not in sel_harm], opts.n_prompt, s)
+    help_ = subsample([t for t in md.helpful_requests() if t not in sel_help], opts.n_prompt, s + 1)
     harm_tr, harm_te = _split(harm, f, s)
     help_tr, help_te = _split(help_, f, s + 1)
     jbb = subsample([r["goal"] for r in md.jbb_goals()], opts.n_cross, s + 7)
@@ -354,26 +359,36 @@ def site_comparison(model, tokenizer, opts: MonitorOptions, progress_bar=None) -
 # ----------------------------------------------------------------------------------------------
 # conditional steering
 # ----------------------------------------------------------------------------------------------
-def _generate(model, tokenizer, prompts, max_new_tokens, return_flags: bool = False, **steer_kw):
-    """Greedy completions of ``prompts`` (user turns) in one left-padded batch, under
-    ``steer(model, **steer_kw)`` when given; with ``return_flags``, also the ``[batch]`` prompt flags
-    of a ``when=`` monitor (None without one)."""
-    from vsteer.encoding import encode_batch
+def _generate(
+    model, tokenizer, prompts, max_new_tokens, return_flags: bool = False, batch_size: int = 16, **steer_kw
+):
+    """Greedy completions of ``prompts`` (user turns), in left-padded batches of ``batch_size``
+    prompts of similar length (each row's output does not depend on its batch,
+    tests/test_monitor.py; one mixed batch padded to its longest prompt cost about twice the
+    prefill), under ``steer(model, **steer_kw)`` when given; with ``return_flags``, also the
+    ``[len(prompts)]`` prompt flags of a ``when=`` monitor (None without one)."""
+    from vsteer.encoding import length_batches, pad_batch, pad_token_id, token_ids
     from vsteer.models import model_device
     from vsteer.steering import steer
 
-    enc = encode_batch(tokenizer, [_user(p) for p in prompts], device=model_device(model))
+    seqs = [token_ids(tokenizer, _user(p)) for p in prompts]
+    texts: list[str] = [""] * len(prompts)
+    flags = np.zeros(len(prompts), dtype=bool) if steer_kw.get("when") is not None else None
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    with torch.no_grad():
-        if steer_kw:
-            with steer(model, **steer_kw) as flags:
+    for rows in length_batches([len(s) for s in seqs], batch_size):
+        enc = pad_batch([seqs[i] for i in rows], pad_token_id(tokenizer), device=model_device(model))
+        with torch.no_grad():
+            if steer_kw:
+                with steer(model, **steer_kw) as fired:
+                    out = model.generate(**enc, **kw)
+                if flags is not None:
+                    flags[rows] = to_numpy(fired.prompt).astype(bool)
+            else:
                 out = model.generate(**enc, **kw)
-        else:
-            out, flags = model.generate(**enc, **kw), None
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    if return_flags:
-        return texts, (None if flags is None else to_numpy(flags.prompt))
-    return texts
+        done = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, text in zip(rows, done, strict=True):
+            texts[i] = text
+    return (texts, flags) if return_flags else texts
 
 
 def post_instruction(tokenizer, text: str) -> tuple[list[int], int]:
@@ -459,16 +474,17 @@ def _layers_of(vec, layers):
 
 
 def _selection_split(opts: MonitorOptions) -> tuple[list[str], list[str]]:
-    """Harmful and harmless requests outside the ``prompt`` task (so disjoint from every split the
-    monitors, the direction and the held-out table use), ``n_select`` per class."""
+    """``n_select`` harmful and harmless requests reserved for choosing the refusal vector's layer and
+    scale (:func:`refusal_search`). They are drawn from the whole of each source before the ``prompt``
+    task (:func:`build_tasks` draws from the rest), so they are the same whatever ``n_prompt`` a run
+    uses and never among the items the monitors, the direction or the held-out table use."""
     from vsteer.data import monitor_data as md
     from vsteer.experiments.common import subsample
 
-    used_harm = set(subsample(md.advbench_goals(), opts.n_prompt, opts.seed))
-    used_help = set(subsample(md.helpful_requests(), opts.n_prompt, opts.seed + 1))
-    harm = [t for t in md.advbench_goals() if t not in used_harm]
-    help_ = [t for t in md.helpful_requests() if t not in used_help]
-    return subsample(harm, opts.n_select, opts.seed + 5), subsample(help_, opts.n_select, opts.seed + 6)
+    return (
+        subsample(md.advbench_goals(), opts.n_select, opts.seed + 5),
+        subsample(md.helpful_requests(), opts.n_select, opts.seed + 6),
+    )
 
 
 def refusal_search(

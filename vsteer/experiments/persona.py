@@ -166,8 +166,9 @@ def recovery(arm_kl: np.ndarray, base_kl: np.ndarray) -> float:
 
 
 def _batches(items, size):
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))  # little padding per batch
-    return [order[i : i + size] for i in range(0, len(order), size)]
+    from vsteer.encoding import length_batches
+
+    return length_batches([len(x) for x in items], size)  # little padding per batch
 
 
 def _count(counter, inputs) -> None:
