@@ -536,7 +536,7 @@ def test_cli_has_fit_score_and_eval():
     from vsteer.cli import build_parser
 
     parser = build_parser()
-    for cmd in ("fit", "score", "eval"):
+    for cmd in ("fit", "score", "eval", "search"):
         with pytest.raises(SystemExit):
             parser.parse_args(["monitor", cmd, "--help"])
 
@@ -585,3 +585,41 @@ def test_bucketed_generation_keeps_each_prompts_completion_and_flags_in_order(ll
     (plain, _), (gated, flags) = runs["plain"], runs["gated"]
     assert flags.any() and not flags.all()
     assert [a != b for a, b in zip(gated, plain, strict=True)] == flags.tolist()  # only rows that fire
+
+
+def test_refusal_search_scores_every_setting_on_the_reserved_requests_and_applies_the_rule(llama):
+    from vsteer.experiments.monitoring import MonitorOptions, refusal_search
+
+    grid = {"v": {"layers": [1, "1-2"], "scales": [2.0, 8.0]}, "resid": {"layers": [2], "scales": [1.0]}}
+    opts = MonitorOptions(n_prompt=40, n_select=4, search_grid=grid, max_new_tokens=2, max_harmless=1.0)
+    res = refusal_search(llama, CHAT, opts, progress_bar=False)
+    settings = [(r["site"], r["layer"], r["scale"]) for r in res.records if r["prompts"] == "harmful"]
+    assert settings == [
+        ("none", "", 0.0),
+        ("v", "1", 2.0),
+        ("v", "1", 8.0),
+        ("v", "1-2", 2.0),
+        ("v", "1-2", 8.0),
+        ("resid", "2", 1.0),
+    ]
+    assert len(res.records) == 2 * len(settings) and res.meta["n_select"] == 4
+    for site, chosen in res.meta["chosen"].items():  # the highest harmful rate among the site's settings
+        rates = [r["refusal_rate"] for r in res.records if r["site"] == site and r["prompts"] == "harmful"]
+        assert chosen["harmful"] == max(rates)
+
+
+def test_cli_monitor_search_writes_a_report_and_refuses_an_unknown_option(llama, tmp_path, monkeypatch):
+    from vsteer.cli import main
+    from vsteer.commands import monitor as cmd
+
+    monkeypatch.setattr(cmd, "load_model_from_args", lambda args: (llama, CHAT))
+    out = tmp_path / "search"
+    grid = "search_grid={v: {layers: [1], scales: [2.0]}, resid: {layers: [2], scales: [1.0]}}"
+    args = ["monitor", "search", "--set", "n_prompt=40", "--set", "n_select=4", "--set", "max_new_tokens=2"]
+    assert main([*args, "--set", grid, "-o", str(out)]) == 0
+    assert "chosen" in (out / "report.md").read_text()
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["records"]) == 6  # unsteered + 2 settings, harmful and harmless each
+    before = (out / "report.md").read_bytes()
+    assert main([*args, "--set", "n_selcet=4", "-o", str(out)]) != 0  # a typo: one line, nothing written
+    assert (out / "report.md").read_bytes() == before

@@ -1,4 +1,4 @@
-"""``vsteer monitor fit``, ``vsteer monitor score``, ``vsteer monitor eval``."""
+"""``vsteer monitor fit``, ``vsteer monitor score``, ``vsteer monitor eval``, ``vsteer monitor search``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,25 @@ def register(sub) -> None:
     )
     add_device_args(e)
     e.set_defaults(func=_eval)
+
+    r = msub.add_parser(
+        "search",
+        help="choose the refusal vector's layer and scale per site on reserved selection requests "
+        "(the settings `eval` uses; docs/monitoring.md)",
+    )
+    r.add_argument("--model", default=DEFAULT_MODEL)
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a MonitorOptions field, e.g. n_select=16 or search_grid={v: {layers: [12], scales: [2, 4]}}",
+    )
+    r.add_argument(
+        "-o", "--output", default="reports/refusal-search", help="directory for report.md, results.json"
+    )
+    add_device_args(r)
+    r.set_defaults(func=_search)
 
 
 def _read_texts(spec: str, limit: int | None = None) -> tuple[list[str], list[dict]]:
@@ -150,15 +169,14 @@ def _score(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
+def _options(args):
+    """``MonitorOptions`` from the ``--set KEY=VALUE`` items (values read as YAML)."""
     from dataclasses import fields
-    from pathlib import Path
 
     import yaml
 
     from vsteer.errors import RecipeError
-    from vsteer.experiments.monitoring import MonitorOptions, monitoring
-    from vsteer.files import atomic_write
+    from vsteer.experiments.monitoring import MonitorOptions
 
     names = {f.name for f in fields(MonitorOptions)}
     kw = {}
@@ -170,12 +188,36 @@ def _eval(args) -> int:
             )
         v = yaml.safe_load(value)
         kw[key] = tuple(v) if isinstance(v, list) and key in ("sites", "traits") else v
-    model, tok = load_model_from_args(args)
-    res = monitoring(model, tok, MonitorOptions(**kw))
-    out = Path(args.output)
+    return MonitorOptions(**kw)
+
+
+def _write(res, output: str, plot: str | None = None) -> None:
+    from pathlib import Path
+
+    from vsteer.files import atomic_write
+
+    out = Path(output)
     md = res.to_markdown(max_rows=None)
     atomic_write(out / "report.md", md + "\n")
     res.save_json(out / "results.json")
-    res.plot(out / "roc.png")
+    if plot:
+        res.plot(out / plot)
     print(md)
+
+
+def _eval(args) -> int:
+    from vsteer.experiments.monitoring import monitoring
+
+    opts = _options(args)
+    model, tok = load_model_from_args(args)
+    _write(monitoring(model, tok, opts), args.output, "roc.png")
+    return 0
+
+
+def _search(args) -> int:
+    from vsteer.experiments.monitoring import refusal_search
+
+    opts = _options(args)
+    model, tok = load_model_from_args(args)
+    _write(refusal_search(model, tok, opts), args.output)
     return 0
