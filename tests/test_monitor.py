@@ -85,6 +85,18 @@ def test_fit_separates_the_training_classes_and_calibrates_the_threshold(llama, 
     assert mon.fpr == 0.2 and mon.extra["n_calibration"] == [5, 5]
     # at most floor(0.2 * 5) = 1 calibration negative lies above the threshold
     assert mon.extra["calibration_fpr"] <= 0.2
+    # the calibration split vouches only for the Wilson upper bound: 0 or 1 of 5 negatives above
+    k = round(mon.extra["calibration_fpr"] * 5)
+    assert mon.extra["calibration_fpr_upper"] == pytest.approx({0: 0.4345, 1: 0.6245}[k], abs=1e-3)
+
+
+def test_calibration_fpr_upper_bound_shrinks_with_more_calibration_negatives(llama):
+    few = fit(llama, TOK, POS, NEG, site="v", layers=[1], fpr=0.2, calibration=0.5, C=1.0)
+    negatives = [f"{n} {w}" for n in NEG for w in ("calm", "still", "slow", "soft")]  # 40 negatives
+    many = fit(llama, TOK, POS, negatives, site="v", layers=[1], fpr=0.2, calibration=0.5, C=1.0)
+    assert many.extra["n_calibration"][1] == 20 and few.extra["n_calibration"][1] == 5
+    assert many.extra["calibration_fpr_upper"] < few.extra["calibration_fpr_upper"]
+    assert many.extra["calibration_fpr"] <= many.extra["calibration_fpr_upper"] < 0.5
 
 
 def test_save_load_round_trip_keeps_weights_threshold_and_metadata(llama, mon, tmp_path):

@@ -147,7 +147,8 @@ def _fit(args) -> int:
     mon.extra["chat"] = not args.raw
     mon.save(args.output)
     print(
-        f"{mon!r} -> {args.output} (calibration TPR {mon.extra.get('calibration_tpr')}, FPR {mon.extra.get('calibration_fpr')})"
+        f"{mon!r} -> {args.output} (calibration TPR {mon.extra.get('calibration_tpr')}, FPR {mon.extra.get('calibration_fpr')}, "
+        f"95% upper bound {mon.extra.get('calibration_fpr_upper')})"
     )
     return 0
 

@@ -831,7 +831,10 @@ def conditional_steering(
         resid_scale=r_scale,
         monitors={
             s: dict(
-                threshold=m.threshold, **{k: m.extra.get(k) for k in ("calibration_tpr", "calibration_fpr")}
+                threshold=m.threshold,
+                **{
+                    k: m.extra.get(k) for k in ("calibration_tpr", "calibration_fpr", "calibration_fpr_upper")
+                },
             )
             for s, m in mons.items()
         },
