@@ -46,39 +46,26 @@ def register(sub) -> None:
     add_device_args(s)
     s.set_defaults(func=_score)
 
-    e = msub.add_parser("eval", help="the monitoring experiment: sites vs bag of words, conditional steering")
-    e.add_argument("--model", default=DEFAULT_MODEL)
-    e.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a MonitorOptions field, e.g. n_prompt=80",
-    )
-    e.add_argument(
-        "-o", "--output", default="reports/monitoring", help="directory for report.md, results.json, roc.png"
-    )
-    add_device_args(e)
-    e.set_defaults(func=_eval)
-
-    r = msub.add_parser(
-        "search",
-        help="choose the refusal vector's layer and scale per site on reserved selection requests "
-        "(the settings `eval` uses; docs/monitoring.md)",
-    )
-    r.add_argument("--model", default=DEFAULT_MODEL)
-    r.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a MonitorOptions field, e.g. n_select=16 or search_grid={v: {layers: [12], scales: [2, 4]}}",
-    )
-    r.add_argument(
-        "-o", "--output", default="reports/refusal-search", help="directory for report.md, results.json"
-    )
-    add_device_args(r)
-    r.set_defaults(func=_search)
+    for name, func, what, example, output, files in (
+        ("eval", _eval, "the monitoring experiment: sites vs bag of words, conditional steering",
+         "n_prompt=80", "reports/monitoring", "report.md, results.json, roc.png"),
+        ("search", _search, "choose the refusal vector's layer and scale per site on reserved selection "
+         "requests (the settings `eval` uses; docs/monitoring.md)",
+         "n_select=16 or search_grid={v: {layers: [12], scales: [2, 4]}}", "reports/refusal-search",
+         "report.md, results.json"),
+    ):  # fmt: skip
+        e = msub.add_parser(name, help=what)
+        e.add_argument("--model", default=DEFAULT_MODEL)
+        e.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"a MonitorOptions field, e.g. {example}",
+        )
+        e.add_argument("-o", "--output", default=output, help=f"directory for {files}")
+        add_device_args(e)
+        e.set_defaults(func=func)
 
 
 def _read_texts(spec: str, limit: int | None = None) -> tuple[list[str], list[dict]]:
