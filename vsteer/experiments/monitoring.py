@@ -548,8 +548,8 @@ def refusal_search(
 
 
 def _refusal_rates(model, tokenizer, harmful, harmless, max_new_tokens, steer_kw, **fields) -> list[dict]:
-    """Greedy completions of both request lists in one batch (each row's output does not depend on
-    its batch) under ``steer_kw``: one record per class with ``fields``, the refusal rate and a sample."""
+    """Greedy completions of both request lists (:func:`_generate`: length-sorted batches; each row's
+    output does not depend on its batch) under ``steer_kw``: one record per class with ``fields``, the refusal rate and a sample."""
     outs = _generate(model, tokenizer, harmful + harmless, max_new_tokens, **steer_kw)
     k = len(harmful)
     return [
@@ -798,7 +798,7 @@ def conditional_steering(
     records, refusals, samples, base = [], {}, [], None
     kinds = {"harmful": slice(0, len(harmful)), "harmless": slice(len(harmful), None)}
     for arm, kw in arms.items():
-        # one batch per arm (harmful and harmless rows together: each row's output does not depend
+        # one call per arm (harmful and harmless rows batched together: each row's output does not depend
         # on its batch, tests/test_monitor.py)
         outs, fired = _generate(model, tokenizer, harmful + harmless, opts.max_new_tokens, True, **kw)
         base = outs if base is None else base  # arm (a) runs first

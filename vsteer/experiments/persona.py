@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from vsteer.encoding import pad_batch, pad_token_id, to_numpy
+from vsteer.encoding import length_batches, pad_batch, pad_token_id, to_numpy
 from vsteer.errors import DataError
 from vsteer.evaluate import bootstrap, finding
 from vsteer.experiments.result import ExperimentResult
@@ -96,7 +96,7 @@ def prompted_targets(
     pad, device = pad_token_id(tokenizer), model_device(model)
     eos = _eos_ids(model, tokenizer)
     answers, logps = [None] * len(prompted), [None] * len(prompted)
-    for batch in _batches(prompted, batch_size):
+    for batch in length_batches([len(x) for x in prompted], batch_size):  # little padding per batch
         inputs = pad_batch([prompted[i] for i in batch], pad, device=device)
         _count(counter, inputs)
         if n_positions == 1:
@@ -146,7 +146,7 @@ def kl_to_targets(
     n_pos = target_logp.shape[1]
     seqs = [list(u) + list(a) for u, a in zip(unprompted, answers)]
     out = torch.zeros(len(seqs), n_pos)
-    for batch in _batches(seqs, batch_size):
+    for batch in length_batches([len(x) for x in seqs], batch_size):
         inputs = pad_batch([seqs[i] for i in batch], pad, device=device)
         _count(counter, inputs)
         if steering is None:
@@ -163,12 +163,6 @@ def kl_to_targets(
 def recovery(arm_kl: np.ndarray, base_kl: np.ndarray) -> float:
     """``1 - sum(arm) / sum(base)``: the share of the prompt's total KL that steering closes."""
     return float(1.0 - np.sum(arm_kl) / max(float(np.sum(base_kl)), 1e-12))
-
-
-def _batches(items, size):
-    from vsteer.encoding import length_batches
-
-    return length_batches([len(x) for x in items], size)  # little padding per batch
 
 
 def _count(counter, inputs) -> None:
