@@ -635,3 +635,22 @@ def test_cli_monitor_search_writes_a_report_and_refuses_an_unknown_option(llama,
     before = (out / "report.md").read_bytes()
     assert main([*args, "--set", "n_selcet=4", "-o", str(out)]) != 0  # a typo: one line, nothing written
     assert (out / "report.md").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ([1, 2], "got [1, 2]"),
+        ({"k": {"layers": [1], "scales": [2.0]}}, "got site 'k'"),
+        ({"v": {"layers": [1]}}, "got v: {'layers': [1]}"),
+        ({"v": {"layers": [], "scales": [2.0]}}, "got v.layers: [] (a non-empty list)"),
+        ({"v": {"layers": [1], "scales": ["big"]}}, "got v.scales: ['big'] (numbers)"),
+    ],
+)
+def test_a_malformed_search_grid_is_one_line(llama, grid, message):
+    from vsteer.errors import RecipeError
+    from vsteer.experiments.monitoring import MonitorOptions, refusal_search
+
+    with pytest.raises(RecipeError, match="search_grid must map") as err:
+        refusal_search(llama, CHAT, MonitorOptions(n_prompt=40, n_select=4, search_grid=grid))
+    assert message in str(err.value) and "\n" not in str(err.value)

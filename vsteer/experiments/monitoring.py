@@ -487,6 +487,25 @@ def _selection_split(opts: MonitorOptions) -> tuple[list[str], list[str]]:
     )
 
 
+def _check_grid(grid) -> None:
+    """One line for a ``search_grid`` that is not ``{site: {"layers": [...], "scales": [...]}}``."""
+    from vsteer.errors import RecipeError
+
+    shape = 'search_grid must map "v" and/or "resid" to {layers: [...], scales: [...]}'
+    if not isinstance(grid, dict) or not grid:
+        raise RecipeError(f"{shape}, got {grid!r}")
+    for site, g in grid.items():
+        if site not in ("v", "resid"):
+            raise RecipeError(f"{shape}, got site {site!r}")
+        if not isinstance(g, dict) or set(g) != {"layers", "scales"}:
+            raise RecipeError(f"{shape}, got {site}: {g!r}")
+        for key in ("layers", "scales"):
+            if not isinstance(g[key], list) or not g[key]:
+                raise RecipeError(f"{shape}, got {site}.{key}: {g[key]!r} (a non-empty list)")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in g["scales"]):
+            raise RecipeError(f"{shape}, got {site}.scales: {g['scales']!r} (numbers)")
+
+
 def refusal_search(
     model, tokenizer, opts: MonitorOptions | None = None, progress_bar=None
 ) -> ExperimentResult:
@@ -503,6 +522,7 @@ def refusal_search(
     from vsteer.sites import parse_layers
 
     opts = opts or MonitorOptions()
+    _check_grid(opts.search_grid)
     n = get_arch(model).n_layers
     tasks = build_tasks(opts)
     harm_tr, help_tr = tasks["prompt"]["train"]
