@@ -23,6 +23,11 @@ def _launch(out: Path, processes: int, steps: int = 4) -> dict:
         cmd += [str(WORKER), str(out), str(steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo's threads aborted a worker (a known gloo/c10d teardown race, not what this test checks):
+        # one fresh launch; a second abort, or any other failure, fails the test
+        (out / "info.json").unlink(missing_ok=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "info.json").read_text())
 
