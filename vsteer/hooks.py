@@ -59,6 +59,21 @@ class _Tracker:
 
     def __init__(self):
         self.step = Step()
+        self._prompt_ids = None  # input ids of the last offset-0 call
+
+    def _continues(self, ids: torch.Tensor) -> bool:
+        """Whether an offset-0 call re-feeds the last one's tokens plus new ones: ``generate``
+        without a KV cache, whose prompt is still the first call's."""
+        prev = self._prompt_ids
+        return (
+            prev is not None
+            and isinstance(ids, torch.Tensor)
+            and ids.dim() == 2
+            and ids.shape[0] == prev.shape[0]
+            and ids.shape[1] > prev.shape[1]
+            and ids.device == prev.device
+            and torch.equal(ids[:, : prev.shape[1]], prev)
+        )
 
     def __call__(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -78,6 +93,10 @@ class _Tracker:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -seq:].all()):
             token_mask = mask[:, -seq:].bool()
         prompt_len = seq if offset == 0 else self.step.prompt_len
+        if offset == 0 and kwargs.get("inputs_embeds") is None:
+            if self._continues(ids):
+                prompt_len = self.step.prompt_len
+            self._prompt_ids = ids
         self.step = Step(offset=offset, seq_len=seq, prompt_len=prompt_len, token_mask=token_mask)
         return None
 
@@ -115,6 +134,8 @@ def position_mask(positions: PositionSpec, step: Step, batch: int, device) -> to
         keep = pos >= start
         if stop is not None:
             keep &= pos < (stop + step.prompt_len if stop < 0 else stop)
+        if positions.step not in (None, 1):  # check_positions refused steps below 1
+            keep &= (pos - start) % positions.step == 0
         return keep[None]
     if isinstance(positions, int | torch.Tensor):
         positions = (
@@ -135,7 +156,15 @@ def _combine(mask: torch.Tensor | None, other: torch.Tensor | None) -> torch.Ten
 
 
 def check_positions(positions: PositionSpec) -> PositionSpec:
-    if positions is None or isinstance(positions, slice | range | int | torch.Tensor):
+    """``positions`` checked; a one-shot iterable comes back as a list (use the returned value)."""
+    if isinstance(positions, slice):
+        for part in (positions.start, positions.stop, positions.step):
+            if part is not None and (isinstance(part, bool) or not isinstance(part, int)):
+                raise SiteError(f"a positions slice takes ints, got {positions!r}")
+        if positions.step is not None and positions.step < 1:
+            raise SiteError(f"a positions slice needs a step of 1 or more, got {positions!r}")
+        return positions
+    if positions is None or isinstance(positions, range | int | torch.Tensor):
         return positions
     if isinstance(positions, str):
         if positions not in ("all", "prompt", "generated"):
@@ -164,6 +193,19 @@ class Operation:
 
     def bind(self, site: Site, shape: tuple[int, ...]) -> Callable[[torch.Tensor, Step], torch.Tensor | None]:
         raise NotImplementedError
+
+
+class _Positioned:
+    """A one-shot iterable of positions becomes a list where the operation is made, so an
+    operation bound at several sites (or twice) applies at the same positions; ``bind`` checks."""
+
+    def __post_init__(self):
+        p = self.positions
+        if not isinstance(p, str | slice | range | int | torch.Tensor | list | tuple) and p is not None:
+            try:
+                self.positions = list(p)
+            except TypeError:
+                pass  # bind names the problem
 
 
 def _check_heads(heads, site: Site, shape) -> list[int] | None:
@@ -200,7 +242,7 @@ def _masked(x: torch.Tensor, new: torch.Tensor, mask: torch.Tensor | None) -> to
 
 
 @dataclass
-class Add(Operation):
+class Add(_Positioned, Operation):
     vector: torch.Tensor
     heads: object = None
     positions: PositionSpec = None
@@ -281,7 +323,7 @@ def add(vector, heads=None, positions: PositionSpec = None, include_padding: boo
 
 
 @dataclass
-class Replace(Operation):
+class Replace(_Positioned, Operation):
     tensor: torch.Tensor
     positions: PositionSpec = None
     heads: object = None
@@ -323,7 +365,7 @@ def replace(tensor: torch.Tensor, positions: PositionSpec = None, heads=None) ->
 
 
 @dataclass
-class Scale(Operation):
+class Scale(_Positioned, Operation):
     factor: float
     heads: object = None
     positions: PositionSpec = None

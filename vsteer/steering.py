@@ -101,7 +101,7 @@ def steering_ops(model, vectors, scale: Scale = 1.0, positions="all", include_pa
     """
     from vsteer.hooks import add, check_positions
 
-    check_positions(positions)
+    positions = check_positions(positions)  # a one-shot iterable comes back as a list
     totals = _totals(model, vectors, scale)
     return {key: add(t, positions=positions, include_padding=include_padding) for key, t in totals.items()}
 
@@ -137,8 +137,8 @@ _BIAS_SITES = ("q", "k", "v")
 
 
 def _as_bias(arch, site: str, layer: int, vector: torch.Tensor):
-    """(linear module, bias tensor with ``vector`` added at the site's rows), or ``None`` where
-    adding the vector to the module's bias is not exactly the hook's addition."""
+    """(linear module, the addition to its bias that puts ``vector`` at the site's rows), or
+    ``None`` where adding the vector to the module's bias is not exactly the hook's addition."""
     from transformers.pytorch_utils import Conv1D
 
     from vsteer.hooks import fit_vector, site_shape
@@ -150,6 +150,11 @@ def _as_bias(arch, site: str, layer: int, vector: torch.Tensor):
     # exactly Linear/Conv1D (a PEFT or quantised wrapper computes more than x W + b)
     if type(module) not in (nn.Linear, Conv1D) or hasattr(module, "_hf_hook"):
         return None  # accelerate's offload hooks reload parameters by name at each forward
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None  # a reader or editor already on the projection (capture, watch) sees what hooks see
+    bias = module.bias
+    if isinstance(bias, nn.Parameter) and bias.requires_grad and torch.is_grad_enabled():
+        return None  # a bias being trained: a constant computed once would hide its updates
     shape = tuple(site_shape(arch, site))
     fitted = fit_vector(vector, shape, shape, as_site((site, layer)), None)
     if tuple(fitted.shape) != shape:  # one vector per row: only a hook can do that
@@ -157,35 +162,56 @@ def _as_bias(arch, site: str, layer: int, vector: torch.Tensor):
     flat = fitted.reshape(-1)
     weight = module.weight
     out_features = weight.shape[1] if isinstance(module, Conv1D) else weight.shape[0]
-    old = module.bias
     rows = arch.rows(site)
     delta = flat.to(device=weight.device, dtype=weight.dtype)
     if rows is not None:
         delta = torch.zeros(out_features, dtype=weight.dtype, device=weight.device).index_add(
             0, rows.to(weight.device), delta
         )
-    return module, delta if old is None else old + delta  # a trainable bias keeps its gradient
+    return module, delta
+
+
+def _steered_biases(changes) -> list:
+    """``[(module, its bias plus every delta aimed at it)]``: the sites of one fused projection
+    (q and v of ``qkv_proj``) add into one bias instead of the last one replacing the others."""
+    by_module: dict[int, list] = {}
+    for module, delta in changes:
+        entry = by_module.setdefault(id(module), [module, None])
+        entry[1] = delta if entry[1] is None else entry[1] + delta
+    out = []
+    for module, delta in by_module.values():
+        old = module.bias  # inside an outer steer block: the outer steered bias
+        out.append((module, delta if old is None else old + delta))
+    return out
+
+
+_ABSENT = object()
 
 
 @contextmanager
 def _biases(changes: list):
     """Put the steered biases in place of the projections' own for the duration of the context.
 
-    The steered bias is a plain tensor attribute (``original + vector``), not a parameter, so a
-    trainable bias still receives its gradient; the original parameter object (or None) comes
-    back on exit, also on exceptions. Inside the context the projection's ``state_dict`` and
-    ``parameters()`` do not list its bias.
+    The steered bias is a plain tensor attribute (``original + vector``), not a parameter; the
+    projection's bias exactly as it was (its parameter, None, or an outer block's steered tensor)
+    comes back on exit, also on exceptions, so blocks nest. Inside the context the projection's
+    ``state_dict`` and ``parameters()`` do not list its bias.
     """
     saved = []
     try:
         for module, bias in changes:
-            saved.append((module, module._parameters.pop("bias", None)))
+            saved.append(
+                (module, module._parameters.pop("bias", _ABSENT), module.__dict__.pop("bias", _ABSENT))
+            )
             object.__setattr__(module, "bias", bias)
         yield
     finally:
-        for module, old in reversed(saved):
+        for module, param, plain in reversed(saved):
             module.__dict__.pop("bias", None)
-            module._parameters["bias"] = old
+            if param is not _ABSENT:
+                module._parameters["bias"] = param
+            if plain is not _ABSENT:
+                object.__setattr__(module, "bias", plain)
 
 
 @contextmanager
@@ -213,7 +239,10 @@ def steer(
     real token; padding tokens get it too, but attention masks padded keys and values out of
     every real token's result, and a padded query only makes its own padded output (see
     tests/test_steer.py). Projections that are not a plain ``Linear``/``Conv1D`` (PEFT, quantised,
-    offloaded) or have a trainable bias keep the hook. ``False`` always uses hooks.
+    offloaded), that already carry a forward hook (an enclosing ``capture`` or ``watch``, which
+    then sees what it would see with hooks) or whose bias requires grad while gradients are
+    enabled where the block is entered (it may be trained inside it) keep the hook. Several
+    sites of one fused projection add into its one bias. ``False`` always uses hooks.
     """
     from vsteer.hooks import intervene
 
@@ -231,7 +260,7 @@ def steer(
                 for key, c in changes.items()
                 if c is None
             }
-            with _biases([c for c in changes.values() if c is not None]):
+            with _biases(_steered_biases(c for c in changes.values() if c is not None)):
                 if rest:
                     with intervene(model, rest):
                         yield

@@ -1,0 +1,164 @@
+"""Defects found in the 2026-12-07 review of the steering path, each with a test that failed before.
+
+Bias path (``steer(as_bias=True)``, the default): nesting, two sites of one fused projection, a
+trained bias, an enclosing capture; positions: a slice's step, a one-shot iterable, ``generate``
+without a KV cache; the monitor gate across batch sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model, random_ids
+
+import vsteer
+from vsteer.errors import SiteError
+from vsteer.vectors import SteeringVector
+
+
+def _vec(model, site="v", layers=(0, 1, 2), size=1.0, seed=0):
+    shape = vsteer.get_arch(model).site_shape(site)
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVector.for_model(model, {i: size * torch.randn(*shape, generator=g) for i in layers}, site)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_nested_bias_blocks_keep_the_outer_steering_after_the_inner_exits(family):
+    torch.manual_seed(0)
+    model = make_tiny_model(family)
+    a, b = _vec(model, seed=1, size=2.0), _vec(model, seed=2, size=2.0)
+    ids = random_ids(2, 7)
+    with vsteer.steer(model, a, as_bias=False):
+        outer_only = _logits(model, ids)
+    with vsteer.steer(model, [a, b], as_bias=False):
+        both = _logits(model, ids)
+    biases = [p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")]
+    with vsteer.steer(model, a):
+        with vsteer.steer(model, b):
+            torch.testing.assert_close(_logits(model, ids), both, rtol=0, atol=1e-5)
+        torch.testing.assert_close(_logits(model, ids), outer_only, rtol=0, atol=1e-5)
+    after = [p.detach() for n, p in model.named_parameters() if n.endswith("bias")]
+    assert len(after) == len(biases) and all(torch.equal(x, y) for x, y in zip(after, biases, strict=True))
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "gpt_neox"])
+def test_two_sites_of_one_fused_projection_add_into_one_bias(family):
+    torch.manual_seed(0)
+    model = make_tiny_model(family)
+    vectors = [
+        _vec(model, "q", layers=(1,), size=5.0, seed=3),
+        _vec(model, "v", layers=(1,), size=2.0, seed=4),
+    ]
+    ids = random_ids(2, 7)
+    with vsteer.steer(model, vectors, as_bias=False):
+        hooks = _logits(model, ids)
+    with vsteer.steer(model, vectors[1:], as_bias=False):
+        v_only = _logits(model, ids)
+    assert (hooks - v_only).abs().max() > 1e-5  # the q vector does something
+    with vsteer.steer(model, vectors):
+        torch.testing.assert_close(_logits(model, ids), hooks, rtol=0, atol=1e-5)
+
+
+def test_a_bias_trained_inside_a_steer_block_keeps_learning():
+    torch.manual_seed(0)
+    model = make_tiny_model("qwen2")
+    proj = vsteer.get_arch(model).projection(1, "v")
+    start = proj.bias.detach().clone()
+    ids = random_ids(2, 7)
+    vec = _vec(model, layers=(1,))
+
+    def losses():
+        with torch.no_grad():
+            proj.bias.copy_(start)
+        opt = torch.optim.SGD([proj.bias], lr=50.0)
+        out = []
+        with vsteer.steer(model, vec):
+            for _ in range(3):
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                out.append(float(loss))
+        return out
+
+    trained = losses()
+    assert trained[2] < trained[0]
+    assert not torch.equal(proj.bias.detach(), start)
+
+
+def test_an_enclosing_capture_sees_the_same_value_on_either_steering_path():
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    vec = _vec(model, layers=(1,), size=3.0)
+    ids = random_ids(2, 7)
+    seen = []
+    for as_bias in (False, True):
+        with vsteer.capture(model, [("v", 1)]) as acts:
+            with vsteer.steer(model, vec, as_bias=as_bias):
+                _logits(model, ids)
+        seen.append(acts[("v", 1)])
+    torch.testing.assert_close(seen[0], seen[1], rtol=0, atol=0)
+
+
+def _steered_positions(model, positions, seq=8):
+    """The positions of a length-``seq`` prompt whose v.0 an ``add`` at ``positions`` changed."""
+    arch = vsteer.get_arch(model)
+    ids = random_ids(1, seq)
+    shape = arch.site_shape("v")
+    with vsteer.capture(model, [("v", 0)]) as plain:
+        _logits(model, ids)
+    op = vsteer.add(torch.ones(shape), positions=positions)
+    with vsteer.intervene(model, {("v", 0): op}), vsteer.capture(model, [("v", 0)]) as steered:
+        _logits(model, ids)
+    diff = (steered[("v", 0)] - plain[("v", 0)]).abs().flatten(2).amax(-1)[0]
+    return [i for i in range(seq) if diff[i] > 0]
+
+
+def test_a_positions_slice_honours_its_step_and_refuses_a_reversed_one():
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    assert _steered_positions(model, slice(0, 8, 2)) == [0, 2, 4, 6]
+    assert _steered_positions(model, slice(1, None, 3)) == [1, 4, 7]
+    assert _steered_positions(model, slice(-4, None, 2)) == [4, 6]
+    assert _steered_positions(model, range(0, 8, 2)) == [0, 2, 4, 6]
+    shape = vsteer.get_arch(model).site_shape("v")
+    for bad in (slice(None, None, -1), slice(0, 8, 0), slice(0.5, 3)):
+        with pytest.raises(SiteError, match="slice") as err:
+            with vsteer.intervene(model, {("v", 0): vsteer.add(torch.ones(shape), positions=bad)}):
+                pass
+        assert "\n" not in str(err.value)
+
+
+def test_one_shot_iterables_of_positions_steer_the_same_positions_everywhere():
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    assert _steered_positions(model, (p for p in (0, 2, 4))) == [0, 2, 4]
+    vec = _vec(model, layers=(0, 1))
+    ids = random_ids(1, 8)
+    with vsteer.steer(model, vec, positions=[0, 2, 4]):
+        listed = _logits(model, ids)
+    with vsteer.steer(model, vec, positions=iter([0, 2, 4])):
+        once = _logits(model, ids)
+    torch.testing.assert_close(once, listed, rtol=0, atol=0)
+    assert not torch.equal(listed, _logits(model, ids))
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt", "all", -1])
+def test_generate_without_a_kv_cache_steers_the_same_positions_as_with_it(positions):
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    ids = random_ids(2, 6)
+    vec = _vec(model, size=6.0)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), vsteer.steer(model, vec, positions=positions, as_bias=False):
+        cached = model.generate(ids, use_cache=True, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        plain = model.generate(ids, use_cache=True, **kw)
+    assert not torch.equal(cached, plain)
