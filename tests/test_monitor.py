@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, make_tiny_model
+from conftest import VOCAB, make_tiny_model, random_ids
 
 import vsteer
 from vsteer.encoding import pad_batch
@@ -654,3 +654,56 @@ def test_a_malformed_search_grid_is_one_line(llama, grid, message):
     with pytest.raises(RecipeError, match="search_grid must map") as err:
         refusal_search(llama, CHAT, MonitorOptions(n_prompt=40, n_select=4, search_grid=grid))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_watch_scores_a_row_that_ended_inside_a_batch_as_it_scores_alone():
+    """generate feeds an ended row its EOS and then padding while the others go on: those steps
+    score NaN, so the row's scores and ``fired`` equal what it gets alone (found in review)."""
+    from dataclasses import replace
+
+    model = make_tiny_model("qwen2")
+    mon = replace(
+        fit(model, TOK, POS, NEG, site="v", layers=[0, 2], position="last", fpr=None), threshold=10.0
+    )
+    rows = _rows(seed=5, lengths=(5, 12, 3, 7))
+    batch = pad_batch(rows, 0, "left")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), watch(model, mon) as flags:
+        out = model.generate(**batch, **kw)
+    new = out[:, batch["input_ids"].shape[1] :]
+    eos = model.generation_config.eos_token_id
+    ended = [i for i in range(len(rows)) if eos in new[i, :-1].tolist()]
+    assert ended, "the seed must make a row end early for this test to check anything"
+    for i in range(len(rows)):
+        ids = torch.tensor([rows[i]])
+        with torch.no_grad(), watch(model, mon) as alone:
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        n = alone.scores.shape[1]
+        torch.testing.assert_close(flags.scores[i, :n], alone.scores[0], rtol=0, atol=1e-4)
+        assert torch.isnan(flags.scores[i, n:]).all()
+        assert bool(flags.fired[i]) == bool(alone.fired[0])
+
+
+def test_gated_steering_survives_batches_of_different_sizes_in_one_block():
+    """The gate of the last generate call (3 rows) must not reach the next call's prompt pass
+    (1 row) before the monitor has decided there (found in review: a shape error)."""
+    model = make_tiny_model("llama")
+    arch = vsteer.get_arch(model)
+    g = torch.Generator().manual_seed(0)
+    mon = Monitor(
+        weights={2: torch.randn(*arch.site_shape("v"), generator=g)}, bias=0.0, threshold=-1e9, site="v"
+    )
+    vec = SteeringVector.for_model(model, {0: 3.0 * torch.randn(*arch.site_shape("v"), generator=g)}, "v")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        for sizes in ((3, 1), (2, 3)):
+            outs, alone = [], []
+            with vsteer.steer(model, vec, positions="generated", when=mon):
+                for b in sizes:
+                    ids = random_ids(b, 5, seed=b)
+                    outs.append(model.generate(ids, attention_mask=torch.ones_like(ids), **kw))
+            for b in sizes:
+                ids = random_ids(b, 5, seed=b)
+                with vsteer.steer(model, vec, positions="generated", when=mon):
+                    alone.append(model.generate(ids, attention_mask=torch.ones_like(ids), **kw))
+            assert all(torch.equal(o, a) for o, a in zip(outs, alone, strict=True))

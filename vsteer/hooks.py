@@ -49,6 +49,7 @@ class Step:
     prompt_len: int = 0
     token_mask: torch.Tensor | None = None
     module_input: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None  # ``[batch, seq_len]`` token ids of the call (None: embeddings)
 
     def positions(self, device) -> torch.Tensor:
         return torch.arange(self.offset, self.offset + self.seq_len, device=device)
@@ -97,7 +98,10 @@ class _Tracker:
             if self._continues(ids):
                 prompt_len = self.step.prompt_len
             self._prompt_ids = ids
-        self.step = Step(offset=offset, seq_len=seq, prompt_len=prompt_len, token_mask=token_mask)
+        token_ids = ids if kwargs.get("inputs_embeds") is None and not torch.is_floating_point(ids) else None
+        self.step = Step(
+            offset=offset, seq_len=seq, prompt_len=prompt_len, token_mask=token_mask, input_ids=token_ids
+        )
         return None
 
 

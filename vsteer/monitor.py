@@ -530,7 +530,9 @@ class Flags:
     """What :func:`watch` saw: one score per row per forward call.
 
     ``steps[0]`` is the prompt (``[batch]``), ``steps[t]`` the ``t``-th generated token. A new
-    call at offset 0 (a new ``generate``) starts over.
+    call at offset 0 (a new ``generate``) starts over. A row that has ended (its end-of-sequence
+    token, from the model's ``generation_config``, was fed back while other rows of the batch go
+    on) scores NaN from that step on, so it gets the scores and flags it would get alone.
     """
 
     def __init__(self, monitor: Monitor):
@@ -566,11 +568,14 @@ class Flags:
 class _WatchState:
     """Per-layer partial scores of the current forward call, summed when the last layer reports."""
 
-    def __init__(self, monitor: Monitor, flags: Flags, on_prompt=None, on_step=None):
+    def __init__(self, monitor: Monitor, flags: Flags, on_prompt=None, on_step=None, eos=None):
         self.monitor, self.flags, self.on_prompt, self.on_step = monitor, flags, on_prompt, on_step
+        self.eos = None if eos is None else torch.as_tensor(eos, dtype=torch.long).reshape(-1)
+        self.ended: torch.Tensor | None = None  # [batch] bool: rows past their end-of-sequence token
         self.parts: dict[int, torch.Tensor] = {}
         self.sums: dict[int, torch.Tensor] = {}
         self.count: torch.Tensor | None = None
+        self.step = None
 
     def op(self, layer: int):
         from vsteer.hooks import apply
@@ -619,7 +624,13 @@ class _WatchState:
         self.parts = {}
         if step.offset == 0:
             self.flags.steps = []
+            self.ended = None
+        elif self.eos is not None and step.input_ids is not None:
+            fed = torch.isin(step.input_ids[:, -1].cpu(), self.eos)
+            self.ended = fed if self.ended is None or self.ended.shape != fed.shape else self.ended | fed
+            score = torch.where(self.ended, torch.nan, score)
         self.flags.steps.append(score)
+        self.step = step  # the forward call the latest score belongs to
         if step.offset == 0 and self.on_prompt is not None:
             self.on_prompt(score > mon.threshold)
         elif step.offset > 0 and self.on_step is not None:
@@ -648,9 +659,19 @@ def watch(model, monitor: Monitor):
         raise MonitorError(f"watch needs a Monitor, got {type(monitor).__name__}")
     monitor.check(model)
     flags = Flags(monitor)
-    state = _WatchState(monitor, flags)
+    state = _WatchState(monitor, flags, eos=_eos_ids(model))
     with intervene(model, state.ops()):
         yield flags
+
+
+def _eos_ids(model) -> list[int] | None:
+    """The end-of-sequence ids ``generate`` stops a row at (its generation config's), or None."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return None
+    ids = [eos] if isinstance(eos, int) else [int(e) for e in eos]
+    return ids or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,6 +717,8 @@ class Gated(Operation):
 
         def fn(x, step):
             rows = gate.get("rows")
+            if step.offset == 0 and gate.get("step") is not step:
+                return None  # a prompt pass the monitor has not decided yet: the gate is a past call's
             if rows is None or not bool(rows.any()):
                 return None
             new = inner(x, step)
@@ -751,12 +774,14 @@ def gated(model, monitor: Monitor | Recheck, ops: dict, positions="all"):
     state = _WatchState(
         monitor,
         flags,
-        on_prompt=lambda rows: gate.__setitem__("rows", rows),
+        on_prompt=lambda rows: gate.update(rows=rows, step=state.step),
         on_step=None if every is None else on_step,
+        eos=_eos_ids(model),
     )
 
-    # no reset needed between generate calls: the prompt pass sets the gate before any steered
-    # site that can touch the prompt runs (checked above), and 'generated' masks the prompt
+    # each prompt pass decides anew: a steered site that runs in it before the monitor has decided
+    # (possible only with positions='generated', which masks the prompt) ignores a past call's
+    # gate, whose rows may not even match this batch
     merged: dict = {}
     for key, op in state.ops().items():
         merged.setdefault(key, []).append(op)
