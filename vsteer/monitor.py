@@ -717,8 +717,10 @@ class Gated(Operation):
 
         def fn(x, step):
             rows = gate.get("rows")
-            if step.offset == 0 and gate.get("step") is not step:
-                return None  # a prompt pass the monitor has not decided yet: the gate is a past call's
+            if step.offset == 0 and "step" in gate and gate["step"] is not step:
+                # gated(): a prompt pass the monitor has not decided yet, the gate is a past call's
+                # (vsteer.serve sets its gates anew for every forward and records no step)
+                return None
             if rows is None or not bool(rows.any()):
                 return None
             new = inner(x, step)
