@@ -268,6 +268,19 @@ def _completion_logprobs(body: dict) -> int | None:
     return None if value is None else int(value)
 
 
+def context_length(engine) -> int | None:
+    """The most positions the engine's model takes (its config's ``n_positions`` or
+    ``max_position_embeddings``), or None where its config states none. A request may not ask for
+    more: learned position embeddings fail past it (and one failing row would fail its batch)."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _common(
     body: dict,
     engine,
@@ -301,6 +314,16 @@ def _common(
         )
     if not prompt_ids:
         raise ApiError(400, "prompt is empty after tokenisation", "prompt")
+    context = context_length(engine)
+    if context is not None and len(prompt_ids) + max_tokens > context:
+        if len(prompt_ids) >= context or body.get(key) is not None:
+            raise ApiError(
+                400,
+                f"this model's context is {context} tokens; the prompt has {len(prompt_ids)} and "
+                f"{key} asks for {max_tokens} more",
+                key if len(prompt_ids) < context else "messages",
+            )
+        max_tokens = context - len(prompt_ids)  # not asked for: what the context leaves
     return Request(
         prompt_ids=prompt_ids,
         max_tokens=int(max_tokens),
