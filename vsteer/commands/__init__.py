@@ -25,3 +25,32 @@ def load_model_from_args(args, name: str | None = None):
     from vsteer.models import load_model
 
     return load_model(name or args.model, dtype=args.dtype, device=args.device)
+
+
+def add_output_args(p, help: str, flags: tuple[str, ...] = ("-o", "--output")) -> None:
+    """``-o/--output FILE`` and ``--overwrite`` for a command that writes one file."""
+    p.add_argument(*flags, dest="output", required=True, help=help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file (atomically)")
+
+
+def check_output_file(args, *inputs) -> None:
+    """Refuse, before any model loads, an output that would lose a file: an existing file without
+    ``--overwrite``, a directory, one of the command's own ``inputs``, or an unwritable place."""
+    import os
+    from pathlib import Path
+
+    from vsteer.errors import DataError
+
+    out = Path(args.output).expanduser()
+    if out.is_dir():
+        raise DataError(f"output {str(out)!r} is a directory; name the file to write")
+    for given in inputs:
+        if given is not None and Path(given).expanduser().resolve() == out.resolve():
+            raise DataError(f"output {str(out)!r} is also the input; write to another file")
+    if out.exists() and not getattr(args, "overwrite", False):
+        raise DataError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(
+            f"cannot write {str(out)!r}: {str(parent or out.parent)!r} is not a writable directory"
+        )

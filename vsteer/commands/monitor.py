@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from vsteer.commands import add_device_args, load_model_from_args
+from vsteer.commands import add_device_args, add_output_args, check_output_file, load_model_from_args
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BUILTIN = ("advbench", "jbb", "helpful")
@@ -34,7 +34,7 @@ def register(sub) -> None:
     f.add_argument("--raw", action="store_true", help="no chat template: score the texts as they are")
     f.add_argument("--seed", type=int, default=0)
     add_device_args(f)
-    f.add_argument("-o", "--output", required=True, help="where to write the monitor (.safetensors)")
+    add_output_args(f, "where to write the monitor (.safetensors)")
     f.set_defaults(func=_fit)
 
     s = msub.add_parser("score", help="score texts with a monitor (one JSON line per text)")
@@ -114,10 +114,9 @@ def _fit(args) -> int:
 
     pos, pos_src = _read_texts(args.positive, args.limit)
     neg, neg_src = _read_texts(args.negative, args.limit)
+    check_output_file(args, args.positive, args.negative)
     model, tok = load_model_from_args(args)
-    layers = (
-        [int(x) for x in args.layers.split(",")] if args.layers and "-" not in args.layers else args.layers
-    )
+    layers = args.layers  # "8,12" or "8-16": fit parses it against the model's layers (one line if bad)
     mon = fit(
         model,
         tok,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from vsteer.commands import add_device_args, load_model_from_args
+from vsteer.commands import add_device_args, add_output_args, check_output_file, load_model_from_args
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many pairs (A/B: rounded to even)")
     p.add_argument("--batch-size", type=int, default=16)
     add_device_args(p)
-    p.add_argument("-o", "--output", "--out", required=True, help="where to write the vector (.safetensors)")
+    add_output_args(p, "where to write the vector (.safetensors)", ("-o", "--output", "--out"))
     p.set_defaults(func=_extract)
 
     g = sub.add_parser("generate", help="generate with steering vectors")
@@ -65,7 +65,7 @@ def register(sub) -> None:
 
     e = sub.add_parser("export-gguf", help="export a residual-stream vector as a llama.cpp control vector")
     e.add_argument("vector", help="a .safetensors steering vector at site resid")
-    e.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    add_output_args(e, "the .gguf file to write")
     e.add_argument("--model-hint", default=None, help="controlvector.model_hint (default: the model type)")
     e.add_argument(
         "--model",
@@ -138,6 +138,7 @@ def _extract(args) -> int:
             "extract needs --data (contrastive pairs) or --from-prompt SYSTEM_PROMPT --questions DATA"
         )
     pairs = pairs_from_spec(args.data, limit=args.limit)
+    check_output_file(args, args.data)
     model, tokenizer = load_model_from_args(args)
     vec = extract(
         model,
@@ -181,6 +182,7 @@ def _extract_from_prompt(args) -> int:
     if args.method not in METHODS:
         raise DataError(f"unknown extraction method {args.method!r}; expected one of {', '.join(METHODS)}")
     questions = questions_from_data(args.questions, limit=args.limit)
+    check_output_file(args, args.questions)
     model, tokenizer = load_model_from_args(args)
     vec = from_prompt(
         model,
@@ -302,6 +304,7 @@ def _export(args) -> int:
     from vsteer.gguf_io import export_gguf
     from vsteer.vectors import SteeringVector
 
+    check_output_file(args, args.vector)
     vec = SteeringVector.load(args.vector)
     model = None
     if args.model is not None:
