@@ -688,3 +688,70 @@ def test_caa_behaviour_task_holds_out_the_caa_test_items_and_validates_its_keys(
         load_compare_recipe("compare_behaviour_dpo", ["data.behaviour=honesty"])
     with pytest.raises(RecipeError, match=r"unknown keys \['behavior'\]"):
         load_compare_recipe("compare_behaviour_dpo", ["data.behavior=refusal"])
+
+
+def test_reordered_seeds_on_a_cache_score_each_seed_on_its_own_block(tiny_dir, user_files, tmp_path):
+    """``test_items: per-seed``: a seed's test block depends on its place in ``seeds``, so a rerun
+    with the seeds reordered must not reuse another block's scores (found in review: the cached
+    rerun's per-item scores differed from a fresh run's by up to 0.01, silently)."""
+    kw = dict(arms=["v", "all"], learning_rates=[3e-2], steps=2, checkpoints=[], test_items="per-seed")
+    kw["ablation"] = False
+    cache = tmp_path / "cache"
+    run_compare(
+        load_compare_recipe(_recipe(tiny_dir, *user_files, seeds=[0, 1, 2], **kw)),
+        cache=cache,
+        progress=False,
+    )
+    spec = load_compare_recipe(_recipe(tiny_dir, *user_files, seeds=[0, 2, 1], **kw))
+    cached = run_compare(spec, cache=cache, progress=False)
+    fresh = run_compare(
+        load_compare_recipe(_recipe(tiny_dir, *user_files, seeds=[0, 2, 1], **kw)), progress=False
+    )
+    for seed in (0, 1, 2):
+        a = np.array(cached.runs[("eval", "v", seed)]["test"])
+        b = np.array(fresh.runs[("eval", "v", seed)]["test"])
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cached.seed_effects("v"), fresh.seed_effects("v"), rtol=0, atol=1e-9)
+
+
+def test_select_lr_never_chooses_a_diverged_run():
+    nan = float("nan")
+    cases = [
+        ({1e-3: nan, 3e-3: 0.2, 1e-2: 0.1}, 3e-3),
+        ({1e-3: 0.1, 3e-3: nan, 1e-2: 0.2}, 1e-2),
+        ({1e-3: 0.1, 3e-3: 0.2, 1e-2: nan}, 3e-3),
+    ]
+    for effects, best in cases:
+        assert select_lr(effects) == best
+    assert select_lr({1e-3: float("inf"), 3e-3: 0.0}) == 3e-3
+    with pytest.raises(Exception, match="NaN or infinite"):
+        select_lr({1e-3: nan, 3e-3: nan})
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"seeds": [0, 0, 1]}, "seeds repeat"),
+        ({"seeds": [True]}, "seeds must be"),
+        ({"checkpoints": 8}, "checkpoints must be a list"),
+        ({"checkpoints": None}, "checkpoints must be a list"),
+        ({"metrics": "kl"}, "metrics must be a list"),
+        ({"rope": ["a", "b"]}, "rope must be"),
+        ({"learning_rates": [True]}, "learning_rates must be"),
+        ({"learning_rates": [float("nan")]}, "learning_rates must be"),
+        ({"beta": -1.0}, "beta must be"),
+        ({"warmup_steps": -5}, "warmup_steps must be"),
+        ({"n_mmlu": 0}, "n_mmlu must be"),
+        ({"data": {"source": "sst2-sentiment", "n_test": "many"}}, "data.n_test must be"),
+        ({"data": {"source": "sst2-sentiment", "n_test": 0}}, "data.n_test must be"),
+        ({"data": {"source": ["user"]}}, "data.source must be a name"),
+        (
+            {"data": {"source": "user", "train": "t.jsonl", "eval": "e.jsonl", "val_fraction": 2}},
+            "val_fraction",
+        ),
+    ],
+)
+def test_malformed_recipe_values_are_one_line(override, words):
+    with pytest.raises(RecipeError, match=words) as err:
+        load_compare_recipe({"data": {"source": "sst2-sentiment"}, **override})
+    assert "\n" not in str(err.value)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -164,6 +165,14 @@ def load_compare_recipe(source: str | os.PathLike | Mapping, overrides: Iterable
     return spec
 
 
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
     from vsteer.data.compare_data import SHIPPED_TASKS
     from vsteer.lora import parse_targets
@@ -185,17 +194,30 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
     for key, allowed in (("attention", ATTENTION_CHOICES), ("frozen_weights", ("auto", "keep"))):
         if getattr(spec, key) not in allowed:
             raise RecipeError(f"{key} must be one of {', '.join(allowed)}, got {getattr(spec, key)!r}")
-    if not spec.learning_rates or any(not isinstance(x, (int, float)) or x <= 0 for x in spec.learning_rates):
+    for key in ("learning_rates", "seeds", "checkpoints", "rope", "metrics"):
+        if not isinstance(getattr(spec, key), list):
+            raise RecipeError(f"{key} must be a list, got {getattr(spec, key)!r}")
+    if not spec.learning_rates or any(
+        not _number(x) or not math.isfinite(x) or x <= 0 for x in spec.learning_rates
+    ):
         raise RecipeError(
             f"learning_rates must be a non-empty list of positive numbers, got {spec.learning_rates!r}"
         )
     spec.learning_rates = [float(x) for x in spec.learning_rates]
-    if not spec.seeds or any(not isinstance(s, int) or s < 0 for s in spec.seeds):
+    if not spec.seeds or any(not _integer(s) or s < 0 for s in spec.seeds):
         raise RecipeError(f"seeds must be a non-empty list of ints >= 0, got {spec.seeds!r}")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise RecipeError(f"seeds repeat an entry: {spec.seeds} (each seed is one run per arm)")
     for key in ("steps", "batch_size", "max_length", "rank", "workers", "threads", "eval_batch_size"):
         v = getattr(spec, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not _integer(v) or v < 1:
             raise RecipeError(f"{key} must be a positive int, got {v!r}")
+    for key in ("warmup_steps", "n_kl_windows", "kl_window", "n_mmlu", "n_prompts", "max_new_tokens"):
+        v = getattr(spec, key)
+        if not _integer(v) or v < (0 if key == "warmup_steps" else 1):
+            raise RecipeError(f"{key} must be an int >= {0 if key == 'warmup_steps' else 1}, got {v!r}")
+    if not _number(spec.beta) or not math.isfinite(spec.beta) or spec.beta <= 0:
+        raise RecipeError(f"beta must be a positive number, got {spec.beta!r}")
     if spec.test_items not in _TEST_ITEMS:
         raise RecipeError(f"test_items must be one of {', '.join(_TEST_ITEMS)}, got {spec.test_items!r}")
     if spec.ablation_seeds not in _ABLATION_SEEDS:
@@ -215,11 +237,11 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
         isinstance(spec.budget, bool) or not isinstance(spec.budget, int) or spec.budget < 1
     ):
         raise RecipeError(f"budget must be a positive int of parameters or null, got {spec.budget!r}")
-    if any(not isinstance(c, int) or not 0 < c < spec.steps for c in spec.checkpoints):
+    if any(not _integer(c) or not 0 < c < spec.steps for c in spec.checkpoints):
         raise RecipeError(
             f"checkpoints must be steps between 0 and steps={spec.steps}, got {spec.checkpoints!r}"
         )
-    if not (isinstance(spec.rope, list) and len(spec.rope) == 2 and spec.rope[0] <= 0 <= spec.rope[1]):
+    if not (len(spec.rope) == 2 and all(_number(x) for x in spec.rope) and spec.rope[0] <= 0 <= spec.rope[1]):
         raise RecipeError(f"rope must be [low, high] around 0 (nats per token), got {spec.rope!r}")
     for m in spec.metrics:
         if m not in _METRICS:
@@ -234,6 +256,13 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
             "data must be a mapping with a 'source' (sst2-sentiment, imdb-openings, caa-behaviour or user)"
         )
     source = d["source"]
+    if not isinstance(source, str):
+        raise RecipeError(f"data.source must be a name such as sst2-sentiment or user, got {source!r}")
+    for key in ("n_train", "n_val", "n_test"):
+        if key in d and (not _integer(d[key]) or d[key] < 1):
+            raise RecipeError(f"data.{key} must be a positive int, got {d[key]!r}")
+    if "val_fraction" in d and not (_number(d["val_fraction"]) and 0 < d["val_fraction"] < 1):
+        raise RecipeError(f"data.val_fraction must be a number between 0 and 1, got {d['val_fraction']!r}")
     if source in SHIPPED_TASKS:
         if SHIPPED_TASKS[source] != spec.task:
             raise RecipeError(
@@ -368,10 +397,13 @@ def plan_budgets(model, spec: CompareSpec) -> tuple[int, dict]:
 
 
 def select_lr(val_effects: Mapping[float, float]) -> float:
-    """The learning rate with the largest val-split primary metric (ties: the smaller rate)."""
-    if not val_effects:
-        raise VsteerError("no validation results to select a learning rate from")
-    return max(sorted(val_effects), key=lambda lr: (val_effects[lr], -lr))
+    """The learning rate with the largest val-split primary metric (ties: the smaller rate); a run
+    whose metric is not finite (it diverged) is never chosen."""
+    finite = {lr: v for lr, v in val_effects.items() if math.isfinite(v)}
+    if not finite:
+        which = "no validation results" if not val_effects else "every validation result is NaN or infinite"
+        raise VsteerError(f"{which}: no learning rate to select (rates {sorted(val_effects)})")
+    return max(sorted(finite), key=lambda lr: (finite[lr], -lr))
 
 
 # ---- worker side ---------------------------------------------------------------------------
@@ -708,6 +740,15 @@ def _inputs(spec: CompareSpec, common: dict, **extra) -> dict:
     return {"spec": relevant, **common, **extra}
 
 
+def _test_block(spec: CompareSpec, seed: int) -> dict:
+    """Which test items a run of ``seed`` is scored on, for the keys of the pieces that score test
+    items: ``seeds`` stays out of every key, but under ``test_items: per-seed`` a seed's block is
+    fixed by its place in ``seeds`` and by how many seeds there are (:func:`scored_index`)."""
+    if spec.test_items != "per-seed":
+        return {}
+    return {"test_block": [spec.seeds.index(seed), len(spec.seeds)]}
+
+
 def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, executor=None):
     """Run a comparison (reusing finished runs from ``cache``: a :class:`vsteer.pieces.PieceCache`
     or a directory for one); returns a :class:`CompareResult`. The recipe, model, budgets and data
@@ -776,7 +817,8 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
         # chosen rate and are scored on test in the same process
         split = "val" if seed == first else "test"
         key = ("train", arm, lr, seed)
-        inputs = _inputs(spec, common, arm=arm, lr=lr, seed=seed, budget=budget, split=split)
+        block = _test_block(spec, seed) if split == "test" else {}
+        inputs = _inputs(spec, common, arm=arm, lr=lr, seed=seed, budget=budget, split=split, **block)
         refs = results[("reference",)]["rows"] if shared else None
         work = Path(tempfile.mkdtemp(dir=cache.root, prefix=".job-"))
         args = (spec_dict, arm, lr, seed, budget, split, refs)
@@ -786,6 +828,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
         key = ("train", arm, lr, first)
         abl = spec.ablation and arm == CONTROL
         extra = {"ablation_items": spec.ablation_items} if abl else {}
+        extra.update(_test_block(spec, first))
         inputs = _inputs(
             spec, common, arm=arm, lr=lr, seed=first, budget=budget, extras=True, ablation=abl, **extra
         )
@@ -803,6 +846,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
             budget=budget,
             ablation=True,
             ablation_items=spec.ablation_items,
+            **_test_block(spec, seed),
         )
         args = (spec_dict, str(dirs[key]), False, True, seed, False)
         submit(("ablate", arm, seed), "compare-ablate", inputs, eval_job, *args)
