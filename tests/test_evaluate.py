@@ -155,6 +155,18 @@ def test_holm_adjusts_like_the_textbook():
     assert holm([]) == []
 
 
+@pytest.mark.parametrize("where", [0, 1, 3])
+def test_a_nan_p_value_counts_as_one_wherever_it_sits(where):
+    """Found in review: sorting with a NaN key left the step-down order undefined, so one NaN
+    (from a NaN estimate) could push every other p-value to 1."""
+    p = [0.01, 0.01, 0.01]
+    p.insert(where, float("nan"))
+    out = holm(p)
+    assert out[where] == 1.0
+    assert [x for i, x in enumerate(out) if i != where] == pytest.approx([0.04, 0.04, 0.04])
+    assert p_value(Estimate(float("nan"), float("nan"), float("nan"), 10), Rule(threshold=0.0)) == 1.0
+
+
 def test_judge_all_downgrades_marginal_supported_verdicts_under_holm():
     rule = {"r": Rule(threshold=0.0)}
     strong = Finding("r", "strong", "m", Estimate(1.0, 0.8, 1.2, 50))

@@ -570,6 +570,20 @@ def test_refusal_search_selection_requests_never_enter_the_prompt_task_whatever_
         assert not used & set(selected)
 
 
+@pytest.mark.parametrize("n_prompt", [80, 120, 400])
+def test_cross_source_test_positives_are_no_advbench_goals(n_prompt):
+    """11 of JBB-Behaviors' 100 goals are AdvBench goals word for word; at n_prompt 80 one of the
+    cross-source test positives was also a training positive (found in review)."""
+    from vsteer.data import monitor_data as md
+    from vsteer.experiments.monitoring import MonitorOptions, _norm, build_tasks
+
+    tasks = build_tasks(MonitorOptions(n_prompt=n_prompt, n_cross=100))
+    test_pos = tasks["cross-source"]["test"][0]
+    advbench = {_norm(t) for t in md.advbench_goals()}
+    assert len(test_pos) == 89 and not {_norm(t) for t in test_pos} & advbench
+    assert not set(test_pos) & set(tasks["prompt"]["train"][0])
+
+
 def test_bucketed_generation_keeps_each_prompts_completion_and_flags_in_order(llama):
     """monitoring._generate runs prompts in batches of similar length and puts outputs back in order."""
     from dataclasses import replace

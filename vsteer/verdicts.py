@@ -152,7 +152,10 @@ def rule_text(threshold: float, larger_supports: bool = True, what: str = "effec
 
 
 def p_value(effect: Estimate, rule: Rule) -> float:
-    """One-sided p-value of "supported" under ``rule``, by a normal approximation of the interval."""
+    """One-sided p-value of "supported" under ``rule``, by a normal approximation of the interval
+    (1 where the estimate or its interval is not a number)."""
+    if not all(math.isfinite(x) for x in (effect.value, effect.low, effect.high)):
+        return 1.0
     se = (effect.high - effect.low) / (2 * _Z)
 
     def above(edge: float) -> float:  # p for H0: effect <= edge
@@ -171,7 +174,10 @@ def p_value(effect: Estimate, rule: Rule) -> float:
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm step-down adjusted p-values, in the input order."""
+    """Holm step-down adjusted p-values, in the input order. A p-value that is not a finite
+    number (from an estimate that is NaN) counts as 1: it can never be rejected, and it still
+    counts in ``m``; sorting NaN would leave the step-down order undefined."""
+    p_values = [p if isinstance(p, int | float) and math.isfinite(p) else 1.0 for p in p_values]
     m = len(p_values)
     order = sorted(range(m), key=lambda i: p_values[i])
     adjusted, running = [0.0] * m, 0.0

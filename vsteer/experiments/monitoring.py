@@ -199,6 +199,10 @@ def _split(items, fraction, seed):
     return split(items, (1 - fraction, fraction), seed)
 
 
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".")
+
+
 def build_tasks(opts: MonitorOptions) -> dict:
     """``{task: {"train": (pos, neg), "test": (pos, neg), "text": fn item -> raw text, "position"}}``."""
     from vsteer.data import monitor_data as md
@@ -213,7 +217,12 @@ def build_tasks(opts: MonitorOptions) -> dict:
     help_ = subsample([t for t in md.helpful_requests() if t not in sel_help], opts.n_prompt, s + 1)
     harm_tr, harm_te = _split(harm, f, s)
     help_tr, help_te = _split(help_, f, s + 1)
-    jbb = subsample([r["goal"] for r in md.jbb_goals()], opts.n_cross, s + 7)
+    # cross-source: JBB goals that are not AdvBench goals (11 of JBB's 100 are AdvBench's, word for
+    # word; one of them was a training positive and a test positive at once before this was dropped)
+    advbench = {_norm(t) for t in md.advbench_goals()}
+    jbb = subsample(
+        [r["goal"] for r in md.jbb_goals() if _norm(r["goal"]) not in advbench], opts.n_cross, s + 7
+    )
     tasks = {
         "prompt": dict(train=(harm_tr, help_tr), test=(harm_te, help_te), position="last", wrap=_user),
         "cross-source": dict(train=(harm_tr, help_tr), test=(jbb, help_te), position="last", wrap=_user),
