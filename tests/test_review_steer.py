@@ -162,3 +162,16 @@ def test_generate_without_a_kv_cache_steers_the_same_positions_as_with_it(positi
     with torch.no_grad():
         plain = model.generate(ids, use_cache=True, **kw)
     assert not torch.equal(cached, plain)
+
+
+def test_per_row_with_no_row_steered_runs_unsteered():
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    ids = random_ids(2, 5)
+    plain = _logits(model, ids)
+    for as_bias in (True, False):
+        with vsteer.steer(model, vsteer.per_row([None, None], scale=2.0), as_bias=as_bias):
+            torch.testing.assert_close(_logits(model, ids), plain, rtol=0, atol=0)
+    with pytest.raises(vsteer.VectorError, match="at least one vector"):  # an empty plain list: a mistake
+        with vsteer.steer(model, []):
+            pass

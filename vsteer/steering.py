@@ -62,15 +62,18 @@ def _entries(vectors) -> list[tuple[SteeringVector, object]]:
                 raise VectorError(
                     f"expected a SteeringVector or (SteeringVector, scale), got {type(item).__name__}: {item!r:.80}"
                 )
-        if not out:
+        if not out and not isinstance(vectors, PerRow):  # per_row([None, None]): no row steered
             raise VectorError("steer needs at least one vector")
         return out
     raise VectorError(f"expected a SteeringVector or a list of them, got {type(vectors).__name__}")
 
 
-def per_row(
-    vectors: Sequence[SteeringVector | None], scale: Scale = 1.0
-) -> list[tuple[SteeringVector, torch.Tensor]]:
+class PerRow(list):
+    """What :func:`per_row` returns: ``(vector, per-row scales)`` entries, empty when no row is
+    steered (``steer`` then changes nothing, where an empty plain list is refused as a mistake)."""
+
+
+def per_row(vectors: Sequence[SteeringVector | None], scale: Scale = 1.0) -> PerRow:
     """One vector per batch row (``None``: no steering for that row) -> ``(vector, per-row scales)``.
 
     ``scale``: one number or one per row. Rows sharing a vector share one entry.
@@ -80,7 +83,7 @@ def per_row(
     if isinstance(scales, torch.Tensor) and len(scales) != n:
         raise VectorError(f"per-row scale has {len(scales)} values for {n} rows")
     scales = scales if isinstance(scales, torch.Tensor) else torch.full((n,), scales)
-    out: list[tuple[SteeringVector, torch.Tensor]] = []
+    out = PerRow()
     for row, vec in enumerate(vectors):
         if vec is None:
             continue
