@@ -81,6 +81,10 @@ def test_compare_cli_on_user_jsonl_writes_report_results_and_frontier(tiny_dir, 
     assert {r["dropped"] for r in results["ablation"]} == {"q", "k", "v", "o", "mlp"}
     assert (out / "frontier.png").stat().st_size > 0
     assert "Learning-rate selection" in (out / "report.md").read_text()
+    # every verdict is also judged under Holm over the comparison's verdicts, and says so
+    assert results["verdicts"] and all(v["holm_verdict"] is not None for v in results["verdicts"])
+    n = len(results["verdicts"])
+    assert (out / "report.md").read_text().count(f"after Holm over the {n} verdicts") == n
 
 
 def test_lr_selection_never_looks_at_the_test_split(tiny_dir, user_files, tmp_path, monkeypatch):

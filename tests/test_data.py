@@ -438,3 +438,37 @@ def test_mean_difference_of_balanced_pairs_cancels_a_letter_direction():
     ]
     assert abs(letter_weight(raw)) > 0.5
     assert abs(letter_weight(data.balance_answers(raw))) < 1e-5
+
+
+@pytest.mark.parametrize("n_train", [160, 3400])
+def test_sst2_sentiment_never_trains_on_a_dev_or_test_sentence(n_train):
+    """SST-2's train split shares 2 sentences with its test split (found in review): skipped."""
+    from vsteer.data.compare_data import sst2_sentiment
+
+    d = sst2_sentiment(n_train, 64, 450, 0)
+    train = {r["text"] for r in d.train}
+    assert (
+        len(d.train) == n_train
+        and not train & {i.text for i in d.test}
+        and not train & {i.text for i in d.val}
+    )
+    with pytest.raises(DataError, match="not in dev or test"):
+        sst2_sentiment(10**6, 8, 8, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_imdb_openings_never_train_or_validate_on_a_held_out_opening(seed):
+    """One IMDB review is in both splits (found in review); with seed 1 its pair fell within the
+    shipped sizes' 110 training + val pairs. Tokenizer of the embedded model: slow."""
+    from transformers import AutoTokenizer
+
+    from vsteer.data.compare_data import imdb_openings
+    from vsteer.models import cache_dir, load_model
+
+    load_model("smollm2-135m-instruct")  # materialises the embedded model once per machine
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "models" / "smollm2-135m-instruct")
+    for n_train, n_val in ((80, 30), (759, 40)):
+        d = imdb_openings(tok, n_train, n_val, 198, 24, seed)
+        seen = {r["chosen"] for r in d.train} | {r["rejected"] for r in d.train} | {i.text for i in d.val}
+        assert not seen & {i.text for i in d.test}

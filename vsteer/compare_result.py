@@ -489,15 +489,17 @@ class CompareResult:
     def write(self, out_dir: str | os.PathLike) -> Path:
         """Write ``report.md``, ``results.json`` and ``frontier.png`` into ``out_dir``."""
         from vsteer.experiments.result import atomic_write, records_to_markdown
-        from vsteer.verdicts import judge
+        from vsteer.verdicts import judge_all
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         rules = self.rules()
-        verdicts = [judge(f, rules) for f in self.findings()]
+        verdicts = judge_all(self.findings(), rules)
         lines = [f"# Adapter comparison: {self.spec.name}", ""]
         lines += [
-            f"- **{v.claim}**: {v.verdict} ({v.measured} = {v.effect}; rule: {v.rule})" for v in verdicts
+            f"- **{v.claim}**: {v.verdict}, {v.holm_verdict} after Holm over the {len(verdicts)} verdicts "
+            f"({v.measured} = {v.effect}; rule: {v.rule})"
+            for v in verdicts
         ]
         lines += [
             "",

@@ -90,10 +90,16 @@ def sst2_sentiment(n_train: int, n_val: int, n_test: int, seed: int = 0) -> Comp
     from vsteer.data import sst2
 
     positives = [s for s, y in sst2("train") if y == 1]
-    if n_train > len(positives):
-        raise DataError(f"n_train={n_train} exceeds the {len(positives)} positive SST-2 train sentences")
+    # a train sentence that is also a dev or test sentence (2 of SST-2's) is never trained on; it is
+    # skipped in the shuffled order, so draws that miss it (every shipped size) are unchanged
+    held = {s for s, _ in sst2("dev")} | {s for s, _ in sst2("test")}
     rng = np.random.default_rng(seed)
-    train = [{"text": positives[i]} for i in rng.permutation(len(positives))[:n_train]]
+    order = [positives[i] for i in rng.permutation(len(positives)) if positives[i] not in held]
+    if n_train > len(order):
+        raise DataError(
+            f"n_train={n_train} exceeds the {len(order)} positive SST-2 train sentences not in dev or test"
+        )
+    train = [{"text": t} for t in order[:n_train]]
     return CompareData(
         "sft",
         train,
@@ -129,6 +135,10 @@ def imdb_openings(
         )
 
     train_pairs, held = pairs("train"), pairs("eval")
+    # a training-split opening that is also a held-out one (1 of IMDB's reviews) is never trained on
+    # or validated on: its pair is skipped in the shuffled order (the shipped sizes never reach it)
+    held_texts = {t for pair in held for t in pair}
+    train_pairs = [(c, r) for c, r in train_pairs if c not in held_texts and r not in held_texts]
     if n_train + n_val > len(train_pairs):
         raise DataError(
             f"n_train + n_val = {n_train + n_val} exceeds the {len(train_pairs)} IMDB training-review pairs"
