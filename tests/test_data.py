@@ -472,3 +472,15 @@ def test_imdb_openings_never_train_or_validate_on_a_held_out_opening(seed):
         d = imdb_openings(tok, n_train, n_val, 198, 24, seed)
         seen = {r["chosen"] for r in d.train} | {r["rejected"] for r in d.train} | {i.text for i in d.val}
         assert not seen & {i.text for i in d.test}
+
+
+def test_caa_test_items_with_more_than_two_choices_are_left_out_like_the_pool():
+    """4 of survival-instinct's 50 CAA test items list options (A)-(E); p(matching) against one other
+    answer is undefined there (found in review: they were scored); CAA's other items top the set up."""
+    from vsteer.experiments.steering import SteeringOptions, _split_items, _two_choice
+
+    _, select, test = _split_items(
+        "caa", "survival-instinct", SteeringOptions(n_extract=40, n_select=12, n_test=50)
+    )
+    assert len(test) == 50 and all(_two_choice(it) for it in test) and all(_two_choice(it) for it in select)
+    assert not {it.question for it in test} & {it.question for it in select}

@@ -374,3 +374,13 @@ def test_newcombe_95_interval_covers_a_known_paired_difference(cells, n, most):
         boot_hits += boot.low <= truth <= boot.high
     assert 0.93 <= hits / 800 <= most, (hits / 800, boot_hits / 800)
     assert boot_hits < hits
+
+
+def test_a_paired_difference_of_scores_is_never_given_a_proportions_interval():
+    """Found in review: 23 pairs tied at a share of 0.5 and one pair +1 made every difference 0 or
+    1, so the difference got a Wilson interval, [0.007, 0.20], which can never include 0."""
+    a = np.array([0.5] * 23 + [1.0])
+    b = np.array([0.5] * 23 + [0.0])
+    est = paired_difference(a, b)
+    assert est.method == "bootstrap" and est.low <= 0.0 < est.value
+    assert bootstrap(a - b).method == "wilson"  # a plain 0/1 sample is still a proportion

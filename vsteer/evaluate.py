@@ -45,16 +45,19 @@ def bootstrap(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    proportion: bool = True,
 ) -> Estimate:
     """Percentile bootstrap of ``statistic`` over the first axis of ``values`` (items).
 
     The mean of a 0/1 sample (a proportion) gets the Wilson score interval instead: a percentile
     bootstrap of a proportion is ``[p, p]`` whenever every item agrees (0 refusals in 8 prompts gives
-    [0, 0], as if 8 prompts proved the rate is 0) and covers too rarely near 0 and 1."""
+    [0, 0], as if 8 prompts proved the rate is 0) and covers too rarely near 0 and 1.
+    ``proportion=False``: values that only happen to be 0 or 1 (differences of scores) are not a
+    proportion, whose Wilson interval could never reach below 0."""
     x = np.asarray(values, dtype=np.float64)
     if x.shape[0] == 0:
         raise ValueError("cannot bootstrap an empty sample")
-    if statistic is np.mean and _binary(x):
+    if proportion and statistic is np.mean and _binary(x):
         low, high = wilson_interval(int(x.sum()), x.shape[0], _z(level))
         return Estimate(float(x.mean()), low, high, x.shape[0], "wilson")
     rng = np.random.default_rng(seed)
@@ -80,7 +83,8 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.
         raise ValueError(f"paired samples differ in shape: {a.shape} vs {b.shape}")
     if a.ndim == 1 and a.shape[0] and _binary(a) and _binary(b):
         return newcombe_paired(a, b, level)
-    return bootstrap(a - b, n_boot=n_boot, seed=seed, level=level)
+    # a difference of scores is never a proportion, even where every item's is 0 or 1
+    return bootstrap(a - b, n_boot=n_boot, seed=seed, level=level, proportion=False)
 
 
 def newcombe_paired(a, b, level: float = 0.95) -> Estimate:

@@ -164,7 +164,9 @@ def _split_items(kind: str, name: str, opts: SteeringOptions, items=None, test_i
         try:
             if kind == "caa":
                 pool = list(data.caa_ab(name, "generate"))
-                test = list(data.caa_ab(name, "test"))[: opts.n_test]
+                # like the pool below: p(matching) is defined against one other answer, so items
+                # listing more choices (4 of survival-instinct's 50) are no test items either
+                test = [it for it in data.caa_ab(name, "test") if _two_choice(it)][: opts.n_test]
                 source = f"caa/generate/{name}/generate_dataset.json"
             elif kind == "persona":
                 pool = list(data.persona_ab(name))
