@@ -177,6 +177,20 @@ def test_cli_exports_and_refuses_an_existing_file_in_one_line(tmp_path, capsys, 
     assert out.read_bytes() == before
     assert main([*args, "--overwrite"]) == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+    (tmp_path / "adir").mkdir()  # found in review: an IsADirectoryError traceback after the export
+    to_dir = [
+        "export-gguf-lora",
+        str(adapter),
+        "--out",
+        str(tmp_path / "adir"),
+        "--model",
+        "tiny",
+        "--overwrite",
+    ]
+    assert main(to_dir) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a directory" in err
+    assert list((tmp_path / "adir").iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -463,3 +463,46 @@ def test_value_site_intervention_arms_run_in_a_comparison_at_the_budget(tmp_path
     assert params["v-bias"] == 3 * 16  # fixed size: width x layers
     frontier = {r["arm"]: r for r in results["frontier"]}
     assert frontier["v-reft"]["kl"] > 0  # the snapshot at step 2 is scored, not the untrained base
+
+
+@pytest.mark.parametrize("kind, budget", [("loreft", 50), ("dynamic", 50), ("bias", 10)])
+def test_a_budget_below_the_smallest_intervention_is_one_line(kind, budget, sft_file, tmp_path):
+    """Found in review: rank 1 (or the bias's fixed size) was trained above adapter.budget silently."""
+    from test_train import char_tokenizer
+
+    from vsteer.errors import RecipeError
+    from vsteer.train import train_from_recipe
+
+    recipe = _sft_recipe(sft_file, intervention=kind, budget=budget)
+    with pytest.raises(RecipeError, match=f"adapter.budget {budget} is below") as err:
+        train_from_recipe(
+            recipe, output_dir=tmp_path / "out", model=make_tiny_model("llama"), tokenizer=char_tokenizer()
+        )
+    assert "\n" not in str(err.value) and not (tmp_path / "out" / "tiny-iv").exists()
+
+
+def test_cli_train_of_an_intervention_prints_its_summary(sft_file, tmp_path, monkeypatch, capsys):
+    """Found in review: the CLI's summary read LoRA-only keys (KeyError after the adapter was written)."""
+    import yaml
+    from test_train import char_tokenizer
+
+    import vsteer.train
+    from vsteer.cli import main
+
+    real = vsteer.train.train_from_recipe
+    monkeypatch.setattr(
+        vsteer.train,
+        "train_from_recipe",
+        lambda recipe, *a, **kw: real(
+            recipe, *a, model=make_tiny_model("llama"), tokenizer=char_tokenizer(), **kw
+        ),
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {**_sft_recipe(sft_file), "training": {"max_steps": 1, "batch_size": 4, "max_length": 32}}
+        )
+    )
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "loreft intervention at v, rank 4" in out and "trainable" in out

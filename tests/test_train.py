@@ -178,6 +178,51 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_adapter(tmp_path,
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "override, key", [("training.learning_rate=0.5", "learning_rate"), ("r=8", "adapter.r")]
+)
+def test_resume_under_a_changed_recipe_is_one_line_and_keeps_the_checkpoints(
+    tmp_path, sft_file, override, key
+):
+    """Found in review: a resumed run restored the checkpoint's optimizer and schedule (a changed
+    learning rate was silently unused) while vsteer.json recorded the new recipe; a changed rank
+    was a state-dict traceback. More steps may still be asked for."""
+    recipe = _recipe(sft_file, max_steps=4, save_steps=2)
+    with pytest.raises(RuntimeError, match="stop"):
+        _run(recipe, tmp_path, callbacks=[_stop_at(3)])
+    partial = tmp_path / "adapters" / ".tiny.partial"
+    with pytest.raises(VsteerError, match=f"another recipe .*{key}") as err:
+        train_from_recipe(
+            recipe,
+            [override],
+            output_dir=tmp_path / "adapters",
+            model=make_tiny_model("llama"),
+            tokenizer=char_tokenizer(),
+            resume=True,
+        )
+    assert "\n" not in str(err.value) and (partial / "checkpoint-2").is_dir()
+    resumed = _run(_recipe(sft_file, max_steps=6, save_steps=2), tmp_path, resume=True)
+    assert resumed.metrics["steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "recipe_change, words",
+    [
+        ({"adapter": {"targets": "v", "rank": 16}}, "a LoRA adapter's rank is adapter.r"),
+        ({"training": {"max_steps": 4, "eval_steps": 2}}, "'training.eval_steps' is set by vsteer"),
+        ({"training": {"max_steps": 4, "beta": 0.5}}, "applies to method: dpo"),
+    ],
+)
+def test_recipe_keys_the_run_would_ignore_are_one_line(sft_file, recipe_change, words):
+    recipe = {**_recipe(sft_file), **recipe_change}
+    with pytest.raises(RecipeError, match=words) as err:
+        load_recipe(recipe)
+    assert "\n" not in str(err.value)
+    assert (
+        load_recipe(load_recipe(_recipe(sft_file))).values == load_recipe(_recipe(sft_file)).values
+    )  # defaults round-trip
+
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, sft_file):
     with pytest.raises(VsteerError, match="nothing to resume"):
         _run(_recipe(sft_file), tmp_path, resume=True)

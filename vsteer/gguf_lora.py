@@ -256,6 +256,8 @@ def export_gguf_lora(
 
     config, weights, meta = _read_adapter(adapter_dir)
     path = Path(path) if path is not None else adapter_dir / ADAPTER_FILE
+    if path.is_dir():
+        raise GGUFLoraError(f"output {str(path)!r} is a directory; name the .gguf file to write")
     if path.exists() and not overwrite:
         raise GGUFLoraError(f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
     if model is None:

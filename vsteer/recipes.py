@@ -125,6 +125,7 @@ TRL_RESERVED = {
     "save_strategy": "training.save_steps",
     "save_total_limit": None,
     "eval_strategy": None,
+    "eval_steps": "training.eval_before (vsteer evaluates before and after training, not during it)",
     "report_to": None,
     "disable_tqdm": "the verbose flag of train_from_recipe",
     "log_level": "the verbose flag of train_from_recipe",
@@ -315,8 +316,33 @@ def _validate(flat: dict) -> dict:
             continue
         values[key] = _check_type(key, flat[key], types)
     _check_values(values)
+    _check_kind_keys(flat, values)
     values.update({k: copy.deepcopy(flat[k]) for k in passthrough})
     return values
+
+
+# keys only one adapter kind reads (a LoRA recipe reused with adapter.kind=intervention keeps its
+# LoRA keys, as docs/interventions.md does; they are ignored there and recorded as given)
+_INTERVENTION_ONLY = {"adapter.intervention", "adapter.site", "adapter.rank", "adapter.positions"}
+
+
+def _check_kind_keys(flat: dict, values: dict) -> None:
+    """A key the recipe's adapter kind or method never reads, set to anything but its default
+    (``Recipe.to_dict`` writes every default back, so a default is no sign of a mistake), is a
+    mistake that would otherwise train something else than the recipe says: one line."""
+
+    def changed(key: str) -> bool:
+        return key in flat and values[key] != SCHEMA[key][1]
+
+    if values["adapter.kind"] == "lora":
+        given = sorted(k for k in _INTERVENTION_ONLY if changed(k))
+        if given:
+            hint = "; a LoRA adapter's rank is adapter.r" if "adapter.rank" in given else ""
+            raise RecipeError(
+                f"recipe key(s) {', '.join(given)} apply to adapter.kind=intervention, not lora{hint}"
+            )
+    if values["method"] != "dpo" and changed("training.beta"):
+        raise RecipeError("recipe key 'training.beta' applies to method: dpo, not sft")
 
 
 def trl_config_class(method: str):

@@ -33,6 +33,32 @@ from vsteer.recipes import Recipe, RecipeData, load_recipe, load_recipe_data, re
 ADAPTER_META = "vsteer.json"
 _log = logging.getLogger("vsteer.train")
 _BEFORE = "vsteer_before.json"
+_RECIPE = "vsteer_recipe.json"  # the recipe a partial run's checkpoints come from
+# recipe keys a resumed run may change: where it writes, how often it logs or saves, how far it goes
+_RESUMABLE = {"output_dir", "training.logging_steps", "training.save_steps", "training.max_steps"}
+
+
+def _resumable_view(recipe) -> dict:
+    return {k: v for k, v in recipe.values.items() if k not in _RESUMABLE}
+
+
+def _check_resume(recipe, partial: Path) -> None:
+    """Refuse to resume checkpoints written under another recipe: the Trainer would restore the
+    old optimizer and schedule (a changed learning rate silently unused) or fail on a changed rank,
+    while ``vsteer.json`` recorded the new recipe."""
+    path = partial / _RECIPE
+    if not path.is_file():
+        return  # checkpoints from before this check: nothing to compare with
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(_resumable_view(recipe), default=str))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise VsteerError(
+            f"cannot resume {str(partial)!r}: its checkpoints come from another recipe ({shown}{more}); "
+            "resume with the same recipe, or start over without resume"
+        )
 
 
 @dataclass
@@ -432,6 +458,8 @@ def train_from_recipe(
     checkpoint = _last_checkpoint(partial) if resume else None
     if resume and checkpoint is None:
         raise VsteerError(f"nothing to resume: no checkpoint in {str(partial)!r}")
+    if checkpoint is not None:
+        _check_resume(recipe, partial)
     data = load_recipe_data(recipe)
     previous_threads = torch.get_num_threads()
     try:
@@ -493,6 +521,7 @@ def _train(
         if _is_main():
             partial.mkdir(parents=True, exist_ok=True)
             (partial / _BEFORE).write_text(json.dumps(before))
+            (partial / _RECIPE).write_text(json.dumps(_resumable_view(recipe), default=str))
     with training_numerics(peft_model, recipe) as numerics:
         start = time.perf_counter()
         out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -540,7 +569,14 @@ def _train_intervention(
     a = recipe.section("adapter")
     layers, rank = a["layers"] or "all", a["rank"]
     if a["budget"] is not None:
-        rank = plan_intervention(model, a["intervention"], a["site"], a["budget"], layers=layers).rank
+        plan = plan_intervention(model, a["intervention"], a["site"], a["budget"], layers=layers)
+        if plan.trainable > a["budget"] * 1.02:  # LoRA budgets hold within 2%, so do these
+            smallest = "its fixed size" if a["intervention"] == "bias" else "rank 1"
+            raise RecipeError(
+                f"adapter.budget {a['budget']:,} is below what a {a['intervention']} intervention at "
+                f"{a['site']} on these layers needs at {smallest} ({plan.trainable:,} parameters)"
+            )
+        rank = plan.rank
     iv = Intervention.for_model(
         model, a["intervention"], a["site"], layers, rank, a["positions"], recipe["seed"]
     )

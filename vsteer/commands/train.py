@@ -75,10 +75,16 @@ def _train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         m = result.metrics
         print(f"adapter: {result.adapter_dir}")
-        print(
-            f"  {result.adapter['targets']}: effective {result.adapter['effective_params']:,} params, "
-            f"trainable {result.adapter['trainable_params']:,}"
-        )
+        a = result.adapter
+        if a.get("kind") == "intervention":
+            print(
+                f"  {a['intervention']} intervention at {a['site']}, rank {a['rank']}, layers {a['layers']}: "
+                f"trainable {a['trainable_params_measured']:,} params"
+            )
+        else:
+            print(
+                f"  {a['targets']}: effective {a['effective_params']:,} params, trainable {a['trainable_params']:,}"
+            )
         for key in sorted(m):
             print(f"  {key}: {m[key]:.4g}" if isinstance(m[key], float) else f"  {key}: {m[key]}")
     return 0
