@@ -84,6 +84,8 @@ def served(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("serve")
     model = make_tiny_model("llama")
+    # a context the samples' max_tokens fit in (rotary positions: the weights do not depend on it)
+    model.config.max_position_embeddings = 512
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # peaked logits: no near-ties for greedy decoding to trip on
     tok = tiny_tokenizer()
@@ -738,23 +740,25 @@ def test_bad_stop_n_logprobs_refused(served, route, body, status, words):
 
 
 def test_a_request_past_the_models_context_is_refused_alone(served):
-    """A prompt plus max_tokens past the model's positions (64 here) is a 400 naming both, and a
-    request that does not set max_tokens gets what the context leaves; before the review such a
-    row failed inside the forward and took every row of its batch with it (HTTP 500)."""
+    """A prompt plus max_tokens past the model's positions is a 400 naming both, and a request
+    that does not set max_tokens gets what the context leaves; before the review such a row (on a
+    model with learned positions) failed inside the forward and took every row of its batch with
+    it (HTTP 500)."""
     url = served["url"]
-    long = " ".join(["hello"] * 60)
+    ctx = served["engine"].model.config.max_position_embeddings
+    long = " ".join(["hello"] * (ctx - 4))
     n_prompt = len(served["engine"].tokenizer(long)["input_ids"])
-    assert 48 < n_prompt < 64
-    r = _post(url, "completion", {"prompt": long, "max_tokens": 64 - n_prompt + 1})
+    assert ctx - 16 < n_prompt < ctx
+    r = _post(url, "completion", {"prompt": long, "max_tokens": ctx - n_prompt + 1})
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
-    assert "context is 64 tokens" in message and f"prompt has {n_prompt}" in message and "\n" not in message
-    r = _post(url, "completion", {"prompt": " ".join(["hello"] * 70), "max_tokens": 1})
-    assert r.status_code == 400 and "context is 64 tokens" in r.json()["error"]["message"]
+    assert f"context is {ctx} tokens" in message and f"prompt has {n_prompt}" in message and "\n" not in message
+    r = _post(url, "completion", {"prompt": " ".join(["hello"] * (ctx + 10)), "max_tokens": 1})
+    assert r.status_code == 400 and f"context is {ctx} tokens" in r.json()["error"]["message"]
     body = {"model": "tiny-llama", "prompt": long, "temperature": 0}
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     status, reply = _http(url + "/v1/completions", data=json.dumps(body).encode(), headers=headers)
     assert status == 200, reply
-    assert reply["usage"]["completion_tokens"] <= 64 - n_prompt
-    r = _post(url, "completion", {"prompt": long, "max_tokens": 64 - n_prompt})
+    assert reply["usage"]["completion_tokens"] <= ctx - n_prompt
+    r = _post(url, "completion", {"prompt": long, "max_tokens": ctx - n_prompt})
     assert r.status_code == 200, r.text
