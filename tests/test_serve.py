@@ -752,7 +752,9 @@ def test_a_request_past_the_models_context_is_refused_alone(served):
     r = _post(url, "completion", {"prompt": long, "max_tokens": ctx - n_prompt + 1})
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
-    assert f"context is {ctx} tokens" in message and f"prompt has {n_prompt}" in message and "\n" not in message
+    assert (
+        f"context is {ctx} tokens" in message and f"prompt has {n_prompt}" in message and "\n" not in message
+    )
     r = _post(url, "completion", {"prompt": " ".join(["hello"] * (ctx + 10)), "max_tokens": 1})
     assert r.status_code == 400 and f"context is {ctx} tokens" in r.json()["error"]["message"]
     body = {"model": "tiny-llama", "prompt": long, "temperature": 0}
