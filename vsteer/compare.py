@@ -227,15 +227,9 @@ def _validate(spec: CompareSpec, base_dir: Path | None) -> None:
     for key in ("length_buckets", "shared_reference", "ablation"):
         if not isinstance(getattr(spec, key), bool):
             raise RecipeError(f"{key} must be true or false, got {getattr(spec, key)!r}")
-    if spec.ablation_items is not None and (
-        isinstance(spec.ablation_items, bool)
-        or not isinstance(spec.ablation_items, int)
-        or spec.ablation_items < 1
-    ):
+    if spec.ablation_items is not None and (not _integer(spec.ablation_items) or spec.ablation_items < 1):
         raise RecipeError(f"ablation_items must be a positive int or null, got {spec.ablation_items!r}")
-    if spec.budget is not None and (
-        isinstance(spec.budget, bool) or not isinstance(spec.budget, int) or spec.budget < 1
-    ):
+    if spec.budget is not None and (not _integer(spec.budget) or spec.budget < 1):
         raise RecipeError(f"budget must be a positive int of parameters or null, got {spec.budget!r}")
     if any(not _integer(c) or not 0 < c < spec.steps for c in spec.checkpoints):
         raise RecipeError(

@@ -68,7 +68,6 @@ class _Tracker:
         prev = self._prompt_ids
         return (
             prev is not None
-            and isinstance(ids, torch.Tensor)
             and ids.dim() == 2
             and ids.shape[0] == prev.shape[0]
             and ids.shape[1] > prev.shape[1]
@@ -94,11 +93,11 @@ class _Tracker:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -seq:].all()):
             token_mask = mask[:, -seq:].bool()
         prompt_len = seq if offset == 0 else self.step.prompt_len
-        if offset == 0 and kwargs.get("inputs_embeds") is None:
-            if self._continues(ids):
+        token_ids = None if kwargs.get("inputs_embeds") is not None or torch.is_floating_point(ids) else ids
+        if offset == 0 and token_ids is not None:
+            if self._continues(token_ids):
                 prompt_len = self.step.prompt_len
-            self._prompt_ids = ids
-        token_ids = ids if kwargs.get("inputs_embeds") is None and not torch.is_floating_point(ids) else None
+            self._prompt_ids = token_ids
         self.step = Step(
             offset=offset, seq_len=seq, prompt_len=prompt_len, token_mask=token_mask, input_ids=token_ids
         )
@@ -204,12 +203,10 @@ class _Positioned:
     operation bound at several sites (or twice) applies at the same positions; ``bind`` checks."""
 
     def __post_init__(self):
-        p = self.positions
-        if not isinstance(p, str | slice | range | int | torch.Tensor | list | tuple) and p is not None:
-            try:
-                self.positions = list(p)
-            except TypeError:
-                pass  # bind names the problem
+        try:
+            self.positions = check_positions(self.positions)
+        except SiteError:
+            pass  # bind raises it, where the site is known
 
 
 def _check_heads(heads, site: Site, shape) -> list[int] | None:

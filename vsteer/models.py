@@ -391,6 +391,16 @@ def model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def eos_ids(model, tokenizer=None) -> set[int]:
+    """The end-of-sequence ids ``generate`` stops a row at (the model's generation config's, an
+    int or a list), plus the tokenizer's own when one is given."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, list | tuple) else [ids]
+    if tokenizer is not None:
+        ids.append(getattr(tokenizer, "eos_token_id", None))
+    return {int(i) for i in ids if i is not None}
+
+
 def _load_other(name: str, canonical: str, root: Path, dtype, trust_remote_code: bool):
     path = Path(canonical)
     if canonical.endswith(".gguf") or (path.is_file() and path.suffix == ".gguf"):

@@ -665,13 +665,10 @@ def watch(model, monitor: Monitor):
 
 
 def _eos_ids(model) -> list[int] | None:
-    """The end-of-sequence ids ``generate`` stops a row at (its generation config's), or None."""
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return None
-    ids = [eos] if isinstance(eos, int) else [int(e) for e in eos]
-    return ids or None
+    """The end-of-sequence ids ``generate`` stops a row at, or None."""
+    from vsteer.models import eos_ids
+
+    return sorted(eos_ids(model)) or None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from vsteer.encoding import length_batches, pad_batch, pad_token_id, to_numpy
 from vsteer.errors import DataError
 from vsteer.evaluate import bootstrap, finding
 from vsteer.experiments.result import ExperimentResult
-from vsteer.models import model_device
+from vsteer.models import eos_ids, model_device
 
 PROMPTS = (
     "You are a pirate.",
@@ -94,7 +94,7 @@ def prompted_targets(
     ``[n, n_positions]`` bool (False after an end-of-sequence token).
     """
     pad, device = pad_token_id(tokenizer), model_device(model)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     answers, logps = [None] * len(prompted), [None] * len(prompted)
     for batch in length_batches([len(x) for x in prompted], batch_size):  # little padding per batch
         inputs = pad_batch([prompted[i] for i in batch], pad, device=device)
@@ -169,13 +169,6 @@ def _count(counter, inputs) -> None:
     """Add a batch's padded token count to ``counter["tokens"]`` (the section's cost, in forward tokens)."""
     if counter is not None:
         counter["tokens"] = counter.get("tokens", 0) + int(inputs["input_ids"].numel())
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = ids if isinstance(ids, list | tuple) else [ids]
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    return {int(i) for i in [*ids, tok_eos] if i is not None}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from vsteer.errors import VectorError
+from vsteer.models import eos_ids
 from vsteer.monitor import Flags, Gated, Monitor, MonitorError, WatchState
 from vsteer.vectors import SteeringVector
 
@@ -198,11 +199,7 @@ class Engine:
                 self.adapters[name] = internal
             self.model.eval()
         self.device = next(model.parameters()).device
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None:
-            eos.append(tokenizer.eos_token_id)
-        self.eos = set(eos)
+        self.eos = eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
