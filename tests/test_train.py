@@ -178,6 +178,20 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_adapter(tmp_path,
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
+def test_a_fresh_run_never_clears_an_interrupted_runs_checkpoints_unasked(tmp_path, sft_file):
+    """Found in review: a run without resume deleted the checkpoints of an interrupted run (hours of
+    training lost to a forgotten --resume). Now one line; overwrite starts over, resume continues."""
+    recipe = _recipe(sft_file, max_steps=4, save_steps=2)
+    with pytest.raises(RuntimeError, match="stop"):
+        _run(recipe, tmp_path, callbacks=[_stop_at(3)])
+    partial = tmp_path / "adapters" / ".tiny.partial"
+    with pytest.raises(VsteerError, match="interrupted run .*checkpoint-2.*resume") as err:
+        _run(recipe, tmp_path)
+    assert "\n" not in str(err.value) and (partial / "checkpoint-2").is_dir()
+    started_over = _run(recipe, tmp_path, overwrite=True)
+    assert started_over.metrics["steps"] == 4 and not partial.exists()
+
+
 @pytest.mark.parametrize(
     "override, key", [("training.learning_rate=0.5", "learning_rate"), ("r=8", "adapter.r")]
 )

@@ -437,7 +437,8 @@ def train_from_recipe(
     ``overrides``: ``["training.max_steps=10", "adapter.targets=o"]`` or a dict of dotted keys.
     ``output_dir`` overrides the recipe's ``output_dir``. An existing adapter directory is an
     error unless ``overwrite`` (the old one stays until the new one is complete). ``resume``
-    continues from the last checkpoint in ``<output_dir>/.<name>.partial/``. ``model`` and
+    continues from the last checkpoint in ``<output_dir>/.<name>.partial/``; without it, the
+    checkpoints of an interrupted run are an error unless ``overwrite`` (which starts over). ``model`` and
     ``tokenizer``: an already loaded base model (plain, no adapter) instead of ``recipe.model``.
     ``callbacks``: extra ``transformers.TrainerCallback`` objects. Quiet by default: no TRL log
     lines, ``datasets`` bars or library warnings; ``progress`` draws one bar over the steps,
@@ -455,9 +456,17 @@ def train_from_recipe(
         raise VsteerError(
             f"adapter directory {str(final)!r} exists; pass overwrite=True (--overwrite) to replace it"
         )
-    checkpoint = _last_checkpoint(partial) if resume else None
+    last = _last_checkpoint(partial)
+    checkpoint = last if resume else None
     if resume and checkpoint is None:
         raise VsteerError(f"nothing to resume: no checkpoint in {str(partial)!r}")
+    if last is not None and not resume and not overwrite:
+        # a fresh run starts by clearing the partial directory: never do that to an interrupted
+        # run's checkpoints unless asked
+        raise VsteerError(
+            f"{str(partial)!r} holds checkpoints of an interrupted run (last: {last.name}); "
+            "pass resume=True (--resume) to continue it, or overwrite=True (--overwrite) to start over"
+        )
     if checkpoint is not None:
         _check_resume(recipe, partial)
     data = load_recipe_data(recipe)
