@@ -27,6 +27,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from vsteer.serve import Engine, Limits, create_app, find_adapters, load_vectors  # noqa: E402
+from vsteer.serve import engine as engine_module  # noqa: E402
 from vsteer.vectors import SteeringVector  # noqa: E402
 
 KEY = "test-key-123"
@@ -764,3 +765,65 @@ def test_a_request_past_the_models_context_is_refused_alone(served):
     assert reply["usage"]["completion_tokens"] <= ctx - n_prompt
     r = _post(url, "completion", {"prompt": long, "max_tokens": ctx - n_prompt})
     assert r.status_code == 200, r.text
+
+
+def test_one_rows_failure_ends_that_row_alone(served, monkeypatch):
+    """Found in review: a row whose logits went NaN (a steering scale that overflows a half dtype)
+    or whose sampling raised failed every row of its batch. Now that row ends with one error line
+    and the others finish as they would alone."""
+    from vsteer.serve.schema import parse_chat
+
+    engine = served["engine"]
+
+    def request(content):
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": content}], "temperature": 0}
+        return parse_chat({**body, "max_tokens": 6}, engine, Limits())
+
+    contents = ("hello world", "tell me a story", "the world")
+    alone = [engine.generate(request(c)) for c in contents]
+    reqs = [request(c) for c in contents]
+    bad, raising = reqs[0].id, reqs[2].id
+    forward, pick = engine._forward, engine_module._pick
+    steps = {"n": 0}
+
+    def nan_forward(rows, *args):
+        logits = forward(rows, *args)
+        steps["n"] += 1
+        if steps["n"] >= 3:  # the bad row breaks at its third token
+            for i, row in enumerate(rows):
+                if row.req.id == bad:
+                    logits[i] = float("nan")
+        return logits
+
+    def raising_pick(logits, temperature, top_p, gen):
+        if current["id"] == raising and steps["n"] >= 2:
+            raise RuntimeError("sampler broke")
+        return pick(logits, temperature, top_p, gen)
+
+    current = {"id": None}
+    advance = engine._advance
+
+    def tracked(row, logits):
+        current["id"] = row.req.id
+        return advance(row, logits)
+
+    monkeypatch.setattr(engine, "_forward", nan_forward)
+    monkeypatch.setattr(engine, "_advance", tracked)
+    monkeypatch.setattr(engine_module, "_pick", raising_pick)
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    for i, r in enumerate(reqs):
+        r.emit = lambda kind, payload, i=i: events[i].append((kind, payload))
+    with engine._lock:  # all three join one batch
+        engine.submit_all(reqs)
+    for _ in range(4000):
+        if all(any(k in ("done", "error") for k, _ in ev) for ev in events.values()):
+            break
+        time.sleep(0.005)
+    ends = {i: [(k, p) for k, p in ev if k in ("done", "error")] for i, ev in events.items()}
+    assert (
+        [k for k, _ in ends[0]] == ["error"] and "not finite" in ends[0][0][1] and "\n" not in ends[0][0][1]
+    )
+    assert [k for k, _ in ends[2]] == ["error"] and "RuntimeError: sampler broke" in ends[2][0][1]
+    assert ends[1] == [("done", alone[1])]
+    monkeypatch.undo()
+    assert engine.generate(request(contents[0])) == alone[0]  # the engine goes on serving

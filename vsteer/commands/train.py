@@ -22,7 +22,11 @@ def register(sub) -> None:
     p.add_argument(
         "--output-dir", default=None, help="where adapters/<name>/ goes (default: the recipe's output_dir)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory (and start over from an interrupted run's checkpoints)"
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing adapter directory (and start over from an interrupted run's checkpoints)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint of an interrupted run"
     )

@@ -492,8 +492,7 @@ class Engine:
             state["positions"],
             state["cache"],
         )
-        for i, row in enumerate(active):
-            self._advance(row, logits[i])
+        self._advance_rows(active, logits)
         return _drop_finished(active, state)[0]
 
     def _prefill(self, reqs: list[Request]) -> tuple[list[_Row], dict]:
@@ -514,8 +513,7 @@ class Engine:
         cache = DynamicCache(config=self.base.config)
         rows = [_Row(r) for r in reqs]
         logits = self._forward(rows, ("prompt", "all"), ids, mask, positions, cache)
-        for i, row in enumerate(rows):
-            self._advance(row, logits[i])
+        self._advance_rows(rows, logits)
         mergeable = all(type(layer) is DynamicLayer for layer in cache.layers)
         return rows, {"cache": cache, "mask": mask, "positions": positions[:, -1:], "mergeable": mergeable}
 
@@ -561,6 +559,23 @@ class Engine:
             )
         self._read_monitors(rows, states, prompt)
         return out.logits[:, -1, :].float()
+
+    def _advance_rows(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Advance each row on its logits; a row that fails (logits that are not finite: a steering
+        scale that overflows the dtype, say) ends alone with an error, and the batch goes on."""
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1).tolist()  # one sync
+        for i, row in enumerate(rows):
+            try:
+                if broken[i]:
+                    raise _RowFailure(
+                        f"the model's logits at completion token {len(row.ids)} are not finite "
+                        "(NaN or inf): a smaller steering scale or a wider dtype may help"
+                    )
+                self._advance(row, logits[i])
+            except Exception as exc:  # noqa: BLE001 - one row's failure is that row's error
+                row.done = True
+                detail = str(exc) if isinstance(exc, _RowFailure) else f"{type(exc).__name__}: {exc}"
+                _emit(row.req, "error", f"generation failed: {detail}")
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> None:
         """Pick the row's next token from ``logits`` ``[vocab]``, emit its text, finish it on EOS,
@@ -661,6 +676,10 @@ class Engine:
                 return payload
             if kind == "error":
                 raise RuntimeError(payload)
+
+
+class _RowFailure(Exception):
+    """A row's own failure, told to its client in these words."""
 
 
 @dataclass
