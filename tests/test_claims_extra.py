@@ -45,6 +45,31 @@ def test_a_direction_planted_in_an_ov_space_beats_both_baselines_and_shuffled_la
     assert est["write_data"].value < 1.2
 
 
+def test_paired_items_are_resampled_and_shuffled_by_pair():
+    """Found in review: formality's bootstrap and shuffled baseline treated the two sentences of a pair
+    as independent items. With groups, a pair's shared content cancels in every resample (a narrower
+    interval around the same estimate here), and a shuffle swaps labels inside pairs only."""
+    model = make_tiny_model("llama")
+    spaces = basis.ov_spaces(model)
+    labels = np.array([1, 0] * 60)
+    xs = _planted_resid(spaces, labels, strength=2.0)
+    g = torch.Generator().manual_seed(5)
+    xs = [x + 4.0 * torch.randn(60, x.shape[1], generator=g).repeat_interleave(2, 0) for x in xs]
+    groups = np.arange(120) // 2
+    config = basis.BasisConfig(n_shuffles=20, n_boot=200)
+    _, loose = basis.direction_alignment(xs, labels, spaces, config, rng(0))
+    _, paired = basis.direction_alignment(xs, labels, spaces, config, rng(0), groups)
+    assert paired["write"].value == pytest.approx(loose["write"].value)
+    width = {k: e["write"].high - e["write"].low for k, e in (("loose", loose), ("paired", paired))}
+    assert width["paired"] < 0.8 * width["loose"]
+    for _ in range(20):
+        shuffled = basis._shuffle(labels, groups, np.random.default_rng(_))
+        assert (shuffled.reshape(-1, 2).sum(1) == 1).all()  # one formal, one informal in every pair
+    assert not all(
+        (basis._shuffle(labels, groups, np.random.default_rng(s)) == labels).all() for s in range(5)
+    )
+
+
 def test_run_basis_tests_every_named_dimension_with_its_own_verdict_rows():
     model = make_tiny_model("llama")
     words = ["good", "bad"]

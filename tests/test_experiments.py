@@ -531,6 +531,26 @@ def test_selectivity_interval_carries_the_draw_to_draw_variance():
     assert flat.high - flat.low == pytest.approx(one.high - one.low, rel=0.2)
 
 
+def test_selectivity_resamples_whole_groups_of_dependent_items():
+    """Found in review: the negation probe's interval resampled sentences although a sentence and its
+    minimal-pair edit are one pair. With ``groups`` whole pairs are drawn: items that agree within
+    their pair widen the interval by about sqrt(2); without groups nothing changes."""
+    g = np.random.default_rng(0)
+    pair_correct = g.random(200) < 0.7
+    correct = np.repeat(pair_correct, 2)  # both sentences of a pair right or both wrong
+    control = np.stack([np.repeat(g.random(200) < 0.5, 2) for _ in range(5)])
+    groups = np.repeat(np.arange(200), 2)
+    loose = probing.selectivity(correct, control, seed=3)
+    paired = probing.selectivity(correct, control, seed=3, groups=groups)
+    assert paired.value == loose.value and paired.n == loose.n == 400
+    assert (paired.high - paired.low) > 1.25 * (loose.high - loose.low)
+    # groups of one are the items themselves: the very same draws
+    same = probing.selectivity(correct, control, seed=3, groups=np.arange(400))
+    assert (same.low, same.high) == (loose.low, loose.high)
+    with pytest.raises(DataError, match="one label per item"):
+        probing.selectivity(correct, control, groups=groups[:10])
+
+
 def test_run_probes_averages_n_control_draws_from_the_config():
     data = [(f"this is {['good', 'bad'][i % 2]} stuff {i}", i % 2) for i in range(60)]
     assert probing.ProbeConfig().n_control == 10

@@ -256,17 +256,40 @@ _CLAIMS = {
 }
 
 
-def direction_alignment(xs, labels, spaces, config, g):
+def _shuffle(labels: np.ndarray, groups: np.ndarray | None, g) -> np.ndarray:
+    """A random permutation of ``labels``; with ``groups``, within each group (for a pair: its two
+    labels swapped or not), the null that keeps a paired design's structure."""
+    labels = np.asarray(labels)
+    if groups is None:
+        return g.permutation(labels)
+    by_group = np.lexsort((np.arange(len(labels)), groups))
+    shuffled = np.lexsort((g.random(len(labels)), groups))  # same group blocks, random order inside
+    out = np.empty_like(labels)
+    out[by_group] = labels[shuffled]
+    return out
+
+
+def direction_alignment(xs, labels, spaces, config, g, groups=None):
     """Per-layer records and bootstrap statistics of one dimension. ``xs``: per layer ``[n, d_model]``
-    last-token resid; ``spaces``: per layer ``(col bases, row bases, iso_col, iso_row)``."""
+    last-token resid; ``spaces``: per layer ``(col bases, row bases, iso_col, iso_row)``.
+    ``groups``: ``[n]`` labels of items that belong together (a formal sentence and its informal
+    pair): the bootstrap resamples whole groups."""
     n = len(labels)
     y = torch.tensor(labels, dtype=torch.float32)
+    if groups is None:
+        inverse, k = np.arange(n), n
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        k = int(inverse.max()) + 1
     boot_w = torch.tensor(
-        np.stack([np.bincount(g.integers(0, n, n), minlength=n) for _ in range(config.n_boot)]),
+        np.stack([np.bincount(g.integers(0, k, k), minlength=k)[inverse] for _ in range(config.n_boot)]),
         dtype=torch.float32,
     )
     perm_y = torch.tensor(
-        np.stack([g.permutation(labels) for _ in range(config.n_shuffles)]), dtype=torch.float32
+        np.stack(
+            [_shuffle(labels, inverse if groups is not None else None, g) for _ in range(config.n_shuffles)]
+        ),
+        dtype=torch.float32,
     )
     ones = torch.ones(1, n)
     records, prev = [], None
@@ -328,13 +351,15 @@ def run_basis(
     own = dict(dimension_data or {})
     if items is not None:
         own["sentiment"] = items
-    data = {}
+    data, groups = {}, {}
     for name in config.dimensions:
         if name not in DIMENSIONS:
             raise DataError(f"unknown basis dimension {name!r}; expected some of: {', '.join(DIMENSIONS)}")
         if name not in own:  # your own items replace the shipped ones
             n = config.n_items if name == "sentiment" else config.n_dimension_items
             data[name] = dimension_items(name, n, seed)
+            if name == "formality":  # pair by pair: a formal sentence, then its informal pair
+                groups[name] = np.arange(len(data[name])) // 2
         else:
             data[name] = list(own.pop(name))
     data.update({k: list(v) for k, v in own.items()})
@@ -355,7 +380,8 @@ def run_basis(
         stop = start + len(rows)
         xs = [torch.tensor(feats[("resid", layer)][start:stop]) for layer in range(arch.n_layers)]
         start = stop
-        recs, estimates = direction_alignment(xs, np.array([y for _, y in rows]), spaces, config, g)
+        labels = np.array([y for _, y in rows])
+        recs, estimates = direction_alignment(xs, labels, spaces, config, g, groups.get(name))
         records += [{"dimension": name, **r} for r in recs]
         for key, (claim, measured) in _CLAIMS.items():
             if name != "sentiment":  # the sentiment rows keep their wording; the others name the dimension
@@ -378,10 +404,12 @@ def run_basis(
         f"{name} {len(rows)} ({_DIMENSION_TEXT.get(name, 'your items')})" for name, rows in data.items()
     )
     untested = [d for d in UNTESTED_DIMENSIONS if d not in data]
+    paired_note = f" ({', '.join(groups)}: of the pairs)" if groups else ""
     notes = [
         f"Each dimension's direction: mean difference of the two labels' resid at the last token; items: {sizes}. "
-        f"CIs by {config.n_boot} bootstrap resamples of the items. Random share = rank/d_model "
-        f"({arch.head_dim}/{arch.d_model} per head); shuffled baseline from {config.n_shuffles} label permutations.",
+        f"CIs by {config.n_boot} bootstrap resamples of the items{paired_note}. Random share = rank/d_model "
+        f"({arch.head_dim}/{arch.d_model} per head); shuffled baseline from {config.n_shuffles} label permutations"
+        f"{' (within pairs for the paired ones)' if groups else ''}.",
         *[f"Untested: {d}: {UNTESTED_DIMENSIONS[d]}." for d in untested],
         "",
         "OV readout, last layer (top tokens of each head's top singular output direction, + and − sign):",

@@ -159,7 +159,8 @@ def run_negation(model, tokenizer, layer: int, n_pairs: int, config, seed: int, 
     for site in sites:
         x = feats[(site, layer)]
         fit = fit_probe(x[tr], y[tr], x[te], y[te], config.Cs, config.cv, seed, 3)
-        sel = selectivity(fit.correct, fit.control_correct, seed=seed, n_boot=500)
+        # a sentence and its edit are one pair: resample pairs, not sentences
+        sel = selectivity(fit.correct, fit.control_correct, seed=seed, n_boot=500, groups=te % n_pairs)
         rows.append((site, fit.accuracy, fit.control_accuracy, sel))
         if site == "v":
             findings.append(
@@ -168,7 +169,7 @@ def run_negation(model, tokenizer, layer: int, n_pairs: int, config, seed: int, 
                     claim=f"value vectors (v.{layer}) encode negation: a negated sentence vs the same sentence "
                     "with the negation undone",
                     measured=f"negation probe accuracy ({fit.accuracy:.3f}) − random-label control accuracy, "
-                    f"{len(te)} held-out sentences ({len(te_pairs)} CondaQA pairs, split by pair); "
+                    f"{len(te)} held-out sentences ({len(te_pairs)} CondaQA pairs, split and resampled by pair); "
                     f"bag-of-words baseline accuracy {bow_accuracy:.3f}",
                     effect=sel,
                     command="vsteer run recipes/claims.yaml --only probes",

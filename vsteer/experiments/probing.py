@@ -131,12 +131,16 @@ def fit_probe(
     return ProbeFit(float(correct.mean()), correct, float(control_correct.mean()), control_correct, C)
 
 
-def selectivity(correct, control_correct, seed: int = 0, n_boot: int = 2000, level: float = 0.95):
+def selectivity(
+    correct, control_correct, seed: int = 0, n_boot: int = 2000, level: float = 0.95, groups=None
+):
     """Accuracy minus mean control accuracy, with a percentile bootstrap over test items *and* control
     draws, so the interval carries the draw-to-draw variance of the control.
 
     ``correct``: ``[n_test]`` bool (the probe); ``control_correct``: ``[n_control, n_test]`` bool (or
-    ``[n_test]`` for one draw, whose draw variance cannot be estimated). Returns an ``Estimate``.
+    ``[n_test]`` for one draw, whose draw variance cannot be estimated). ``groups``: ``[n_test]``
+    labels of items that are not independent (a sentence and its minimal-pair edit): whole groups
+    are resampled. Returns an ``Estimate`` (``n``: the items).
     """
     from vsteer.evaluate import Estimate
 
@@ -146,14 +150,27 @@ def selectivity(correct, control_correct, seed: int = 0, n_boot: int = 2000, lev
         raise DataError(f"control draws {c.shape} do not match {a.shape[0]} test items")
     g = rng(seed)
     n, d = a.shape[0], c.shape[0]
+    members = _group_members(n, groups)
     stats = np.empty(n_boot)
     for b in range(n_boot):
-        items, draws = g.integers(0, n, n), g.integers(0, d, d)
+        picked, draws = g.integers(0, len(members), len(members)), g.integers(0, d, d)
+        items = picked if groups is None else np.concatenate([members[k] for k in picked])
         stats[b] = a[items].mean() - c[np.ix_(draws, items)].mean()
     alpha = (1 - level) / 2
     return Estimate(
         float(a.mean() - c.mean()), float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha)), n
     )
+
+
+def _group_members(n: int, groups) -> list[np.ndarray]:
+    """Item indices of each group (each item its own group when ``groups`` is None)."""
+    if groups is None:
+        return [np.array([i]) for i in range(n)]
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise DataError(f"groups has shape {groups.shape}; expected one label per item ({n})")
+    _, inverse = np.unique(groups, return_inverse=True)
+    return [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
 
 
 def control_labels(y: np.ndarray, seed: int) -> np.ndarray:
