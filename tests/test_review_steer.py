@@ -175,3 +175,29 @@ def test_per_row_with_no_row_steered_runs_unsteered():
     with pytest.raises(vsteer.VectorError, match="at least one vector"):  # an empty plain list: a mistake
         with vsteer.steer(model, []):
             pass
+
+
+def test_a_block_entered_on_a_filled_cache_counts_every_token_it_sees_as_generated():
+    """The documented rule (the serving engine steers one decoding step per block): a block whose
+    first call continues a KV cache filled before it treats that call's tokens as generated, so
+    ``generated`` steers them and ``prompt`` does not; inside one block the prompt is its first call."""
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    ids = random_ids(1, 9)
+    vec = _vec(model, size=4.0)
+
+    def last_logits(positions):
+        with torch.no_grad():
+            out = model(ids[:, :6], use_cache=True)  # the cache is filled outside the block
+            with vsteer.steer(model, vec, positions=positions, as_bias=False):
+                return model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+
+    with torch.no_grad():
+        out = model(ids[:, :6], use_cache=True)
+        plain = model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(last_logits("prompt"), plain, rtol=0, atol=0)
+    torch.testing.assert_close(last_logits("generated"), last_logits("all"), rtol=0, atol=0)
+    assert not torch.equal(last_logits("generated"), plain)
+    with torch.no_grad(), vsteer.steer(model, vec, positions="generated", as_bias=False):
+        whole = model(ids, use_cache=True)  # a prompt inside the block: nothing of it is generated
+    torch.testing.assert_close(whole.logits, model(ids).logits, rtol=0, atol=0)

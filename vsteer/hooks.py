@@ -107,7 +107,9 @@ class _Tracker:
 def position_mask(positions: PositionSpec, step: Step, batch: int, device) -> torch.Tensor | None:
     """``[batch or 1, seq_len]`` bool mask of the positions an operation applies to (None = all).
 
-    ``positions``: ``None``/``"all"``; ``"prompt"``; ``"generated"`` (tokens after the prompt);
+    ``positions``: ``None``/``"all"``; ``"prompt"``; ``"generated"`` (tokens after the prompt: the
+    block's first offset-0 call; a block whose first call continues a KV cache filled before it
+    counts every token it sees as generated, which is how a server steers one decoding step at a time);
     an int or ints (absolute indices; negative ones count back from the end of the prompt);
     a ``slice``/``range``; or a bool tensor ``[batch, total_len]`` for per-row positions.
     """
