@@ -150,6 +150,40 @@ def test_p_value_is_the_one_sided_level_when_the_interval_touches_the_edge():
     assert p_value(Estimate(0.0, -0.1, 0.1, 50), null) == pytest.approx(0.025, rel=1e-3)
 
 
+@pytest.mark.parametrize("rule_kw", [{}, {"larger_supports": False}, {"rope": (-0.05, 0.05)}])
+def test_p_value_agrees_with_the_verdict_for_skewed_intervals(rule_kw):
+    """Found in review: the p-value took its standard error from the whole interval as if it were
+    symmetric, so a skewed percentile interval that clears the edge (raw: supported) could get
+    p > 0.025 and be downgraded by Holm over one finding. Now p < 0.025 exactly where the raw
+    verdict is supported, for any skew."""
+    rule = Rule(threshold=0.0, **rule_kw)
+    g = np.random.default_rng(0)
+    for _ in range(2000):
+        v = g.normal(0, 0.3)
+        lo, hi = v - g.exponential(0.2) - 1e-6, v + g.exponential(0.2) + 1e-6
+        e = Estimate(v, lo, hi, 50)
+        assert (p_value(e, rule) < 0.025) == (decide(e, rule) == SUPPORTED), (e, rule_kw)
+    skewed = Estimate(0.12, 0.1, 2.0, 50)
+    assert decide(skewed, Rule(threshold=0.0)) == SUPPORTED
+    assert (
+        judge_all([Finding("r", "c", "m", skewed)], {"r": Rule(threshold=0.0)})[0].holm_verdict == SUPPORTED
+    )
+    null = Rule(threshold=0.1, rope=(-0.1, 0.1), null_claim=True)
+    for e in (Estimate(0.095, -0.09, 0.099, 50), Estimate(0.0, -0.2, 0.05, 50), Estimate(0, -0.05, 0.05, 9)):
+        assert (p_value(e, null) < 0.025) == (decide(e, null) == SUPPORTED)
+
+
+def test_a_quoted_boolean_in_a_rules_file_is_refused(tmp_path):
+    """Found in review: ``larger_supports: "false"`` read as true and reversed the rule."""
+    bad = tmp_path / "rules.yaml"
+    bad.write_text('x.y:\n  threshold: 0\n  larger_supports: "false"\n  rationale: r\n')
+    with pytest.raises(RecipeError, match="larger_supports must be true or false, got 'false'") as err:
+        load_rules(bad)
+    assert "\n" not in str(err.value)
+    bad.write_text("x.y:\n  threshold: 0\n  larger_supports: false\n  rationale: r\n")
+    assert load_rules(bad)["x.y"].larger_supports is False
+
+
 def test_holm_adjusts_like_the_textbook():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([]) == []

@@ -153,24 +153,36 @@ def rule_text(threshold: float, larger_supports: bool = True, what: str = "effec
 
 def p_value(effect: Estimate, rule: Rule) -> float:
     """One-sided p-value of "supported" under ``rule``, by a normal approximation of the interval
-    (1 where the estimate or its interval is not a number)."""
+    (1 where the estimate or its interval is not a number).
+
+    The standard error comes from the half of the interval that faces the edge being tested
+    (``value - low`` for "larger than", ``high - value`` for "smaller than"), so a skewed percentile
+    interval gives p < 0.025 exactly where its end clears the edge, as the raw verdict reads it:
+    Holm over one finding changes nothing. An estimate outside its own interval falls back to the
+    interval's half width."""
     if not all(math.isfinite(x) for x in (effect.value, effect.low, effect.high)):
         return 1.0
-    se = (effect.high - effect.low) / (2 * _Z)
+    v, lo, hi = effect.value, effect.low, effect.high
+    half = (hi - lo) / (2 * _Z)
+    se_low = (v - lo) / _Z if v > lo else half  # the spread below the estimate
+    se_high = (hi - v) / _Z if hi > v else half  # and above it
 
-    def above(edge: float) -> float:  # p for H0: effect <= edge
-        if se <= 0:
-            return 0.0 if effect.value > edge else 1.0
-        return 0.5 * math.erfc((effect.value - edge) / se / math.sqrt(2))
+    def above(edge: float) -> float:  # p for H0: effect <= edge, from the lower half
+        if se_low <= 0:
+            return 0.0 if v > edge else 1.0
+        return 0.5 * math.erfc((v - edge) / se_low / math.sqrt(2))
+
+    def below(edge: float) -> float:  # p for H0: effect >= edge, from the upper half
+        if se_high <= 0:
+            return 0.0 if v < edge else 1.0
+        return 0.5 * math.erfc((edge - v) / se_high / math.sqrt(2))
 
     if rule.null_claim:
         a, b = rule.rope
-        below_b = 1.0 - above(b) if se > 0 else (0.0 if effect.value < b else 1.0)
-        return max(above(a), below_b)
+        return max(above(a), below(b))
     if rule.larger_supports:
         return above(rule.threshold if rule.rope is None else max(rule.threshold, rule.rope[1]))
-    edge = rule.threshold if rule.rope is None else min(rule.threshold, rule.rope[0])
-    return 1.0 - above(edge) if se > 0 else (0.0 if effect.value < edge else 1.0)
+    return below(rule.threshold if rule.rope is None else min(rule.threshold, rule.rope[0]))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -210,6 +222,14 @@ class Verdict:
         return d
 
 
+def _flag(spec: Mapping, key: str, default: bool) -> bool:
+    """A rule's yes/no key: YAML true/false only (a quoted "false" would read as true)."""
+    value = spec.get(key, default)
+    if not isinstance(value, bool):
+        raise RecipeError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def load_rules(path: str | os.PathLike | None = None) -> dict[str, Rule]:
     """Read a rules file (default: the shipped ``vsteer/recipes/verdicts.yaml``), checked."""
     import yaml
@@ -234,9 +254,9 @@ def load_rules(path: str | os.PathLike | None = None) -> dict[str, Rule]:
         try:
             rules[str(rid)] = Rule(
                 threshold=float(spec.get("threshold", 0.0)),
-                larger_supports=bool(spec.get("larger_supports", True)),
+                larger_supports=_flag(spec, "larger_supports", True),
                 rope=tuple(spec["rope"]) if spec.get("rope") is not None else None,
-                null_claim=bool(spec.get("null_claim", False)),
+                null_claim=_flag(spec, "null_claim", False),
                 what=str(spec.get("what", "effect")),
                 rationale=str(spec["rationale"]),
             )
