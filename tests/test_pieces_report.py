@@ -412,3 +412,132 @@ def test_a_result_from_another_process_is_adopted_with_its_files_and_reads(tmp_p
     assert not work.exists() and cache.get("k", {"a": 1})["result"] == {"value": 2}
     (data / "x.txt").write_text("2")  # the file its worker read changed: the piece is stale
     assert cache.get("k", {"a": 1}) is None
+
+
+# ---- found in the evening review of 2026-12-07: inputs the keys missed, concurrent runs ----------
+def test_a_computing_config_change_recomputes_and_a_docstring_edit_does_not(fake_job):
+    """The model key held only shape fields and the weights: an edited rope_theta (or norm eps,
+    activation, tying) replayed pieces computed under the old one. A docstring edit, which computes
+    nothing differently, recomputed everything."""
+    job, pkg, model = fake_job["job"], fake_job["pkg"], fake_job["model"]
+    assert job()[0] == ["probes", "swaps"]
+    model.config.rope_theta = 1234.0
+    assert job()[0] == ["probes", "swaps"]
+    (pkg / "common.py").write_text('"""A docstring now."""\nSCALE = 1.0\n')
+    assert job()[0] == []
+    model.config.transformers_version = "0.0.1"  # bookkeeping, not computing
+    assert job()[0] == []
+
+
+def test_the_model_key_reads_the_tokenizer_and_generation_config():
+    from test_train import char_tokenizer
+
+    from vsteer.models import model_key, tokenizer_fingerprint
+
+    model = make_tiny_model("llama")
+    tok = char_tokenizer()
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(char_tokenizer())
+    base = model_key(model, tok)
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    assert model_key(model, tok)["tokenizer"] != base["tokenizer"]
+    model.generation_config.repetition_penalty = 1.3
+    assert model_key(model, tok)["generation"] != base["generation"]
+    assert model_key(model, tok)["weights"] == base["weights"]
+
+
+def test_a_recipe_key_follows_the_data_files_the_recipe_names(tmp_path):
+    """A user recipe's ``data.train`` file was not in the section key: edited training data
+    replayed adapters trained on the old data."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train: train.jsonl\n")
+    before = content_key({"recipe": str(recipe)})
+    assert before["recipe"]["refs"][0]["file"] == "train.jsonl"
+    data.write_text('{"text": "b"}\n')
+    assert content_key({"recipe": str(recipe)}) != before
+
+
+def test_a_same_size_rewrite_with_its_mtime_kept_is_rehashed(tmp_path):
+    import os
+
+    f = tmp_path / "d.txt"
+    f.write_text("aaaa")
+    first = pieces.file_digest(f)
+    st = f.stat()
+    tmp = tmp_path / "new"
+    tmp.write_text("bbbb")
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, f)  # cp -p / rsync -a: same size, same mtime
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and pieces.file_digest(f) != first
+
+
+def test_the_weights_memo_tells_a_copied_over_checkpoint_apart(tmp_path):
+    import os
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from vsteer.models import weights_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_tiny_model("llama").save_pretrained(a)
+    other = make_tiny_model("llama")  # a fine-tune: same shapes, other weights
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    other.save_pretrained(b)
+    fa = weights_fingerprint(AutoModelForCausalLM.from_pretrained(a))
+    fb = weights_fingerprint(AutoModelForCausalLM.from_pretrained(b))
+    target = a / "model.safetensors"
+    st = target.stat()
+    assert st.st_size == (b / "model.safetensors").stat().st_size
+    shutil.copy2(b / "model.safetensors", tmp_path / "copy")
+    os.utime(tmp_path / "copy", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp_path / "copy", target)
+    assert fa != fb and weights_fingerprint(AutoModelForCausalLM.from_pretrained(a)) == fb
+
+
+def test_a_second_run_keeps_the_work_in_progress_of_a_live_one(tmp_path):
+    """clean_partial removed every temporary directory, also those of a run working beside it."""
+    import subprocess
+
+    cache = PieceCache(tmp_path)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        busy = tmp_path / f".job.pid{live.pid}.x"
+        busy.mkdir()
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+        gone = tmp_path / f".job.pid{int(dead.stdout)}.y"
+        gone.mkdir()
+        legacy = tmp_path / ".job-old"
+        legacy.mkdir()
+        assert cache.clean_partial() == 2
+        assert busy.is_dir() and not gone.exists() and not legacy.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_piece_published_meanwhile_by_another_process_keeps_its_files(tmp_path):
+    """Two processes computing one piece: the later one deleted the first's published piece and
+    put its own files beside numbers the first caller holds. Now the later one keeps the first's."""
+    cache = PieceCache(tmp_path)
+
+    def ours(work):
+        (work / "adapter.bin").write_text("ours")
+        # meanwhile another process publishes the same piece
+        other = PieceCache(tmp_path)
+        other.run("k", {"x": 1}, lambda w: (w / "adapter.bin").write_text("theirs") and {"m": "theirs"})
+        return {"m": "ours"}
+
+    piece, where = cache.run("k", {"x": 1}, ours)
+    assert piece["result"] == {"m": "theirs"} and (where / "adapter.bin").read_text() == "theirs"
+
+
+def test_compare_keys_the_shipped_evaluation_data(monkeypatch):
+    """KL/perplexity, MMLU and the neutral prompts were read in worker processes, untracked."""
+    from vsteer import compare, data
+
+    before = compare._eval_data_key()
+    monkeypatch.setattr(data, "wikitext2_raw", lambda: ["another text"])
+    assert compare._eval_data_key() != before

@@ -13,6 +13,7 @@ from conftest import make_tiny_model, random_ids
 
 import vsteer
 from vsteer.errors import SiteError
+from vsteer.steering import steering_ops
 from vsteer.vectors import SteeringVector
 
 
@@ -201,3 +202,19 @@ def test_a_block_entered_on_a_filled_cache_counts_every_token_it_sees_as_generat
     with torch.no_grad(), vsteer.steer(model, vec, positions="generated", as_bias=False):
         whole = model(ids, use_cache=True)  # a prompt inside the block: nothing of it is generated
     torch.testing.assert_close(whole.logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_per_row_entries_of_different_lengths_are_refused_not_broadcast():
+    """Found in review: ``(v1, [5.0])`` beside a 3-row entry broadcast v1 at 5x to every row, 2 rows
+    beside 3 was a raw torch error, and an empty scale tensor steered nothing silently."""
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    v1, v2 = _vec(model, seed=1), _vec(model, seed=2)
+    for entries in ([(v1, [5.0]), (v2, [0.0, 0.0, 1.0])], [(v1, [1.0, 2.0]), (v2, [1.0, 2.0, 3.0])]):
+        with pytest.raises(vsteer.VectorError, match="disagree in length") as err:
+            steering_ops(model, entries)
+        assert "\n" not in str(err.value)
+    with pytest.raises(vsteer.VectorError, match="empty"):
+        steering_ops(model, v1, scale=torch.tensor([]))
+    ops = steering_ops(model, [(v1, [1.0, 0.0, 2.0]), (v2, torch.tensor([0.0, 1.0, 0.0]))])
+    assert next(iter(ops.values())) is not None

@@ -27,6 +27,7 @@ finished run is a cached piece keyed by the content it was computed from.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import numpy as np
 import yaml
 
 from vsteer.errors import DataError, RecipeError, VsteerError
-from vsteer.pieces import CODE_EXCLUDED
+from vsteer.pieces import CODE_EXCLUDED, temp_infix
 from vsteer.pool import InlineExecutor, make_executor
 
 ARMS = ("v", "qk", "o", "qkvo", "all")
@@ -714,11 +715,31 @@ def _common_inputs(model_key: dict, data_key: str) -> dict:
     return {
         "model": model_key,
         "data": data_key,
+        "eval_data": _eval_data_key(),
         "versions": package_versions(),
         "code": code_fingerprint(
             ["vsteer.compare", "vsteer.compare_eval", "vsteer.train"], PIECE_CODE_EXCLUDED
         ),
     }
+
+
+def _eval_data_key() -> str:
+    """Content hash of the shipped data the evaluation reads besides the comparison's own splits
+    (WikiText-2 for KL and perplexity, CAA's MMLU A/B items, the neutral review openings): the
+    jobs read them in worker processes, where no read is tracked."""
+    from vsteer import data
+
+    blob = json.dumps(
+        [
+            data.wikitext2_raw(),
+            [asdict(i) for i in data.mmlu_ab()],
+            data.imdb(1, "eval"),
+            data.imdb(0, "eval"),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # the statistics and tables are computed afresh from the pieces' per-item scores on every run:
@@ -753,7 +774,8 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
 
     from tqdm.auto import tqdm
 
-    from vsteer.models import config_fingerprint, load_model, weights_fingerprint
+    from vsteer.models import load_model
+    from vsteer.models import model_key as model_key_of
     from vsteer.pieces import PieceCache
 
     t_start = time.perf_counter()
@@ -767,7 +789,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
         sort_keys=True,
     )
     data_key = hashlib.sha256(blob.encode()).hexdigest()
-    model_key = {"config": config_fingerprint(model.config), "weights": weights_fingerprint(model)}
+    model_key = model_key_of(model, tokenizer)
     common = _common_inputs(model_key, data_key)
     del model
     tmp_root = None
@@ -814,7 +836,7 @@ def run_compare(spec: CompareSpec, cache=None, progress: bool = True, log=None, 
         block = _test_block(spec, seed) if split == "test" else {}
         inputs = _inputs(spec, common, arm=arm, lr=lr, seed=seed, budget=budget, split=split, **block)
         refs = results[("reference",)]["rows"] if shared else None
-        work = Path(tempfile.mkdtemp(dir=cache.root, prefix=".job-"))
+        work = Path(tempfile.mkdtemp(dir=cache.root, prefix=f".job{temp_infix()}"))
         args = (spec_dict, arm, lr, seed, budget, split, refs)
         submit(key, "compare-train", inputs, train_job, *args, workdir=work)
 

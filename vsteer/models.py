@@ -738,6 +738,69 @@ def format_model_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _file_signature(path: Path) -> tuple:
+    """What identifies a file's bytes without reading them: path, size, mtime, inode and ctime (a
+    write or rename always changes ctime; ``utime`` cannot set it back)."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+# config keys that record where or how a model was loaded, not what it computes
+_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+def _computing_config(d):
+    if isinstance(d, dict):
+        return {
+            k: _computing_config(v)
+            for k, v in sorted(d.items())
+            if k not in _BOOKKEEPING and not str(k).startswith("_")
+        }
+    if isinstance(d, list | tuple):
+        return [_computing_config(v) for v in d]
+    return d
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """16 hex digits of sha256 over what a tokenizer maps text to: its full serialisation (fast
+    tokenizers) or vocabulary, special tokens, padding side and chat template. None without one."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    except Exception:  # noqa: BLE001 - an exotic tokenizer: its vocabulary still says a lot
+        body = json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = {
+        "class": type(tokenizer).__name__,
+        "special": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
+        "padding_side": getattr(tokenizer, "padding_side", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "add_bos": getattr(tokenizer, "add_bos_token", None),
+        "add_eos": getattr(tokenizer, "add_eos_token", None),
+    }
+    h = hashlib.sha256(body.encode())
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def model_key(model: torch.nn.Module, tokenizer=None) -> dict:
+    """What a cached measurement of ``model`` depends on: the shape fingerprint, the whole config
+    that computes (rope_theta, norm eps, activation, tying ... ; not where it was loaded from or
+    in which dtype), the generation config, the tokenizer and the weights."""
+    config = model.config
+    gen = getattr(model, "generation_config", None)
+    full = json.dumps(_computing_config(config.to_dict()), sort_keys=True, default=str)
+    gen_blob = json.dumps(_computing_config(gen.to_dict()), sort_keys=True, default=str) if gen else ""
+    return {
+        "config": config_fingerprint(config),
+        "config_full": hashlib.sha256(full.encode()).hexdigest()[:16],
+        "generation": hashlib.sha256(gen_blob.encode()).hexdigest()[:16],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "weights": weights_fingerprint(model),
+    }
+
+
 def weights_fingerprint(model: torch.nn.Module, use_file_cache: bool = True) -> str:
     """16 hex digits of sha256 over the model's state dict (names, dtypes, shapes, bytes).
 
@@ -755,7 +818,8 @@ def weights_fingerprint(model: torch.nn.Module, use_file_cache: bool = True) -> 
     )
     sig = None
     if use_file_cache and files:
-        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        # inode and ctime too: a same-size copy with its mtime kept (cp -p, rsync -a) is another file
+        stats = [_file_signature(f) for f in files]
         sig = hashlib.sha256(json.dumps([stats, str(next(model.parameters()).dtype)]).encode()).hexdigest()
         memo = cache_dir() / "weights-fingerprints.json"
         try:

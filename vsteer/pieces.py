@@ -39,6 +39,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,7 +71,6 @@ CODE_EXCLUDED = (
     "vsteer.verdicts",
     "vsteer.cli",
     "vsteer.commands",
-    "vsteer.run",
     "vsteer.pieces",
 )
 
@@ -86,10 +86,11 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, remembered per (path, size, mtime) within the process."""
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime, inode, ctime) within the
+    process: a same-size rewrite that keeps its mtime still changes the ctime."""
     p = Path(path).resolve()
     st = p.stat()
-    sig = (str(p), st.st_size, st.st_mtime_ns)
+    sig = (str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if sig not in _DIGESTS:
         h = hashlib.sha256()
         with open(p, "rb") as f:
@@ -111,8 +112,44 @@ def content_key(value):
     if isinstance(value, (list, tuple)):
         return [content_key(v) for v in value]
     if isinstance(value, (str, os.PathLike)) and _is_file(value):
-        return {"file": Path(value).name, "sha256": file_digest(value)}
+        out = {"file": Path(value).name, "sha256": file_digest(value)}
+        if Path(value).suffix in (".yaml", ".yml"):  # a recipe: the files it names count too
+            refs = _yaml_refs(Path(value))
+            if refs:
+                out["refs"] = refs
+        return out
     return value
+
+
+def _yaml_refs(path: Path, depth: int = 0) -> list:
+    """Content hashes of the files a YAML file names (relative to its directory or the working
+    directory), recipes inside it followed up to 3 deep."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return []
+    refs = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v and len(v) < 4096 and "\n" not in v:
+            for candidate in (path.parent / v, Path(v)):
+                if _is_file(candidate):
+                    entry = {"file": v, "sha256": file_digest(candidate)}
+                    if candidate.suffix in (".yaml", ".yml") and depth < 3:
+                        entry["refs"] = _yaml_refs(candidate, depth + 1)
+                    refs.append(entry)
+                    break
+
+    walk(data)
+    return refs
 
 
 def _is_file(value) -> bool:
@@ -201,6 +238,18 @@ def code_closure(modules: Iterable[str], excluded: Iterable[str] = CODE_EXCLUDED
 _AST_LOCK = threading.Lock()
 
 
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` with the docstrings of its module, classes and functions removed: a docstring edit
+    computes nothing differently, so it recomputes no piece."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
 def code_fingerprint(modules: Iterable[str], excluded: Iterable[str] = CODE_EXCLUDED) -> str:
     """16 hex digits over the ASTs of :func:`code_closure` (comments and formatting don't count).
     Parsing is serialised: CPython 3.11's ``ast.parse`` fails ("AST constructor recursion depth
@@ -209,7 +258,8 @@ def code_fingerprint(modules: Iterable[str], excluded: Iterable[str] = CODE_EXCL
     with _AST_LOCK:
         for m in code_closure(modules, excluded):
             path = _source_file(m)
-            h.update(m.encode() + b"\0" + ast.dump(ast.parse(path.read_text())).encode() + b"\0")
+            tree = _without_docstrings(ast.parse(path.read_text()))
+            h.update(m.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -348,12 +398,16 @@ class PieceCache:
             note_reads(found.get("reads", {}))  # an enclosing piece depends on what this one read
             return found, final
         self.misses.append(final.name)
-        work = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{final.name}."))
+        work = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{final.name}{temp_infix()}"))
         try:
             with track_reads() as reads:
                 result = compute(work)
             piece = {"inputs": inputs, "reads": reads, "result": result}
             (work / DONE).write_text(json.dumps(piece, default=str))
+            theirs = self.get(kind, inputs)
+            if theirs is not None:  # another process published this piece meanwhile: keep its files
+                shutil.rmtree(work, ignore_errors=True)  # and numbers together, not ours beside them
+                return theirs, final
             if final.exists():  # an incomplete leftover, or a piece whose files changed
                 shutil.rmtree(final)
             share(work)  # mkdtemp made it owner-only; a piece gets the modes of mkdir and open
@@ -384,10 +438,35 @@ class PieceCache:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     def clean_partial(self) -> int:
-        """Remove temporary directories left by killed runs."""
+        """Remove temporary directories left by killed runs: those whose owner process is gone
+        (a run working beside this one keeps its work in progress)."""
         n = 0
         for p in self.root.glob(".*"):
-            if p.is_dir():
+            if p.is_dir() and not _owner_alive(p.name):
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
         return n
+
+
+_PID = re.compile(r"\.pid(\d+)\.")
+
+
+def temp_infix() -> str:
+    """The part of a temporary directory's name that names its owner process."""
+    return f".pid{os.getpid()}."
+
+
+def _owner_alive(name: str) -> bool:
+    m = _PID.search(name)
+    if m is None:
+        return False  # written before owners were recorded: a leftover
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True  # this process's own: possibly in use by a job it started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

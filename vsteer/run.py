@@ -305,7 +305,8 @@ def section_inputs(section: str, spec: RunSpec, opts: dict, model_key: dict) -> 
         "seed": spec.seed,
         "model": model_key,
         "versions": package_versions(),
-        "code": code_fingerprint([SECTION_MODULES[section]]),
+        # vsteer.run too: it decides each section's seed and config (_run_section, _make_config)
+        "code": code_fingerprint([SECTION_MODULES[section], "vsteer.run"]),
     }
 
 
@@ -329,8 +330,7 @@ def run(spec: RunSpec, only: Iterable[str] | None = None, progress: bool = True,
     facts = model_facts(model)
     model_key = {
         "name": spec.model,
-        "config": models.config_fingerprint(model.config),
-        "weights": models.weights_fingerprint(model),
+        **models.model_key(model, tokenizer),
         "dtype": facts["dtype"],
         "device": facts["device"].split(":")[0],
     }
@@ -454,6 +454,7 @@ def _run_pooled(pooled, jobs, spec: RunSpec, cache, workers: int, threads: int, 
     import tempfile
     from concurrent.futures import FIRST_COMPLETED, wait
 
+    from vsteer import pieces
     from vsteer.pool import make_executor
 
     pool = make_executor(workers, threads)
@@ -461,7 +462,7 @@ def _run_pooled(pooled, jobs, spec: RunSpec, cache, workers: int, threads: int, 
     try:
         for section in pooled:
             opts, _ = jobs[section]
-            work = tempfile.mkdtemp(dir=cache.root, prefix=".job-")
+            work = tempfile.mkdtemp(dir=cache.root, prefix=f".job{pieces.temp_infix()}")
             fut = pool.submit(section_job, dataclasses.asdict(spec), section, opts, work)
             pending[fut] = (section, work, time.perf_counter())
         while pending:

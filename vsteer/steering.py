@@ -36,6 +36,8 @@ def _row_scales(scale, what: str = "scale") -> float | torch.Tensor:
             raise VectorError(
                 f"per-row {what} must be a 1-D tensor of numbers, got shape {tuple(scale.shape)}"
             )
+        if scale.numel() == 0:
+            raise VectorError(f"per-row {what} is empty")
         if not torch.isfinite(scale.float()).all():
             raise VectorError(f"per-row {what} contains NaN or inf: {scale.tolist()}")
         return scale.detach().float().cpu()
@@ -113,17 +115,23 @@ def _totals(model, vectors, scale: Scale) -> dict[tuple[str, int], torch.Tensor]
     """``{(site, layer): scaled sum of the vectors there}`` (with a leading row axis for per-row scales)."""
     base = _row_scales(scale)
     totals: dict[tuple[str, int], torch.Tensor] = {}
+    rows = len(base) if isinstance(base, torch.Tensor) else None
     for vec, own in _entries(vectors):
         vec.check(model)
         s = _row_scales(own)
-        if isinstance(s, torch.Tensor) and isinstance(base, torch.Tensor) and s.shape != base.shape:
-            raise VectorError(f"per-row scales disagree in length: {len(s)} and {len(base)}")
+        if isinstance(s, torch.Tensor):  # every per-row entry speaks of the same rows
+            if rows is not None and len(s) != rows:
+                raise VectorError(f"per-row scales disagree in length: {len(s)} and {rows}")
+            rows = len(s)
         s = s * base
         if (isinstance(s, float) and s == 0.0) or (isinstance(s, torch.Tensor) and not s.any()):
             continue
         for layer, t in vec.directions.items():
             t = t.float()
-            contrib = s.reshape((-1,) + (1,) * t.dim()) * t if isinstance(s, torch.Tensor) else s * t
+            if isinstance(s, torch.Tensor):
+                contrib = s.to(t.device).reshape((-1,) + (1,) * t.dim()) * t
+            else:
+                contrib = s * t
             key = (vec.site, layer)
             prev = totals.get(key)
             if prev is None:
