@@ -14,6 +14,7 @@ import torch
 from conftest import FAMILIES, make_tiny_model
 from test_experiments import TOK, WordTokenizer
 
+from vsteer.encoding import length_batches, pad_batch
 from vsteer.errors import DataError
 
 SITES = ("q", "k", "v", "z", "attn", "resid", "mlp")
@@ -260,5 +261,46 @@ def test_length_batches_group_similar_lengths_and_cover_every_row_once():
     assert flat == sorted(lengths)  # sorted, ties in their original order
     assert batches[0] == [1, 6, 3]
     assert length_batches([], 4) == []
-    with pytest.raises(DataError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(DataError, match="batch_size must be an integer >= 1, got 0"):
         length_batches(lengths, 0)
+
+
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        (["123"], "sequence 0 must be a list of token ids, got str"),
+        ([[3.9, 4.2]], "sequence 0 has 3.9"),
+        ([[5, 1], [5, -7]], "sequence 1 has -7"),
+        ([[True, False]], "sequence 0 has True"),
+        ([torch.tensor([1.0, 2.0])], "1-D integer tensor"),
+    ],
+)
+def test_pad_batch_refuses_what_is_not_token_ids(rows, words):
+    """Found in review: a string was split into digit ids, floats truncated, negative ids kept."""
+    with pytest.raises(DataError, match=words) as err:
+        pad_batch(rows, 0)
+    assert "\n" not in str(err.value)
+    assert pad_batch([np.array([3, 4]), torch.tensor([5])], 0)["input_ids"].tolist() == [[3, 4], [0, 5]]
+
+
+@pytest.mark.parametrize("size", [0, 2.0, True, "4"])
+def test_length_batches_refuses_a_batch_size_that_is_not_a_positive_integer(size):
+    with pytest.raises(DataError, match="batch_size must be an integer >= 1"):
+        length_batches([3, 1, 2], size)
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 2.5, True])
+def test_a_limit_that_is_not_a_positive_integer_is_one_line_not_a_silent_slice(limit):
+    """Found in review: ``limit=-1`` dropped the last pair or question silently (a slice end)."""
+    from vsteer import extraction
+
+    for call in (
+        lambda: extraction.template_pairs(limit=limit),
+        lambda: extraction.sst2_pairs(limit=limit),
+        lambda: extraction.pairs_from_data([{"positive": "a", "negative": "b"}] * 3, limit=limit),
+        lambda: extraction.questions_from_data(["q1", "q2"], limit=limit),
+    ):
+        with pytest.raises(DataError, match="limit must be an integer >= 1") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert len(extraction.questions_from_data(["q1", "q2", "q3"], limit=2)) == 2

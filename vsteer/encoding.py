@@ -43,7 +43,7 @@ def pad_batch(
         raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if max_length is not None and max_length < 1:
         raise DataError(f"max_length must be >= 1, got {max_length}")
-    rows = [[int(t) for t in seq][:max_length] for seq in sequences]
+    rows = [_ids_row(seq, i)[:max_length] for i, seq in enumerate(sequences)]
     if not rows:
         raise DataError("a batch needs at least one sequence")
     for i, row in enumerate(rows):
@@ -60,6 +60,26 @@ def pad_batch(
     return to_device(batch, device) if device is not None else batch
 
 
+def _is_id(t) -> bool:
+    return isinstance(t, int | np.integer) and not isinstance(t, bool | np.bool_) and t >= 0
+
+
+def _ids_row(seq, i: int) -> list[int]:
+    """Row ``i`` of a batch of token ids, checked: integers >= 0 (not booleans, floats or a string)."""
+    if isinstance(seq, torch.Tensor):
+        if seq.dim() != 1 or seq.is_floating_point() or seq.dtype == torch.bool:
+            raise DataError(
+                f"sequence {i} must be a 1-D integer tensor of token ids, got {seq.dtype} {tuple(seq.shape)}"
+            )
+        seq = seq.tolist()
+    if isinstance(seq, str | bytes) or not isinstance(seq, Sequence | np.ndarray):
+        raise DataError(f"sequence {i} must be a list of token ids, got {type(seq).__name__}: {seq!r:.60}")
+    bad = next((t for t in seq if not _is_id(t)), None)
+    if bad is not None:
+        raise DataError(f"sequence {i} has {bad!r}: token ids are integers >= 0")
+    return [int(t) for t in seq]
+
+
 def token_ids(tokenizer, item, add_special_tokens: bool = True) -> list[int]:
     """Token ids of one item: a text, a list of token ids, or chat messages.
 
@@ -74,7 +94,7 @@ def token_ids(tokenizer, item, add_special_tokens: bool = True) -> list[int]:
         text = tokenizer.apply_chat_template(list(item), add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if isinstance(item, list | tuple) and all(isinstance(t, int | np.integer) for t in item):
-        return [int(t) for t in item]
+        return _ids_row(item, 0)
     raise DataError(
         f"a batch item must be a string, token ids or chat messages, got {type(item).__name__}: {item!r:.80}"
     )
@@ -112,8 +132,8 @@ def encode_batch(
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of at most ``batch_size`` rows of similar length (a stable
     sort by ``lengths``), so that padding a batch costs little compute. Every index appears once."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) or batch_size < 1:
+        raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 

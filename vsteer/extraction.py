@@ -312,6 +312,16 @@ def data_sources(*names: str) -> list[dict]:
     return [{"path": name, "sha256": data.file_sha256(name)} for name in names]
 
 
+def check_limit(limit, what: str = "limit") -> int | None:
+    """``limit`` as given when it is None or an integer >= 1; anything else is one error line (a
+    negative slice end would drop items silently)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int | np.integer) or limit < 1:
+        raise DataError(f"{what} must be an integer >= 1 (or None for all), got {limit!r}")
+    return int(limit)
+
+
 def caa_pairs(
     behaviour: str, split: str = "generate", limit: int | None = None, balanced: bool = True
 ) -> Pairs:
@@ -321,6 +331,7 @@ def caa_pairs(
     match equally often and the letter's identity cancels in the mean difference
     (:func:`vsteer.data.balance_answers`); ``limit`` counts pairs (rounded down to even).
     """
+    check_limit(limit)
     from vsteer import data
 
     items = data.caa_ab(behaviour, split=split)
@@ -341,6 +352,7 @@ def persona_pairs(trait: str, limit: int | None = None, offset: int = 0, balance
     ``balanced`` (default): as many statements matching "Yes" as matching "No", so that the pairs are
     not a Yes-vs-No token contrast; ``limit`` counts pairs (rounded down to even).
     """
+    check_limit(limit)
     from vsteer import data
 
     items = data.persona_ab(trait)[offset:]
@@ -359,6 +371,7 @@ def persona_pairs(trait: str, limit: int | None = None, offset: int = 0, balance
 def template_pairs(positive: str = "happy", negative: str = "sad", limit: int | None = None) -> Pairs:
     """repeng-style persona templates (``"Pretend you are an extremely happy person..."``) with
     the response prefixes, positive vs negative persona."""
+    check_limit(limit)
     from vsteer import data
 
     raw = data.persona_template_pairs(positive, negative)[:limit]
@@ -372,6 +385,7 @@ def template_pairs(positive: str = "happy", negative: str = "sad", limit: int | 
 
 def sst2_pairs(split: str = "train", limit: int | None = None) -> Pairs:
     """SST-2 positive vs negative sentences, zipped into pairs (mean over the sentence tokens)."""
+    check_limit(limit)
     from vsteer import data
 
     rows = data.sst2(split)
@@ -415,6 +429,7 @@ def _label_of(row) -> int:
 def pairs_from_spec(spec: str, limit: int | None = None) -> Pairs:
     """Pairs named on the command line: ``caa:BEHAVIOUR``, ``persona:TRAIT``, ``template:POS,NEG``,
     ``sst2`` or a JSONL file (see :func:`pairs_from_data`)."""
+    check_limit(limit)
 
     kind, _, arg = spec.partition(":")
     if kind == "caa" and arg:
@@ -441,6 +456,7 @@ def pairs_from_data(data, limit: int | None = None, name: str | None = None) -> 
     (``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior``) answer-balanced like
     :func:`caa_pairs`, read at the answer; ``text``/``label`` rows zipped positive vs negative, mean over
     tokens, like :func:`sst2_pairs`."""
+    check_limit(limit)
     from vsteer.data import balance_answers, user
 
     kind = user.schema_of(data)
@@ -490,6 +506,7 @@ def questions_from_data(data, limit: int | None = None) -> Questions:
     first human turns), a ``.txt`` file (one question a line), a JSONL/JSON file or a
     ``datasets.Dataset`` of rows with a ``question``, ``prompt`` or ``text`` field (or plain strings),
     or a list of strings."""
+    check_limit(limit)
     from vsteer.data import user
 
     if isinstance(data, str) and data in SHIPPED_QUESTIONS:
