@@ -218,3 +218,32 @@ def test_per_row_entries_of_different_lengths_are_refused_not_broadcast():
         steering_ops(model, v1, scale=torch.tensor([]))
     ops = steering_ops(model, [(v1, [1.0, 0.0, 2.0]), (v2, torch.tensor([0.0, 1.0, 0.0]))])
     assert next(iter(ops.values())) is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_residual_change_of_an_mlp_vector_passes_gemmas_post_feedforward_norm(family):
+    """Found in review: on Gemma 3 the MLP output passes post_feedforward_layernorm before the
+    residual add, yet residual_change returned the vector itself and residual_change_norms its
+    norm (17.1 where the stream moved by 7.4). Now the first refuses and the second measures."""
+    from vsteer.steering import residual_change, residual_change_norms
+
+    model = make_tiny_model(family)
+    shape = vsteer.get_arch(model).site_shape("mlp")
+    vec = SteeringVector.for_model(
+        model, {1: 3.0 * torch.randn(*shape, generator=torch.Generator().manual_seed(0))}, "mlp"
+    )
+    ids = random_ids(2, 7)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        with vsteer.capture(model, [("resid", 1)]) as base:
+            model(**inputs)
+        with vsteer.steer(model, vec), vsteer.capture(model, [("resid", 1)]) as steered:
+            model(**inputs)
+    actual = float((steered[("resid", 1)] - base[("resid", 1)]).norm(dim=-1).mean())
+    assert residual_change_norms(model, vec, inputs=inputs)[1] == pytest.approx(actual, rel=1e-4)
+    if family == "gemma3":
+        with pytest.raises(vsteer.VectorError, match="MLP output of layers \\[1\\] passes a norm"):
+            residual_change(model, vec)
+        assert abs(actual - float(vec.directions[1].norm())) > 1.0
+    else:
+        assert float(residual_change(model, vec).directions[1].norm()) == pytest.approx(actual, rel=1e-4)

@@ -307,6 +307,17 @@ def attention_norms(arch, layer: int):
     return inp, out
 
 
+def post_norm(arch, layer: int, site: str):
+    """The norm between ``site``'s output and the residual add at ``layer``, or None: Gemma 2/3's
+    ``post_attention_layernorm`` for the attention sites (``v``, ``z``, ``attn``) and
+    ``post_feedforward_layernorm`` for ``mlp``; never for ``resid``."""
+    if site in ("v", "z", "attn"):
+        return attention_norms(arch, layer)[1]
+    if site == "mlp":
+        return dict(arch.layer(layer).named_children()).get("post_feedforward_layernorm")
+    return None
+
+
 def attention_output_change(model, vector: SteeringVector) -> SteeringVector:
     """The ``attn``-site vector that adding ``vector`` at every position is exactly equal to.
 
@@ -351,10 +362,11 @@ def residual_change(model, vector: SteeringVector) -> SteeringVector:
     from vsteer.arch import get_arch
 
     arch = get_arch(model)
-    normed = [layer for layer in vector.directions if attention_norms(arch, layer)[1] is not None]
-    if vector.site in ("v", "z", "attn") and normed:
+    normed = [layer for layer in vector.directions if post_norm(arch, layer, vector.site) is not None]
+    if normed:
+        what = "MLP" if vector.site == "mlp" else "attention"
         raise VectorError(
-            f"on {arch.family} the attention output of layers {normed} passes a norm before the residual "
+            f"on {arch.family} the {what} output of layers {normed} passes a norm before the residual "
             f"add, so the residual change of a {vector.site} vector depends on the input; use "
             "attention_output_change() for the exact attn-site equivalent or residual_change_norms(..., "
             "inputs=...) for its size in the residual stream"
@@ -378,18 +390,19 @@ def residual_change_norms(model, vector: SteeringVector, inputs: dict | None = N
     change = attention_output_change(model, vector)
     out: dict[int, float] = {}
     for layer, t in change.directions.items():
-        post = attention_norms(arch, layer)[1] if vector.site in ("v", "z", "attn") else None
+        post = post_norm(arch, layer, vector.site)
         if post is None:
             out[layer] = float(t.norm())
             continue
         if inputs is None:
             raise VectorError(
-                f"layer {layer} of {arch.family} normalises the attention output before the residual add: "
-                "pass inputs= (a tokenized batch) to measure the residual change"
+                f"layer {layer} of {arch.family} normalises the {'MLP' if vector.site == 'mlp' else 'attention'} "
+                "output before the residual add: pass inputs= (a tokenized batch) to measure the residual change"
             )
-        with capture(model, [("attn", layer)], stop=True) as acts:
+        where = ("mlp" if vector.site == "mlp" else "attn", layer)
+        with capture(model, [where], stop=True) as acts:
             model(**inputs)
-        a = acts[("attn", layer)]
+        a = acts[where]
         delta = t.to(device=a.device, dtype=a.dtype)
         moved = (post(a + delta) - post(a)).float().norm(dim=-1)
         mask = inputs.get("attention_mask")
