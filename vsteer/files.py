@@ -215,3 +215,17 @@ def load_layer_tensors(
     ):
         raise error(f"{str(path)!r}: metadata layers {layers} disagree with tensors {sorted(out)}")
     return out, meta
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (this process counts as alive): the owner
+    test for temporary directories left by runs that died."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

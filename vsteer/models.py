@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from vsteer.errors import ModelError
+from vsteer.files import pid_alive
 from vsteer.files import share as _share  # mkdtemp and safetensors create owner-only files
 
 log = logging.getLogger(__name__)
@@ -630,25 +631,13 @@ def _remove_stale_temporaries(models: Path, name: str, max_age_s: float = 86400.
     """Delete temporaries of ``name`` left by runs that died (their pid is gone, or a day old)."""
     for tmp in models.glob(f".{name}{_TMP_INFIX}*"):
         pid_text = tmp.name[len(f".{name}{_TMP_INFIX}") :].split("-", 1)[0]
-        alive = pid_text.isdigit() and _pid_alive(int(pid_text))
+        alive = pid_text.isdigit() and pid_alive(int(pid_text))
         try:
             age = time.time() - tmp.stat().st_mtime
         except OSError:
             continue
         if not alive or age > max_age_s:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_aside(directory: Path) -> None:

@@ -460,13 +460,6 @@ def _owner_alive(name: str) -> bool:
     m = _PID.search(name)
     if m is None:
         return False  # written before owners were recorded: a leftover
-    pid = int(m.group(1))
-    if pid == os.getpid():
-        return True  # this process's own: possibly in use by a job it started
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from vsteer.files import pid_alive
+
+    return pid_alive(int(m.group(1)))  # this process's own count as alive: possibly in use
